@@ -1,0 +1,336 @@
+"""Registry of every dataset variable mspec reads or writes.
+
+Each entry gives the variable's dimensions, dtype kind, units and a description. Stages
+attach these attributes with :func:`attrs_for` / :func:`annotate` and check their inputs with
+:func:`validate`, so a wrong or missing variable fails early with a message that names it.
+
+Dtype kinds follow numpy: ``"f"`` float, ``"i"`` signed int, ``"u"`` unsigned int, ``"b"``
+bool, ``"S"`` string (numpy ``U``/``S``/``O``/``T`` all accepted). An exact numpy dtype may be
+given instead (``"float32"``); then the stored dtype must match it exactly.
+
+Later stages add their variables here, in their own section.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = [
+    "C_KMS",
+    "LOGLAM0",
+    "DLOGLAM",
+    "NPIX",
+    "SDSS_BANDS",
+    "Variable",
+    "VARIABLES",
+    "VariableError",
+    "register",
+    "attrs_for",
+    "annotate",
+    "validate",
+    "loglam_grid",
+]
+
+#: Speed of light (km/s).
+C_KMS = 299792.458
+#: Shared native LAMOST grid: log10(lambda / Angstrom) = LOGLAM0 + DLOGLAM * i, vacuum.
+LOGLAM0 = 3.5682
+DLOGLAM = 1e-4
+#: Number of native pixels on the shared grid (3700.0-9099.6 A; the longest real spectra).
+NPIX = 3909
+#: SDSS band edges (A) used for per-band S/N and masked-pixel fractions (orp_u..orp_z).
+SDSS_BANDS = {
+    "u": (3500.0, 4000.0),
+    "g": (4000.0, 5500.0),
+    "r": (5500.0, 6900.0),
+    "i": (6900.0, 8400.0),
+    "z": (8400.0, 9600.0),
+}
+
+
+def loglam_grid(npix: int = NPIX) -> np.ndarray:
+    """Return the shared native log10-wavelength grid.
+
+    Parameters
+    ----------
+    npix : int
+        Number of pixels (default :data:`NPIX`).
+
+    Returns
+    -------
+    numpy.ndarray
+        float64 array of log10(lambda / Angstrom), vacuum.
+    """
+    return LOGLAM0 + DLOGLAM * np.arange(npix, dtype=np.float64)
+
+
+class VariableError(ValueError):
+    """A dataset variable is missing or does not match the registry."""
+
+
+@dataclass(frozen=True)
+class Variable:
+    """Registry entry for one dataset variable.
+
+    Parameters
+    ----------
+    dims : tuple of str
+        Dimension names, in order.
+    dtype : str
+        numpy dtype kind (``"f"``, ``"i"``, ``"u"``, ``"b"``, ``"S"``) or an exact dtype name.
+    units : str
+        Physical units (astropy-parsable where physical; ``""`` for dimensionless).
+    description : str
+        One line saying what the variable holds.
+    """
+
+    dims: tuple[str, ...]
+    dtype: str
+    units: str
+    description: str
+
+    def dtype_ok(self, dtype: np.dtype) -> bool:
+        """Whether ``dtype`` is acceptable for this variable."""
+        dtype = np.dtype(dtype)
+        if self.dtype == "S":
+            return dtype.kind in "USOT"
+        if len(self.dtype) == 1:
+            return dtype.kind == self.dtype
+        return dtype == np.dtype(self.dtype)
+
+
+VARIABLES: dict[str, Variable] = {}
+
+
+def register(name: str, dims: Iterable[str], dtype: str, units: str, description: str) -> Variable:
+    """Add a variable to the registry.
+
+    Parameters
+    ----------
+    name : str
+        Variable name (``<thing>_<quantity>``).
+    dims, dtype, units, description
+        See :class:`Variable`.
+
+    Returns
+    -------
+    Variable
+        The new entry.
+
+    Raises
+    ------
+    ValueError
+        If ``name`` is already registered with a different definition.
+    """
+    var = Variable(tuple(dims), dtype, units, description)
+    old = VARIABLES.get(name)
+    if old is not None and old != var:
+        raise ValueError(f"variable {name!r} is already registered as {old}")
+    VARIABLES[name] = var
+    return var
+
+
+def _reg_many(dims, dtype, units, items: Mapping[str, str]) -> None:
+    for name, desc in items.items():
+        register(name, dims, dtype, units, desc)
+
+
+S = ("spectra",)
+SP = ("spectra", "pixels")
+
+# --- coordinates ------------------------------------------------------------------------
+register("obsid", S, "i", "", "LAMOST observation id (unique; derived for files without OBSID)")
+register(
+    "loglam", ("pixels",), "f", "dex", "log10 of vacuum wavelength in Angstrom, shared native grid"
+)
+
+# --- store: native spectra (issue 4) ----------------------------------------------------
+register(
+    "flux", SP, "float32", "", "flux in LAMOST units (relative flux calibration); NaN where no data"
+)
+register(
+    "ivar", SP, "float32", "", "inverse variance of flux, in 1/flux**2; 0 where no data or bad"
+)
+register(
+    "andmask",
+    SP,
+    "i",
+    "",
+    "LAMOST AND pixel bitmask (nonzero = bad in every exposure); set where padded",
+)
+register(
+    "ormask",
+    SP,
+    "i",
+    "",
+    "LAMOST OR pixel bitmask (nonzero = bad in some exposure); set where padded",
+)
+
+# --- store: per-spectrum metadata -------------------------------------------------------
+register("ra", S, "f", "deg", "right ascension (ICRS)")
+register("dec", S, "f", "deg", "declination (ICRS)")
+register("mjd", S, "i", "d", "modified Julian date of the observation")
+for _b in SDSS_BANDS:
+    register(
+        f"snr_{_b}", S, "f", "", f"LAMOST pipeline signal-to-noise ratio in the SDSS {_b} band"
+    )
+register("lamost_class", S, "S", "", "LAMOST pipeline class (STAR, GALAXY, QSO, Unknown)")
+register("lamost_subclass", S, "S", "", "LAMOST pipeline subclass (e.g. M2, dM0, gM3, K5, WD)")
+register(
+    "lamost_z", S, "f", "", "LAMOST pipeline redshift Z; NaN where the pipeline failed (Z = -9999)"
+)
+register("lamost_z_err", S, "f", "", "LAMOST pipeline redshift error; NaN where missing")
+register("lamost_rv", S, "f", "km/s", "LAMOST pipeline radial velocity, Z * c; NaN where missing")
+register("file", S, "S", "", "source file name (basename)")
+register("release", S, "S", "", "LAMOST data release (e.g. 'LAMOST DR7'), from DATA_V or VERSPIPE")
+register(
+    "loglam_offset",
+    S,
+    "f",
+    "pix",
+    "offset of the file's first pixel from the shared grid before resampling",
+)
+register(
+    "resampled",
+    S,
+    "b",
+    "",
+    "True if the file's wavelengths were off the grid and the spectrum was resampled",
+)
+
+# --- store: Gaia DR3 / Bailer-Jones / Bayestar / WISE cross-match -------------------------
+register("gaia_source_id", S, "i", "", "Gaia DR3 source_id; -1 where no match")
+register("phot_g_mean_mag", S, "f", "mag", "Gaia G magnitude")
+register("phot_bp_mean_mag", S, "f", "mag", "Gaia BP magnitude")
+register("phot_rp_mean_mag", S, "f", "mag", "Gaia RP magnitude")
+register("parallax", S, "f", "mas", "Gaia parallax")
+register("parallax_error", S, "f", "mas", "Gaia parallax error")
+register("parallax_over_error", S, "f", "", "Gaia parallax / parallax_error")
+register("phot_g_mean_flux_over_error", S, "f", "", "Gaia G flux over error")
+register("phot_bp_mean_flux_over_error", S, "f", "", "Gaia BP flux over error")
+register("phot_rp_mean_flux_over_error", S, "f", "", "Gaia RP flux over error")
+register("ruwe", S, "f", "", "Gaia renormalised unit weight error")
+register("r_med_geo", S, "f", "pc", "Bailer-Jones et al. 2021 median geometric distance")
+register("ebv", S, "f", "mag", "E(B-V) reddening (Bayestar19, converted to E(B-V))")
+register("w1", S, "f", "mag", "WISE W1 magnitude")
+register("w2", S, "f", "mag", "WISE W2 magnitude")
+register("w1_err", S, "f", "mag", "WISE W1 magnitude error")
+register("w2_err", S, "f", "mag", "WISE W2 magnitude error")
+
+# --- simulator truth (issue 3) ----------------------------------------------------------
+register("true_class", S, "S", "", "true type: OB, A, F, G, K, M, GALAXY, QSO, WD")
+register("true_lumclass", S, "S", "", "true luminosity class for M stars: dM or gM ('' otherwise)")
+register("true_teff", S, "f", "K", "true effective temperature (NaN for galaxies/QSOs)")
+register("true_logg", S, "f", "dex", "true log10 surface gravity, cgs (NaN for galaxies/QSOs)")
+register("true_m_h", S, "f", "dex", "true metallicity [M/H] (NaN for galaxies/QSOs)")
+register("true_alpha_m", S, "f", "dex", "true alpha enhancement [alpha/M] (NaN for galaxies/QSOs)")
+register("true_rv", S, "f", "km/s", "true radial velocity (c*z for galaxies/QSOs)")
+register(
+    "true_active", S, "b", "", "True if the star has H-alpha emission (chromospheric activity)"
+)
+
+# --- preprocessing (issue 5) ------------------------------------------------------------
+# --- template-matching RV (issue 6) -----------------------------------------------------
+# --- CNNs (issue 7) ---------------------------------------------------------------------
+
+
+def attrs_for(name: str) -> dict[str, str]:
+    """Return the xarray attrs (``units``, ``long_name``) for a registered variable.
+
+    Parameters
+    ----------
+    name : str
+        Registered variable name.
+
+    Returns
+    -------
+    dict
+        ``{"units": ..., "long_name": ...}``.
+
+    Raises
+    ------
+    VariableError
+        If ``name`` is not registered.
+    """
+    try:
+        var = VARIABLES[name]
+    except KeyError:
+        raise VariableError(f"variable {name!r} is not in the registry (mspec.variables)") from None
+    return {"units": var.units, "long_name": var.description}
+
+
+def annotate(ds, names: Iterable[str] | None = None):
+    """Attach registry attrs to the variables of ``ds`` (returns a new Dataset, lazily).
+
+    Parameters
+    ----------
+    ds : xarray.Dataset
+        Dataset whose variables to annotate.
+    names : iterable of str, optional
+        Variables to annotate; default every registered variable present in ``ds``.
+
+    Returns
+    -------
+    xarray.Dataset
+        Shallow copy with ``units`` and ``long_name`` attrs set.
+    """
+    ds = ds.copy()
+    if names is None:
+        names = [n for n in ds.variables if n in VARIABLES]
+    for name in names:
+        ds[name].attrs.update(attrs_for(name))
+    return ds
+
+
+def validate(ds, names: Iterable[str] | None = None, *, check_units: bool = False):
+    """Check that ``ds`` holds the named variables with registered dims and dtypes.
+
+    Only metadata is inspected: nothing is computed, so this is cheap on lazy datasets.
+
+    Parameters
+    ----------
+    ds : xarray.Dataset
+        Dataset to check.
+    names : iterable of str, optional
+        Variables that must be present and valid. Default: every variable (and coordinate)
+        of ``ds`` that is in the registry; unregistered variables are then ignored.
+    check_units : bool
+        Also require the ``units`` attr to equal the registry's.
+
+    Returns
+    -------
+    xarray.Dataset
+        ``ds`` itself, so calls can be chained.
+
+    Raises
+    ------
+    VariableError
+        Naming the first offending variable and what is wrong: not registered, missing,
+        wrong dims, wrong dtype or wrong units.
+    """
+    if names is None:
+        names = [n for n in ds.variables if n in VARIABLES]
+    elif isinstance(names, str):
+        names = [names]
+    problems = []
+    for name in names:
+        var = VARIABLES.get(name)
+        if var is None:
+            problems.append(f"{name!r} is not in the registry (mspec.variables)")
+            continue
+        if name not in ds.variables:
+            problems.append(f"{name!r} is missing from the dataset")
+            continue
+        da = ds[name]
+        if tuple(da.dims) != var.dims:
+            problems.append(f"{name!r} has dims {tuple(da.dims)}, expected {var.dims}")
+        if not var.dtype_ok(da.dtype):
+            problems.append(f"{name!r} has dtype {da.dtype}, expected {var.dtype!r}")
+        if check_units and da.attrs.get("units", None) != var.units:
+            problems.append(f"{name!r} has units {da.attrs.get('units')!r}, expected {var.units!r}")
+    if problems:
+        raise VariableError("invalid dataset: " + "; ".join(problems))
+    return ds
