@@ -233,6 +233,49 @@ register(
 )
 
 # --- preprocessing (issue 5) ------------------------------------------------------------
+register(
+    "wavelength_grid",
+    ("grid",),
+    "f",
+    "Angstrom",
+    "vacuum wavelength of the 1 A model grid (observed frame for cnn, rest frame for tlma)",
+)
+register(
+    "flux_grid",
+    ("spectra", "grid"),
+    "float32",
+    "",
+    "preprocessed flux on the 1 A grid (z-scored); NaN outside coverage or if status != 0",
+)
+for _b in SDSS_BANDS:
+    register(
+        f"orp_{_b}",
+        S,
+        "f",
+        "",
+        f"fraction of ormask != 0 pixels in the SDSS {_b} band, over the spectrum's "
+        "finite-flux pixels; NaN if it has none there",
+    )
+register(
+    "grid_coverage", S, "f", "", "fraction of wavelength_grid covered by the good-pixel range"
+)
+register(
+    "preprocess_status",
+    S,
+    "i",
+    "",
+    "preprocessing status: 0 ok, 1 no good pixels, 2 no grid coverage, 3 zero variance, "
+    "4 bad rv (NaN or |rv| >= c)",
+)
+register("npix_good", S, "i", "pix", "number of native pixels kept by preprocessing step 1")
+register(
+    "flux_masked",
+    SP,
+    "float32",
+    "",
+    "flux after step 1 (tm recipe): NaN where ormask != 0, ivar <= 0 or flux non-finite",
+)
+register("ivar_masked", SP, "float32", "", "ivar after step 1 (tm recipe): 0 at dropped pixels")
 # --- template-matching RV (issue 6) -----------------------------------------------------
 # --- CNNs (issue 7) ---------------------------------------------------------------------
 
