@@ -278,6 +278,24 @@ register(
 register("ivar_masked", SP, "float32", "", "ivar after step 1 (tm recipe): 0 at dropped pixels")
 # --- template-matching RV (issue 6) -----------------------------------------------------
 # --- CNNs (issue 7) ---------------------------------------------------------------------
+for _k, _net in (("spt", "CNN-SPT"), ("wdm", "CNN-WDM"), ("dmgm", "CNN-dMgM")):
+    register(f"{_k}_classes", (f"{_k}_classes",), "S", "", f"class names of {_net} (coordinate)")
+    register(
+        f"{_k}_prob",
+        ("spectra", f"{_k}_classes"),
+        "f",
+        "",
+        f"{_net} class probabilities (softmax, mean over members); NaN where no usable data",
+    )
+    register(f"{_k}_class", S, "S", "", f"{_net} most probable class; '' where no usable data")
+for _p, _u, _d in (
+    ("teff", "K", "effective temperature"),
+    ("logg", "dex", "log10 surface gravity, cgs"),
+    ("m_h", "dex", "metallicity [M/H]"),
+    ("alpha_m", "dex", "alpha enhancement [alpha/M]"),
+):
+    register(_p, S, "f", _u, f"CNN-TLMA {_d}: mean over the k-fold ensemble")
+    register(f"{_p}_err", S, "f", _u, f"CNN-TLMA {_d} error: std (ddof=1) over the ensemble")
 
 
 def attrs_for(name: str) -> dict[str, str]:

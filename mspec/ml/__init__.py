@@ -1,0 +1,40 @@
+"""CNNs of Li et al. 2025: CNN-SPT, CNN-WDM, CNN-dMgM classifiers and CNN-TLMA ensembles.
+
+- :mod:`mspec.ml.models`: the networks (4 conv + 4 max-pool + 1 fully connected layer).
+- :mod:`mspec.ml.train`: training from a lazy (Zarr/dask) Dataset, chunk by chunk.
+- :mod:`mspec.ml.infer`: lazy, batched inference over spectrum chunks (``map_blocks``).
+- :mod:`mspec.ml.io`: model directories (safetensors weights + JSON metadata, no pickle).
+
+torch is imported when a function is first used, so ``import mspec.ml`` stays cheap.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+_LAZY = {
+    "train_classifier": "mspec.ml.train",
+    "train_regressor": "mspec.ml.train",
+    "train_tlma_pair": "mspec.ml.train",
+    "train_from_store": "mspec.ml.train",
+    "train_all_demo": "mspec.ml.train",
+    "predict": "mspec.ml.infer",
+    "predict_array": "mspec.ml.infer",
+    "ModelFileError": "mspec.ml.io",
+    "load_models": "mspec.ml.io",
+    "build_model": "mspec.ml.models",
+    "CLASSES": "mspec.ml.models",
+    "TLMA_LABELS": "mspec.ml.models",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'mspec.ml' has no attribute {name!r}")
+
+
+def __dir__():
+    return __all__
