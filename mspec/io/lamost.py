@@ -1,0 +1,803 @@
+"""Read and write LAMOST low-resolution spectrum FITS files (every layout).
+
+Three layouts exist; the reader tells them apart from the file's *content*, never its name:
+
+``"image"`` (DR2-DR8)
+    Primary HDU holds a 5 x N image: flux, ivar, wavelength (A, vacuum), andmask, ormask.
+    float32, or float64 in the DR2 (pipeline 2.7.5) files.
+``"oldest"`` (DR1, pipeline v2.6.4)
+    Same 5 x N image, but row 2 is a normalised flux ("Subcontinuum"), not a wavelength.
+    Recognised because row 2 does not look like wavelengths (values are not all in
+    1000-100000 A) while the header has ``COEFF0``/``COEFF1``; the wavelengths are then
+    ``10**(COEFF0 + COEFF1 * i)``. These files have no ``OBSID``: see :func:`derived_obsid`.
+``"table"`` (DR9+)
+    Header-only primary HDU (stale NAXISn cards ignored) and a binary table (``COADD``) with
+    one row of array columns FLUX, IVAR, WAVELENGTH, ANDMASK, ORMASK (masks stored as floats),
+    NORMALIZATION.
+
+Gzipped files are recognised by their magic bytes. Each spectrum is placed on the shared
+native grid :func:`mspec.variables.loglam_grid` (``NPIX`` pixels from log10 lambda = 3.5682,
+step 1e-4): by an integer pixel offset when the file's wavelengths lie on the grid (within
+:data:`ON_GRID_TOL` pixels), otherwise by linear interpolation with propagated inverse
+variance (never by snapping), flagged with ``resampled = True`` and ``loglam_offset``.
+Grid pixels the file does not cover are padded with NaN flux, ivar 0 and the
+:data:`MASK_NODATA` bit in both masks.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import os
+import warnings
+import zlib
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from mspec.variables import C_KMS, DLOGLAM, LOGLAM0, NPIX, VARIABLES, annotate, loglam_grid
+
+__all__ = [
+    "LAYOUTS",
+    "MASK_NODATA",
+    "ON_GRID_TOL",
+    "QUARANTINE_CODES",
+    "META_VARIABLES",
+    "BadFileError",
+    "read_lamost",
+    "read_spectrum",
+    "write_lamost_fits",
+    "derived_obsid",
+    "detect_layout",
+]
+
+#: File layouts understood by :func:`read_lamost` and written by :func:`write_lamost_fits`.
+LAYOUTS = ("image", "oldest", "table")
+
+#: Mask bit set (in both ``andmask`` and ``ormask``) on grid pixels a file does not cover.
+#: Bit 30 is outside the bits LAMOST uses (1-6), so padding is never confused with LAMOST flags.
+MASK_NODATA = np.int32(1 << 30)
+
+#: A file is "on the grid" when the median offset of its pixels from the nearest grid pixels is
+#: at most this many pixels (0.14 km/s) and every pixel is within :data:`_STEP_TOL`. Real
+#: DR7/DR9 files sit +0.0011 px off because their float32 wavelengths were computed from a
+#: float32 COEFF0; anything larger is resampled, never snapped (0.02 px = 1.4 km/s).
+ON_GRID_TOL = 0.002
+_STEP_TOL = 0.005
+
+#: Reasons a file is quarantined by :func:`mspec.io.store.ingest` (code -> meaning).
+QUARANTINE_CODES = {
+    "not_found": "file does not exist or cannot be opened",
+    "not_fits": "not a FITS file",
+    "truncated": "file is shorter than its headers say (or a broken gzip stream)",
+    "unknown_layout": "no LAMOST spectrum layout recognised",
+    "wavelength_not_increasing": "wavelengths not finite, positive and strictly increasing",
+    "no_grid_overlap": "wavelengths do not overlap the shared grid",
+    "no_finite_flux": "no finite flux value",
+    "all_masked": "every pixel masked (ivar 0 or andmask set)",
+    "duplicate_obsid": "obsid already stored (the first occurrence is kept)",
+    "read_error": "unexpected error while reading",
+}
+
+#: Per-spectrum variables read_lamost produces, with their in-memory dtypes and missing values.
+META_VARIABLES: dict[str, tuple[str, object]] = {
+    "ra": ("float64", np.nan),
+    "dec": ("float64", np.nan),
+    "mjd": ("int64", -1),
+    "snr_u": ("float64", np.nan),
+    "snr_g": ("float64", np.nan),
+    "snr_r": ("float64", np.nan),
+    "snr_i": ("float64", np.nan),
+    "snr_z": ("float64", np.nan),
+    "lamost_class": ("str", ""),
+    "lamost_subclass": ("str", ""),
+    "lamost_z": ("float64", np.nan),
+    "lamost_z_err": ("float64", np.nan),
+    "lamost_rv": ("float64", np.nan),
+    "file": ("str", ""),
+    "release": ("str", ""),
+    "loglam_offset": ("float64", 0.0),
+    "resampled": ("bool", False),
+}
+
+# Pipeline version -> data release for files without DATA_V (documented in docs/store.md).
+_VERSPIPE_RELEASE = {"2.6": "LAMOST DR1", "2.7": "LAMOST DR2"}
+_Z_MISSING = -9999.0
+_GRID = loglam_grid()
+
+
+class BadFileError(ValueError):
+    """A file cannot be ingested; ``code`` is a key of :data:`QUARANTINE_CODES`."""
+
+    def __init__(self, code: str, reason: str):
+        if code not in QUARANTINE_CODES:  # pragma: no cover - programming error
+            raise KeyError(code)
+        super().__init__(f"{code}: {reason}")
+        self.code = code
+        self.reason = reason
+
+
+# --------------------------------------------------------------------------- low level I/O
+
+
+def _load_hdulist(path):
+    """Open ``path`` fully in memory; classify missing, non-FITS, truncated files."""
+    from astropy.io import fits
+
+    try:
+        with open(path, "rb") as fh:
+            raw = fh.read()
+    except OSError as exc:
+        raise BadFileError("not_found", f"cannot open: {exc}") from None
+    if not raw:
+        raise BadFileError("truncated", "empty file")
+    if raw[:2] == b"\x1f\x8b":
+        try:
+            raw = gzip.decompress(raw)
+        except (EOFError, OSError, zlib.error) as exc:
+            raise BadFileError("truncated", f"broken gzip stream: {exc}") from None
+    if not raw.startswith(b"SIMPLE  ="):
+        raise BadFileError("not_fits", "no SIMPLE card at the start of the file")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            hdul = fits.open(io.BytesIO(raw), memmap=False, lazy_load_hdus=False, cache=False)
+    except OSError as exc:
+        if len(raw) < 2880:
+            raise BadFileError("truncated", f"only {len(raw)} bytes: {exc}") from None
+        raise BadFileError("not_fits", str(exc)) from None
+    except Exception as exc:
+        raise BadFileError("not_fits", f"{type(exc).__name__}: {exc}") from None
+    for w in caught:
+        if "truncated" in str(w.message):
+            raise BadFileError("truncated", str(w.message))
+    for k, hdu in enumerate(hdul):
+        end = getattr(hdu, "_data_offset", 0) + getattr(hdu, "_data_size", 0)
+        if end > len(raw):
+            raise BadFileError(
+                "truncated", f"HDU {k} needs {end} bytes but the file has {len(raw)}"
+            )
+    return hdul
+
+
+def _looks_like_wavelength(row: np.ndarray) -> bool:
+    finite = row[np.isfinite(row)]
+    return finite.size > 0.9 * row.size and bool(np.all((finite > 1e3) & (finite < 1e5)))
+
+
+def detect_layout(hdul) -> str:
+    """Return the layout (``"image"``, ``"oldest"``, ``"table"``) of an open HDU list.
+
+    Parameters
+    ----------
+    hdul : astropy.io.fits.HDUList
+        The open file.
+
+    Returns
+    -------
+    str
+        One of :data:`LAYOUTS`.
+
+    Raises
+    ------
+    BadFileError
+        ``unknown_layout`` if no layout fits.
+    """
+    primary = hdul[0]
+    data = primary.data
+    if data is not None and data.ndim == 2 and data.shape[0] >= 5 and data.shape[1] >= 2:
+        if _looks_like_wavelength(np.asarray(data[2], dtype=np.float64)):
+            return "image"
+        hdr = primary.header
+        if "COEFF0" in hdr and "COEFF1" in hdr:
+            return "oldest"
+        exten = str(hdr.get("EXTEN0", ""))
+        if "wavelength" in exten.lower():
+            return "image"  # a broken wavelength row: rejected by the wavelength check
+        raise BadFileError(
+            "unknown_layout", "5-row image whose row 2 is not wavelengths and no COEFF0/COEFF1"
+        )
+    if data is None or data.size == 0:
+        for hdu in hdul[1:]:
+            cols = getattr(hdu, "columns", None)
+            if cols is not None and {"FLUX", "IVAR", "WAVELENGTH"} <= {
+                c.upper() for c in cols.names
+            }:
+                return "table"
+        if len(hdul) == 1:
+            raise BadFileError("unknown_layout", "header-only file without extensions")
+    shape = None if data is None else data.shape
+    raise BadFileError("unknown_layout", f"primary data shape {shape}, no FLUX/WAVELENGTH table")
+
+
+def _table_hdu(hdul):
+    for hdu in hdul[1:]:
+        cols = getattr(hdu, "columns", None)
+        if cols is not None and {"FLUX", "IVAR", "WAVELENGTH"} <= {c.upper() for c in cols.names}:
+            return hdu
+    raise BadFileError("unknown_layout", "no FLUX/IVAR/WAVELENGTH table")  # pragma: no cover
+
+
+def _rows(hdul, layout):
+    """Return (loglam float64, flux, ivar, andmask, ormask) in the file's native pixels."""
+    hdr = hdul[0].header
+    if layout == "table":
+        hdu = _table_hdu(hdul)
+        if hdu.data is None or len(hdu.data) < 1:
+            raise BadFileError("truncated", "empty spectrum table")
+        names = {c.upper(): c for c in hdu.columns.names}
+        row = hdu.data[0]
+
+        def col(name, default=None):
+            if name not in names:
+                return default
+            return np.asarray(row[names[name]], dtype=np.float64).ravel()
+
+        flux, ivar, wave = col("FLUX"), col("IVAR"), col("WAVELENGTH")
+        n = flux.size
+        andm = col("ANDMASK", np.zeros(n))
+        orm = col("ORMASK", np.zeros(n))
+    else:
+        data = np.asarray(hdul[0].data, dtype=np.float64)
+        flux, ivar = data[0], data[1]
+        andm, orm = data[3], data[4]
+        n = flux.size
+        if layout == "image":
+            wave = data[2]
+        else:
+            try:
+                c0, c1 = float(hdr["COEFF0"]), float(hdr["COEFF1"])
+            except (KeyError, TypeError, ValueError):
+                raise BadFileError(
+                    "unknown_layout", "oldest layout without COEFF0/COEFF1"
+                ) from None
+            loglam = c0 + c1 * np.arange(n, dtype=np.float64)
+            wave = None
+    if not (
+        ivar.size == n and andm.size == n and orm.size == n and (wave is None or wave.size == n)
+    ):
+        raise BadFileError("unknown_layout", "columns of different lengths")
+    if wave is not None:
+        if not np.all(np.isfinite(wave)) or np.any(wave <= 0):
+            raise BadFileError("wavelength_not_increasing", "non-finite or non-positive wavelength")
+        loglam = np.log10(wave)
+    if n < 2 or not np.all(np.isfinite(loglam)) or np.any(np.diff(loglam) <= 0):
+        raise BadFileError("wavelength_not_increasing", "wavelengths not strictly increasing")
+    return loglam, flux, ivar, _mask(andm), _mask(orm)
+
+
+def _mask(values: np.ndarray) -> np.ndarray:
+    """Masks are stored as floats in most layouts; return them as int32 bit masks."""
+    v = np.where(np.isfinite(values), values, 0.0)
+    return v.astype(np.int64).astype(np.int32)
+
+
+# --------------------------------------------------------------------------- grid placement
+
+
+def _grid_placement(loglam: np.ndarray):
+    """Return (i0, frac, on_grid): integer start pixel, sub-pixel offset, placement mode."""
+    rel = (loglam - LOGLAM0) / DLOGLAM - np.arange(loglam.size)
+    off = float(np.median(rel))
+    i0 = int(np.rint(off))
+    frac = off - i0
+    on_grid = abs(frac) <= ON_GRID_TOL and float(np.max(np.abs(rel - off))) <= _STEP_TOL
+    pix0 = (loglam[0] - LOGLAM0) / DLOGLAM
+    return i0, float(pix0 - np.rint(pix0)), on_grid
+
+
+def _place(loglam, flux, ivar, andm, orm):
+    """Put one spectrum on the shared grid. Returns (arrays, loglam_offset, resampled)."""
+    out_f = np.full(NPIX, np.nan, dtype=np.float32)
+    out_i = np.zeros(NPIX, dtype=np.float32)
+    out_a = np.full(NPIX, MASK_NODATA, dtype=np.int32)
+    out_o = np.full(NPIX, MASK_NODATA, dtype=np.int32)
+    i0, frac, on_grid = _grid_placement(loglam)
+    if on_grid:
+        lo, hi = max(i0, 0), min(i0 + loglam.size, NPIX)
+        if hi <= lo:
+            raise BadFileError("no_grid_overlap", f"first pixel at grid index {i0}")
+        s = slice(lo - i0, hi - i0)
+        out_f[lo:hi] = flux[s]
+        out_i[lo:hi] = ivar[s]
+        out_a[lo:hi] = andm[s]
+        out_o[lo:hi] = orm[s]
+        return (out_f, out_i, out_a, out_o), 0.0, False
+    tol = 1e-9
+    lo = int(np.searchsorted(_GRID, loglam[0] - tol, side="left"))
+    hi = int(np.searchsorted(_GRID, loglam[-1] + tol, side="right"))
+    if hi <= lo:
+        raise BadFileError("no_grid_overlap", "wavelength range outside the shared grid")
+    f, iv, a, o = _interp_to_grid(loglam, flux, ivar, andm, orm, _GRID[lo:hi])
+    out_f[lo:hi], out_i[lo:hi], out_a[lo:hi], out_o[lo:hi] = f, iv, a, o
+    return (out_f, out_i, out_a, out_o), frac, True
+
+
+def _interp_to_grid(loglam, flux, ivar, andm, orm, grid):
+    """Linear interpolation in log lambda with inverse variance and masks propagated.
+
+    f = (1 - t) f_j + t f_(j+1); var = (1 - t)^2 / ivar_j + t^2 / ivar_(j+1); a neighbour with
+    zero weight does not contribute; one with nonzero weight and ivar 0 gives ivar 0. Masks are
+    the bitwise OR of the contributing neighbours.
+    """
+    n = loglam.size
+    j = np.clip(np.searchsorted(loglam, grid, side="right") - 1, 0, n - 2)
+    t = np.clip((grid - loglam[j]) / (loglam[j + 1] - loglam[j]), 0.0, 1.0)
+    w0, w1 = 1.0 - t, t
+    use0, use1 = w0 > 0, w1 > 0
+    f0 = np.where(use0, flux[j], 0.0)
+    f1 = np.where(use1, flux[j + 1], 0.0)
+    f = w0 * f0 + w1 * f1
+    with np.errstate(divide="ignore", invalid="ignore"):
+        iv0, iv1 = ivar[j], ivar[j + 1]
+        var0 = np.where(use0, np.where(iv0 > 0, w0**2 / iv0, np.inf), 0.0)
+        var1 = np.where(use1, np.where(iv1 > 0, w1**2 / iv1, np.inf), 0.0)
+        var = var0 + var1
+        iv = np.where(np.isfinite(var) & (var > 0), 1.0 / var, 0.0)
+    a = np.where(use0, andm[j], 0) | np.where(use1, andm[j + 1], 0)
+    o = np.where(use0, orm[j], 0) | np.where(use1, orm[j + 1], 0)
+    return f.astype(np.float32), iv.astype(np.float32), a.astype(np.int32), o.astype(np.int32)
+
+
+# --------------------------------------------------------------------------- metadata
+
+
+def _card(hdr, *keys):
+    for k in keys:
+        if k in hdr:
+            v = hdr[k]
+            if v is None or (isinstance(v, str) and not v.strip()):
+                continue
+            return v
+    return None
+
+
+def _float(v) -> float:
+    try:
+        x = float(v)
+    except (TypeError, ValueError):
+        return np.nan
+    return x if np.isfinite(x) else np.nan
+
+
+def _int(v) -> int | None:
+    try:
+        return int(str(v).strip()) if not isinstance(v, int | np.integer) else int(v)
+    except (TypeError, ValueError):
+        try:
+            x = float(v)
+            return int(x) if np.isfinite(x) and x == int(x) else None
+        except (TypeError, ValueError):
+            return None
+
+
+def derived_obsid(header: Mapping, path: str | os.PathLike) -> int:
+    """Stable, unique (negative) obsid for a file without an ``OBSID`` card.
+
+    A LAMOST spectrum is identified by its local MJD, plan, spectrograph and fibre (the parts
+    of its file name ``spec-LMJD-PLANID_spSS-FFF``). The id is ``-(h mod 2**62) - 1`` where
+    ``h`` is the first 8 bytes (big-endian) of the BLAKE2b hash of ``"LMJD|PLANID|SPID|FIBERID"``
+    from the header, or of the file's base name (without ``.gz``) when a card is missing. It is
+    negative, so it never collides with a real (positive) LAMOST OBSID, independent of the
+    directory the file sits in, and identical on every machine and Python run.
+
+    Parameters
+    ----------
+    header : Mapping
+        FITS header of HDU 0.
+    path : str or PathLike
+        File path (only the base name is used, as a fallback).
+
+    Returns
+    -------
+    int
+        A negative 64-bit integer.
+    """
+    keys = ("LMJD", "PLANID", "SPID", "FIBERID")
+    vals = [header.get(k) for k in keys]
+    if all(v is not None and str(v).strip() for v in vals):
+        text = "|".join(str(v).strip() for v in vals)
+    else:
+        name = os.path.basename(os.fspath(path))
+        text = name[:-3] if name.endswith(".gz") else name
+    h = int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big")
+    return -(h % (1 << 62)) - 1
+
+
+def _metadata(hdr, path, defaults: Mapping | None) -> dict:
+    d = dict(defaults or {})
+    meta: dict[str, object] = {}
+    obsid = _int(_card(hdr, "OBSID"))
+    if obsid is None:
+        obsid = _int(d.get("obsid"))
+        if obsid is None or obsid < -(1 << 63):
+            obsid = derived_obsid(hdr, path)
+    meta["obsid"] = int(obsid)
+
+    def num(key, *cards):
+        v = _float(_card(hdr, *cards))
+        if np.isnan(v) and key in d:
+            v = _float(d[key])
+        meta[key] = v
+
+    num("ra", "RA")
+    num("dec", "DEC")
+    mjd = _int(_card(hdr, "MJD"))
+    if mjd is None:
+        mjd = _int(d.get("mjd"))
+    meta["mjd"] = -1 if mjd is None else mjd
+    for b in "ugriz":
+        num(f"snr_{b}", f"SNR{b.upper()}", f"SN_{b.upper()}")
+    for key, card in (("lamost_class", "CLASS"), ("lamost_subclass", "SUBCLASS")):
+        v = _card(hdr, card)
+        meta[key] = str(v).strip() if v is not None else str(d.get(key, "") or "")
+    for key, card in (("lamost_z", "Z"), ("lamost_z_err", "Z_ERR")):
+        v = _float(_card(hdr, card))
+        if np.isnan(v) and key in d:
+            v = _float(d[key])
+        meta[key] = np.nan if (np.isnan(v) or v <= _Z_MISSING + 0.5) else v
+    meta["lamost_rv"] = meta["lamost_z"] * C_KMS
+    meta["file"] = os.path.basename(os.fspath(path))
+    rel = _card(hdr, "DATA_V")
+    if rel is not None:
+        rel = str(rel).strip()
+    elif str(d.get("release", "") or ""):
+        rel = str(d["release"])
+    else:
+        ver = str(_card(hdr, "VERSPIPE") or "").strip().lstrip("vV")
+        rel = _VERSPIPE_RELEASE.get(".".join(ver.split(".")[:2]), "")
+    meta["release"] = rel
+    # other registered per-spectrum variables (e.g. Gaia, truth) from a catalogue
+    for key, val in d.items():
+        if key not in meta and key in VARIABLES and VARIABLES[key].dims == ("spectra",):
+            meta[key] = val
+    return meta
+
+
+# --------------------------------------------------------------------------- public readers
+
+
+def read_spectrum(path: str | os.PathLike, defaults: Mapping | None = None):
+    """Read one LAMOST file into plain numpy arrays on the shared grid (the fast path).
+
+    Parameters
+    ----------
+    path : str or PathLike
+        FITS file (any layout, optionally gzipped).
+    defaults : Mapping, optional
+        Values used where the file lacks them (e.g. from a LAMOST catalogue row): ``obsid``
+        when there is no OBSID card, ``release`` when there is no DATA_V, header fields the file
+        lacks, and any other registered per-spectrum variable (Gaia, truth, ...).
+
+    Returns
+    -------
+    meta : dict
+        Per-spectrum values (``obsid`` and :data:`META_VARIABLES`, plus extra defaults).
+    arrays : tuple of numpy.ndarray
+        ``flux`` (float32), ``ivar`` (float32, 1/flux**2), ``andmask``, ``ormask`` (int32),
+        each of length ``NPIX``.
+    layout : str
+        The detected layout.
+
+    Raises
+    ------
+    BadFileError
+        With a :data:`QUARANTINE_CODES` code if the file cannot be used.
+    """
+    hdul = _load_hdulist(path)
+    try:
+        layout = detect_layout(hdul)
+        try:
+            loglam, flux, ivar, andm, orm = _rows(hdul, layout)
+        except (ValueError, TypeError, IndexError) as exc:
+            if isinstance(exc, BadFileError):
+                raise
+            raise BadFileError("truncated", f"cannot read the data: {exc}") from None
+        hdr = hdul[0].header
+    finally:
+        hdul.close()
+    if not np.any(np.isfinite(flux)):
+        raise BadFileError("no_finite_flux", "no finite flux value")
+    # NaN/negative inverse variances carry no information: store them as 0 (= masked)
+    ivar = np.where(np.isfinite(ivar) & (ivar > 0), ivar, 0.0)
+    good = np.isfinite(flux) & (ivar > 0) & (andm == 0)
+    if not np.any(good):
+        raise BadFileError("all_masked", "every pixel has ivar 0, andmask set or no flux")
+    arrays, offset, resampled = _place(loglam, flux, ivar, andm, orm)
+    meta = _metadata(hdr, path, defaults)
+    meta["loglam_offset"] = offset
+    meta["resampled"] = resampled
+    return meta, arrays, layout
+
+
+def read_lamost(path: str | os.PathLike, *, defaults: Mapping | None = None):
+    """Read one LAMOST low-resolution spectrum (any layout, optionally gzipped).
+
+    Parameters
+    ----------
+    path : str or PathLike
+        The FITS file. The layout is detected from its content (see the module docstring).
+    defaults : Mapping, optional
+        Values for what the file lacks (see :func:`read_spectrum`).
+
+    Returns
+    -------
+    xarray.Dataset
+        dims ``spectra`` (1) and ``pixels`` (``NPIX``); coordinates ``obsid`` (int64) and
+        ``loglam`` (dex, the shared grid); ``flux``, ``ivar`` (float32), ``andmask``,
+        ``ormask`` (int32) and the per-spectrum metadata of :data:`META_VARIABLES`
+        (NaN / -1 / "" where the file lacks a value; ``lamost_z`` NaN where Z = -9999;
+        ``lamost_rv`` = Z c in km/s). ``attrs["layout"]`` names the detected layout.
+
+    Raises
+    ------
+    BadFileError
+        If the file cannot be used (missing, not FITS, truncated, unknown layout, bad
+        wavelengths, no finite flux, every pixel masked); ``.code`` says which.
+    """
+    meta, arrays, layout = read_spectrum(path, defaults)
+    ds = spectra_dataset([meta], [arrays])
+    ds.attrs["layout"] = layout
+    return ds
+
+
+def spectra_dataset(metas: Sequence[Mapping], arrays: Sequence[tuple]):
+    """Assemble per-file results of :func:`read_spectrum` into one Dataset (in memory)."""
+    import xarray as xr
+
+    n = len(metas)
+    stacked = [np.stack([a[k] for a in arrays]) if n else None for k in range(4)]
+    if n == 0:
+        stacked = [
+            np.zeros((0, NPIX), np.float32),
+            np.zeros((0, NPIX), np.float32),
+            np.zeros((0, NPIX), np.int32),
+            np.zeros((0, NPIX), np.int32),
+        ]
+    data = {
+        name: (("spectra", "pixels"), arr)
+        for name, arr in zip(("flux", "ivar", "andmask", "ormask"), stacked)
+    }
+    keys = list(META_VARIABLES)
+    for m in metas:
+        keys += [k for k in m if k not in keys and k != "obsid"]
+    for key in keys:
+        kind, missing = META_VARIABLES.get(key, (None, None))
+        vals = [m.get(key, missing) for m in metas]
+        data[key] = ("spectra", _column(key, vals, kind))
+    ds = xr.Dataset(
+        data,
+        coords={
+            "obsid": ("spectra", np.array([m["obsid"] for m in metas], dtype=np.int64)),
+            "loglam": ("pixels", loglam_grid()),
+        },
+    )
+    return annotate(ds)
+
+
+def _column(key, vals, kind=None):
+    if kind is None:
+        kind = {"f": "float64", "i": "int64", "b": "bool", "S": "str"}.get(
+            VARIABLES[key].dtype[:1] if key in VARIABLES else "S", "float64"
+        )
+        if key in VARIABLES and len(VARIABLES[key].dtype) > 1:
+            kind = VARIABLES[key].dtype
+    if kind == "str":
+        return np.array(["" if v is None else str(v) for v in vals], dtype=str).astype("U")
+    return np.array(vals, dtype=kind)
+
+
+# --------------------------------------------------------------------------- writer
+
+
+def _covered(flux_row, ivar_row):
+    """Index range [lo, hi) without the NaN/ivar-0 padding at both ends."""
+    pad = ~np.isfinite(flux_row) & ~(ivar_row > 0)
+    idx = np.flatnonzero(~pad)
+    if idx.size == 0:
+        return 0, flux_row.size
+    return int(idx[0]), int(idx[-1]) + 1
+
+
+def _fits_name(name: str, obsid: int, mjd: int, gz: bool) -> str:
+    base = os.path.basename(str(name)) if name else f"spec-{mjd}-MSPEC{obsid}.fits"
+    for ext in (".gz", ".fits", ".fit", ".fts"):
+        if base.lower().endswith(ext):
+            base = base[: -len(ext)]
+    return base + (".fits.gz" if gz else ".fits")
+
+
+def _as_float32_mask(values: np.ndarray, name: str) -> np.ndarray:
+    out = values.astype(np.float32)
+    if not np.array_equal(out.astype(np.int64), values.astype(np.int64)):
+        raise ValueError(f"{name}: mask values above 2**24 cannot be written as float32 exactly")
+    return out
+
+
+def write_lamost_fits(
+    ds,
+    directory: str | os.PathLike,
+    layout: str = "image",
+    gzip: bool = False,
+    *,
+    catalog: str | None = "catalog.parquet",
+    overwrite: bool = False,
+) -> list[Path]:
+    """Write spectra as LAMOST FITS files in a real layout (a simulated FITS "survey").
+
+    Each spectrum is trimmed to the pixels between its first and last pixel that is not
+    padding (NaN flux with ivar 0), like the variable-length real files, and written with the
+    header cards the real files of that layout carry (OBSID/DATA_V/SNRx for ``"image"`` and
+    ``"table"``; SN_x, VERSPIPE v2.6.4 and LMJD/PLANID/SPID/FIBERID, but no OBSID, for
+    ``"oldest"``). Z/Z_ERR are -9999 where ``lamost_z`` is NaN. Wavelengths come from the
+    ``loglam`` coordinate, so a shifted coordinate writes off-grid files.
+
+    Parameters
+    ----------
+    ds : xarray.Dataset
+        Spectra with dims (``spectra``, ``pixels``): ``flux``, ``ivar``, ``andmask``,
+        ``ormask``, coordinate ``obsid``; optional ``loglam`` coordinate (default the shared
+        grid) and per-spectrum metadata (``ra``, ``dec``, ``mjd``, ``snr_*``, ``lamost_*``,
+        ``release``, ``file``).
+    directory : str or PathLike
+        Output directory (created).
+    layout : {"image", "oldest", "table"}
+        File layout (DR2-DR8 image, DR1 oldest image, DR9+ binary table).
+    gzip : bool
+        Write ``.fits.gz`` files.
+    catalog : str or None
+        File name (``.parquet`` or ``.csv``) of a LAMOST-like catalogue written in
+        ``directory``: one row per file with ``file``, ``obsid`` and every registered
+        per-spectrum variable of ``ds`` (Gaia, ``true_*``, ...), so that ``ingest`` of the
+        catalogue restores what FITS headers cannot hold. None: no catalogue.
+    overwrite : bool
+        Replace existing files; otherwise an existing file raises ``FileExistsError``.
+
+    Returns
+    -------
+    list of pathlib.Path
+        The FITS files, in the order of ``ds.spectra``.
+
+    Raises
+    ------
+    ValueError
+        Unknown ``layout``, missing variables, duplicate file names, or an ``"oldest"``
+        layout requested for a non log-linear ``loglam``.
+    """
+    from astropy.io import fits
+
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    for name in ("flux", "ivar", "andmask", "ormask", "obsid"):
+        if name not in ds.variables:
+            raise ValueError(f"ds: variable {name!r} is missing")
+    if catalog is not None and not str(catalog).endswith((".parquet", ".csv")):
+        raise ValueError(f"catalog must end with .parquet or .csv, got {catalog!r}")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    n = ds.sizes["spectra"]
+    npix = ds.sizes["pixels"]
+    loglam = (
+        np.asarray(ds["loglam"].values, dtype=np.float64)
+        if "loglam" in ds.variables
+        else loglam_grid(npix)
+    )
+    if layout == "oldest":
+        step = np.diff(loglam)
+        if not np.allclose(step, step[0], rtol=0, atol=1e-12):
+            raise ValueError("layout='oldest' needs a log-linear loglam coordinate")
+    wave = (10.0**loglam).astype(np.float32)
+
+    def col(name, missing):
+        if name in ds.variables:
+            return np.asarray(ds[name].values)
+        return np.full(n, missing, dtype=object)
+
+    obsid = np.asarray(ds["obsid"].values, dtype=np.int64)
+    mjd = col("mjd", -1)
+    names = [_fits_name(f, int(o), int(m), gzip) for f, o, m in zip(col("file", ""), obsid, mjd)]
+    if len(set(names)) != len(names):
+        raise ValueError("ds: file names are not unique (set a unique 'file' per spectrum)")
+    flux = ds["flux"].values
+    ivar = ds["ivar"].values
+    andm = ds["andmask"].values
+    orm = ds["ormask"].values
+    meta = {k: col(k, m) for k, (_, m) in META_VARIABLES.items() if k != "file"}
+    paths = []
+    for i in range(n):
+        lo, hi = _covered(flux[i], ivar[i])
+        hdr = fits.Header()
+        hdr["FILENAME"] = names[i].removesuffix(".gz")
+        hdr["AUTHOR"] = "mspec.io.write_lamost_fits"
+        if layout != "oldest":
+            hdr["OBSID"] = (int(obsid[i]), "Unique number ID of this spectrum")
+            release = str(meta["release"][i] or "LAMOST DR7")
+            hdr["DATA_V"] = (release, "Data release version")
+        lmjd = int(mjd[i])
+        hdr["LMJD"] = (lmjd, "Local Modified Julian Day")
+        hdr["MJD"] = (lmjd, "Modified Julian Day")
+        hdr["PLANID"] = (f"MSPEC{obsid[i]}", "Plan ID in use")
+        hdr["SPID"] = (1 + int(abs(obsid[i]) // 1000) % 16, "Spectrograph ID")
+        hdr["FIBERID"] = (int(abs(obsid[i]) % 1000), "Fiber ID of Object")
+        for key, card in (("ra", "RA"), ("dec", "DEC")):
+            v = _float(meta[key][i])
+            if not np.isnan(v):
+                hdr[card] = v
+        hdr["VACUUM"] = (True, "Wavelengths are in vacuum")
+        hdr["COEFF0"] = (float(loglam[lo]), "Central wavelength (log10) of first pixel")
+        hdr["COEFF1"] = (
+            float(loglam[min(lo + 1, npix - 1)] - loglam[lo]) or DLOGLAM,
+            "Log10 dispersion per pixel",
+        )
+        hdr["VERSPIPE"] = {"oldest": "v2.6.4", "image": "v2.9.7", "table": "v2.9.8"}[layout]
+        hdr["CLASS"] = str(meta["lamost_class"][i] or "")
+        hdr["SUBCLASS"] = str(meta["lamost_subclass"][i] or "")
+        for key, card in (("lamost_z", "Z"), ("lamost_z_err", "Z_ERR")):
+            v = _float(meta[key][i])
+            hdr[card] = _Z_MISSING if np.isnan(v) else v
+        for b in "ugriz":
+            v = _float(meta[f"snr_{b}"][i])
+            card = f"SN_{b.upper()}" if layout == "oldest" else f"SNR{b.upper()}"
+            if not np.isnan(v):
+                hdr[card] = v
+        s = slice(lo, hi)
+        f32 = flux[i, s].astype(np.float32)
+        i32 = ivar[i, s].astype(np.float32)
+        a32 = _as_float32_mask(andm[i, s], "andmask")
+        o32 = _as_float32_mask(orm[i, s], "ormask")
+        if layout == "table":
+            hdr["N_EXTEN"] = 2
+            cols = [
+                fits.Column(name=nm, format=f"{hi - lo}E", array=v[None, :])
+                for nm, v in (
+                    ("FLUX", f32),
+                    ("IVAR", i32),
+                    ("WAVELENGTH", wave[s]),
+                    ("ANDMASK", a32),
+                    ("ORMASK", o32),
+                    ("NORMALIZATION", np.full(hi - lo, -9999.0, np.float32)),
+                )
+            ]
+            hdul = fits.HDUList(
+                [fits.PrimaryHDU(header=hdr), fits.BinTableHDU.from_columns(cols, name="COADD")]
+            )
+        else:
+            if layout == "oldest":
+                hdr["EXTEN0"] = "Flux Inverse Subcontinuum Andmask Ormask"
+                good = f32[np.isfinite(f32) & (f32 > 0)]
+                norm = float(np.median(good)) if good.size else 1.0
+                row2 = (f32 / np.float32(norm)).astype(np.float32)
+            else:
+                hdr["EXTEN0"] = "Flux Inverse Wavelength Andmask Ormask"
+                row2 = wave[s]
+            image = np.stack([f32, i32, row2, a32, o32])
+            prim = fits.PrimaryHDU(data=image, header=hdr)
+            if layout == "image":
+                prim.header["EXTNAME"] = "Flux"
+            hdul = fits.HDUList([prim])
+        path = directory / names[i]
+        if path.exists() and not overwrite:
+            raise FileExistsError(f"{path} exists (pass overwrite=True)")
+        hdul.writeto(path, overwrite=overwrite, output_verify="silentfix")
+        paths.append(path)
+    if catalog is not None:
+        _write_catalog(ds, directory / catalog, [p.name for p in paths])
+    return paths
+
+
+def _write_catalog(ds, path: Path, files: list[str]) -> None:
+    import pandas as pd
+
+    cols = {"file": files, "obsid": np.asarray(ds["obsid"].values, dtype=np.int64)}
+    for name in ds.variables:
+        var = VARIABLES.get(name)
+        if var is None or var.dims != ("spectra",) or name in ("obsid", "file"):
+            continue
+        cols[name] = np.asarray(ds[name].values)
+    df = pd.DataFrame(cols)
+    if path.suffix == ".csv":
+        df.to_csv(path, index=False)
+    else:
+        df.to_parquet(path, index=False)

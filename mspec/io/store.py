@@ -1,0 +1,867 @@
+"""The chunked Zarr v3 spectrum store: ``ingest`` LAMOST files into it, ``open_store`` it.
+
+Layout of a store directory (details in ``docs/store.md``)::
+
+    store/
+      zarr.json, flux/, ivar/, andmask/, ormask/, obsid/, loglam/, ra/, ...   Zarr v3 arrays
+      metadata.parquet/part-<batch>.parquet     per-spectrum metadata (dask.dataframe-readable)
+      quarantine.parquet/part-<batch>.parquet   skipped files with a reason code
+      _mspec/state.json                         committed size, chunk size, string widths
+      _mspec/log/batch-<batch>.parquet          every file seen, its status and row (the plan)
+      _mspec/done/batch-<batch>/<row>           finished write units of the pending batch
+
+An ingest proceeds in *batches* of files. Each batch is (1) scanned in parallel on the dask
+cluster (read, validate, metadata), (2) planned on the client (quarantine bad files, drop
+duplicate obsids keeping the first, assign store rows in source order) and the plan saved
+atomically, (3) written: the arrays are resized, the metadata written, and the spectra read
+again and written by parallel *units*, each covering the rows of exactly one Zarr chunk (so
+no two tasks touch one chunk) and leaving a marker when done, (4) committed atomically
+(``state.json``). A rerun after a crash or ``kill -9`` finishes the pending batch from its
+saved plan, skipping finished units, then continues with the files not yet seen, so the
+store is identical to an uninterrupted one. Files already in the store's log are skipped,
+which is also how appending works.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob as globmod
+import json
+import logging
+import os
+import time
+import warnings
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import numpy as np
+
+from mspec.io.lamost import (
+    MASK_NODATA,
+    META_VARIABLES,
+    BadFileError,
+    read_spectrum,
+)
+from mspec.variables import NPIX, VARIABLES, attrs_for, loglam_grid, validate
+
+__all__ = ["ingest", "open_store", "resolve_sources", "store_state", "StoreError"]
+
+log = logging.getLogger(__name__)
+
+STORE_FORMAT = "mspec-store"
+STORE_VERSION = 1
+#: Spectra per dask task when scanning files (pass 1).
+SCAN_GROUP = 200
+#: Chunks per batch (a batch is the unit of planning and commit).
+BATCH_CHUNKS = 16
+SPECTRAL = ("flux", "ivar", "andmask", "ormask")
+_FITS_SUFFIXES = (".fits", ".fits.gz", ".fit", ".fit.gz", ".fts", ".fts.gz")
+_CATALOG_SUFFIXES = (".csv", ".csv.gz", ".parquet", ".pq")
+# LAMOST catalogue column names -> registry names
+_CATALOG_ALIASES = {
+    "class": "lamost_class",
+    "subclass": "lamost_subclass",
+    "z": "lamost_z",
+    "z_err": "lamost_z_err",
+    "data_v": "release",
+    **{f"snr{b}": f"snr_{b}" for b in "ugriz"},
+}
+_PATH_COLUMNS = ("path", "file", "filename", "fits", "spec_file", "fits_file")
+
+
+@contextlib.contextmanager
+def _quiet():
+    """Silence zarr's warning about the non-Zarr folders (tables, _mspec) inside a store."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Object at .* is not recognized")
+        yield
+
+
+class StoreError(RuntimeError):
+    """The store is not an mspec store, is inconsistent, or is locked by another ingest."""
+
+
+# --------------------------------------------------------------------------- sources
+
+
+def _is_catalog(p: str) -> bool:
+    return p.lower().endswith(_CATALOG_SUFFIXES)
+
+
+def _fits_files_in(directory: Path) -> list[str]:
+    out = []
+    for root, dirs, files in os.walk(directory):
+        dirs.sort()
+        for f in files:
+            if f.lower().endswith(_FITS_SUFFIXES):
+                out.append(os.path.join(root, f))
+    return sorted(out)
+
+
+def _read_catalog(path: str) -> list[tuple[str, dict]]:
+    import pandas as pd
+
+    df = pd.read_parquet(path) if path.lower().endswith((".parquet", ".pq")) else pd.read_csv(path)
+    df.columns = [str(c).strip().lower() for c in df.columns]
+    base = os.path.dirname(os.path.abspath(path))
+    pcol = next((c for c in _PATH_COLUMNS if c in df.columns), None)
+    if pcol is None:
+        need = {"lmjd", "planid", "spid", "fiberid"}
+        if not need <= set(df.columns):
+            raise ValueError(
+                f"sources: catalogue {path} has no file column ({', '.join(_PATH_COLUMNS)}) "
+                "and no lmjd/planid/spid/fiberid columns to build LAMOST file names"
+            )
+        names = [
+            f"spec-{int(r.lmjd)}-{str(r.planid).strip()}_sp{int(r.spid):02d}-{int(r.fiberid):03d}.fits"
+            for r in df.itertuples()
+        ]
+    else:
+        names = [str(v) for v in df[pcol]]
+    keep = {}
+    for c in df.columns:
+        name = _CATALOG_ALIASES.get(c, c)
+        if name in VARIABLES and VARIABLES[name].dims == ("spectra",) and name != "file":
+            keep[c] = name
+    records = df[list(keep)].rename(columns=keep).to_dict("records") if keep else [{}] * len(df)
+    out = []
+    for name, rec in zip(names, records):
+        p = name if os.path.isabs(name) else os.path.join(base, name)
+        if not os.path.exists(p) and os.path.exists(p + ".gz"):
+            p = p + ".gz"
+        rec = {k: (None if _isnull(v) else v) for k, v in rec.items()}
+        out.append((os.path.abspath(p), {k: v for k, v in rec.items() if v is not None}))
+    return out
+
+
+def _isnull(v) -> bool:
+    import pandas as pd
+
+    if v is None:
+        return True
+    try:
+        return np.ndim(v) == 0 and bool(pd.isna(v))
+    except (TypeError, ValueError):
+        return False
+
+
+def resolve_sources(sources) -> list[tuple[str, dict]]:
+    """Expand ``sources`` into an ordered list of ``(absolute path, catalogue values)``.
+
+    Parameters
+    ----------
+    sources : str, PathLike or sequence of them
+        Directories (searched recursively for ``*.fits[.gz]``, sorted), glob patterns
+        (sorted matches), single files, or LAMOST catalogues (``.csv``/``.parquet``) with a
+        ``file``/``filename``/``path`` column or ``lmjd, planid, spid, fiberid`` columns (paths
+        relative to the catalogue; ``.gz`` tried). A sequence is expanded in its order.
+
+    Returns
+    -------
+    list of (str, dict)
+        Unique paths in deterministic order (first occurrence kept) with the catalogue values
+        of registered per-spectrum variables for that file (empty dict without a catalogue).
+
+    Raises
+    ------
+    FileNotFoundError
+        A source that is neither an existing path nor a glob pattern.
+    TypeError, ValueError
+        ``sources`` of the wrong type, empty, or an unusable catalogue.
+    """
+    if isinstance(sources, str | os.PathLike):
+        sources = [sources]
+    if not isinstance(sources, Iterable):
+        raise TypeError(f"sources must be a path, glob or list of them, got {type(sources)}")
+    sources = list(sources)
+    if not sources:
+        raise ValueError("sources is empty")
+    out: list[tuple[str, dict]] = []
+    for src in sources:
+        if not isinstance(src, str | os.PathLike):
+            raise TypeError(f"sources: entries must be paths, got {type(src).__name__}")
+        s = os.fspath(src)
+        if os.path.isdir(s):
+            out += [(os.path.abspath(p), {}) for p in _fits_files_in(Path(s))]
+        elif _is_catalog(s) and os.path.isfile(s):
+            out += _read_catalog(s)
+        elif os.path.exists(s):
+            out.append((os.path.abspath(s), {}))
+        elif globmod.has_magic(s):
+            out += [
+                (os.path.abspath(p), {})
+                for p in sorted(globmod.glob(s, recursive=True))
+                if os.path.isfile(p)
+            ]
+        else:
+            raise FileNotFoundError(f"sources: {s!r} does not exist")
+    seen, unique = set(), []
+    for p, d in out:
+        if p not in seen:
+            seen.add(p)
+            unique.append((p, d))
+    return unique
+
+
+# --------------------------------------------------------------------------- store state
+
+
+def _meta_dir(store: Path) -> Path:
+    return store / "_mspec"
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _atomic_parquet(df, path: Path) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    df.to_parquet(tmp, index=False)
+    os.replace(tmp, path)
+
+
+def store_state(store: str | os.PathLike) -> dict:
+    """Return the committed state of a store (``n_spectra``, ``chunk_size``, ``batches``...).
+
+    Raises
+    ------
+    StoreError
+        If ``store`` is not an mspec store.
+    """
+    p = _meta_dir(Path(store)) / "state.json"
+    try:
+        state = json.loads(p.read_text())
+    except FileNotFoundError:
+        raise StoreError(f"store: {store} is not an mspec store (no _mspec/state.json)") from None
+    if state.get("format") != STORE_FORMAT:
+        raise StoreError(f"store: {store} has an unknown format {state.get('format')!r}")
+    return state
+
+
+def _write_state(store: Path, state: dict) -> None:
+    _atomic_write(
+        _meta_dir(store) / "state.json", json.dumps(state, indent=1, sort_keys=True).encode()
+    )
+
+
+def _storage_dtype(name: str):
+    """(numpy dtype or 'str', fill value) of a variable in the store."""
+    if name in SPECTRAL:
+        return {"flux": ("float32", np.nan), "ivar": ("float32", 0.0)}.get(
+            name, ("int32", int(MASK_NODATA))
+        )
+    if name == "obsid":
+        return "int64", 0
+    if name in META_VARIABLES:
+        kind, missing = META_VARIABLES[name]
+        return kind, missing
+    var = VARIABLES[name]
+    if len(var.dtype) > 1:
+        dt = np.dtype(var.dtype)
+        return dt.name, {"f": np.nan, "b": False}.get(dt.kind, -1)
+    return {
+        "f": ("float64", np.nan),
+        "i": ("int64", -1),
+        "u": ("uint64", 0),
+        "b": ("bool", False),
+        "S": ("str", ""),
+    }[var.dtype]
+
+
+def _compressor(kind: str):
+    from zarr.codecs import BloscCodec
+
+    shuffle = "noshuffle" if kind in ("str", "bool") else "shuffle"
+    return BloscCodec(cname="zstd", clevel=5, shuffle=shuffle)
+
+
+def _create_array(group, name: str, n: int, chunk: int):
+    kind, fill = _storage_dtype(name)
+    two_d = name in SPECTRAL
+    shape = (n, NPIX) if two_d else (n,)
+    chunks = (chunk, NPIX) if two_d else (chunk,)
+    dims = ("spectra", "pixels") if two_d else ("spectra",)
+    attrs = dict(attrs_for(name))
+    if name != "obsid":
+        attrs["coordinates"] = "obsid loglam" if two_d else "obsid"
+    group.create_array(
+        name,
+        shape=shape,
+        chunks=chunks,
+        dtype=str if kind == "str" else kind,
+        fill_value=fill,
+        dimension_names=dims,
+        attributes=attrs,
+        compressors=_compressor(kind),
+        overwrite=True,
+    )
+
+
+def _ensure_store(store: Path, chunk_size: int) -> dict:
+    """Create the store if needed; return its state."""
+    with _quiet():
+        return _ensure_store_impl(store, chunk_size)
+
+
+def _ensure_store_impl(store: Path, chunk_size: int) -> dict:
+    import zarr
+
+    mdir = _meta_dir(store)
+    if (mdir / "state.json").exists():
+        state = store_state(store)
+    else:
+        if store.exists() and any(p.name != "_mspec" for p in store.iterdir()):
+            raise StoreError(f"store: {store} exists and is not an mspec store")
+        (mdir / "log").mkdir(parents=True, exist_ok=True)
+        state = {
+            "format": STORE_FORMAT,
+            "version": STORE_VERSION,
+            "chunk_size": int(chunk_size),
+            "npix": NPIX,
+            "n_spectra": 0,
+            "batches": 0,
+            "variables": [],
+            "str_len": {},
+        }
+        _write_state(store, state)
+    group = zarr.open_group(
+        str(store),
+        mode="a",
+        zarr_format=3,
+        attributes={"mspec_store": STORE_VERSION, "chunk_size": int(state["chunk_size"])},
+    )
+    if "loglam" not in group:
+        group.create_array(
+            "loglam",
+            shape=(NPIX,),
+            chunks=(NPIX,),
+            dtype="float64",
+            fill_value=np.nan,
+            dimension_names=("pixels",),
+            attributes=attrs_for("loglam"),
+            overwrite=True,
+        )
+        group["loglam"][:] = loglam_grid()
+    _ensure_arrays(store, state, ["obsid", *SPECTRAL, *META_VARIABLES], group=group)
+    return state
+
+
+def _ensure_arrays(store: Path, state: dict, names, group=None) -> None:
+    """Create missing arrays (length = committed rows, read as fill values)."""
+    import zarr
+
+    group = group if group is not None else zarr.open_group(str(store), mode="a")
+    with _quiet():
+        existing = set(group.array_keys())
+    for name in names:
+        if name not in existing:
+            _create_array(group, name, int(state["n_spectra"]), int(state["chunk_size"]))
+        if name not in state["variables"]:
+            state["variables"].append(name)
+
+
+@contextlib.contextmanager
+def _locked(store: Path):
+    import fcntl
+
+    _meta_dir(store).mkdir(parents=True, exist_ok=True)
+    fh = open(_meta_dir(store) / "lock", "a")
+    try:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise StoreError(f"store: {store} is being written by another ingest") from None
+        yield
+    finally:
+        fh.close()
+
+
+def _log_path(store: Path, batch: int) -> Path:
+    return _meta_dir(store) / "log" / f"batch-{batch:06d}.parquet"
+
+
+def _known_paths(store: Path) -> set[str]:
+    import pyarrow.parquet as pq
+
+    known: set[str] = set()
+    for p in sorted((_meta_dir(store) / "log").glob("batch-*.parquet")):
+        known.update(pq.read_table(p, columns=["path"]).column("path").to_pylist())
+    return known
+
+
+# --------------------------------------------------------------------------- dask execution
+
+
+class _Runner:
+    """Run a list of calls on the dask cluster (or a local dask scheduler), in order."""
+
+    _LOCAL = {"threads", "threading", "sync", "synchronous", "single-threaded", "processes"}
+
+    def __init__(self, client):
+        self.client = None
+        self.scheduler = None
+        self._own = False
+        if client is None:
+            try:
+                from distributed import default_client
+
+                self.client = default_client()
+            except (ImportError, ValueError):
+                self.scheduler = "threads"
+        elif isinstance(client, str):
+            if client in self._LOCAL:
+                self.scheduler = client
+            else:
+                from distributed import Client
+
+                self.client = Client(client)
+                self._own = True
+        else:
+            try:
+                from distributed import Client
+            except ImportError:  # pragma: no cover
+                Client = ()
+            if not isinstance(client, Client):
+                raise TypeError(
+                    "client must be None, a distributed.Client, a scheduler address or one of "
+                    f"{sorted(self._LOCAL)}; got {type(client).__name__}"
+                )
+            self.client = client
+
+    def close(self):
+        if self._own:
+            self.client.close()
+
+    def map(self, fn, calls: list[tuple], desc: str, progress: bool) -> list:
+        from tqdm.auto import tqdm
+
+        if not calls:
+            return []
+        bar = tqdm(total=len(calls), desc=desc, disable=not progress, unit="task")
+        try:
+            if self.client is not None:
+                from distributed import as_completed
+
+                futures = [self.client.submit(fn, *c, pure=False) for c in calls]
+                for _ in as_completed(futures):
+                    bar.update()
+                return self.client.gather(futures)
+            import dask
+            from dask.callbacks import Callback
+
+            class _Bar(Callback):
+                def _posttask(self, key, result, dsk, state, worker_id):
+                    bar.update()
+
+            tasks = [dask.delayed(fn, pure=False, traverse=False)(*c) for c in calls]
+            with _Bar():
+                return list(dask.compute(*tasks, scheduler=self.scheduler))
+        finally:
+            bar.close()
+
+
+# --------------------------------------------------------------------------- tasks
+
+
+def _scan_files(items: list[tuple[str, dict]]) -> list[dict]:
+    """Pass 1: read and validate files; return one record (metadata or reason) per file."""
+    out = []
+    for path, defaults in items:
+        rec = {"path": path, "file": os.path.basename(path)}
+        try:
+            meta, _, layout = read_spectrum(path, defaults)
+        except BadFileError as exc:
+            rec.update(status="quarantined", code=exc.code, reason=exc.reason, layout="")
+        except Exception as exc:  # never let one file stop an ingest
+            rec.update(
+                status="quarantined",
+                code="read_error",
+                reason=f"{type(exc).__name__}: {exc}",
+                layout="",
+            )
+        else:
+            rec.update(meta)
+            rec.update(status="stored", code="", reason="", layout=layout)
+        out.append(rec)
+    return out
+
+
+def _write_unit(store: str, batch: int, start: int, paths: list[str]) -> int:
+    """Pass 2: read the files of rows [start, start + len(paths)) and write their spectra."""
+    import zarr
+
+    n = len(paths)
+    flux = np.full((n, NPIX), np.nan, np.float32)
+    ivar = np.zeros((n, NPIX), np.float32)
+    andm = np.full((n, NPIX), MASK_NODATA, np.int32)
+    orm = np.full((n, NPIX), MASK_NODATA, np.int32)
+    for k, path in enumerate(paths):
+        try:
+            _, arrays, _ = read_spectrum(path)
+        except Exception as exc:  # the file changed since it was scanned: keep the row empty
+            warnings.warn(
+                f"{path} could not be re-read ({exc}); its row is left empty", stacklevel=1
+            )
+            continue
+        flux[k], ivar[k], andm[k], orm[k] = arrays
+    with _quiet():
+        group = zarr.open_group(store, mode="r+")
+        sl = slice(start, start + n)
+        for name, arr in zip(SPECTRAL, (flux, ivar, andm, orm)):
+            group[name][sl] = arr
+    marker = _meta_dir(Path(store)) / "done" / f"batch-{batch:06d}" / f"{start:012d}"
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.touch()
+    return n
+
+
+# --------------------------------------------------------------------------- planning
+
+
+def _plan(records: list[dict], n_old: int, store_obsid: np.ndarray, store: Path):
+    """Assign rows, mark duplicates; return the log DataFrame of the batch."""
+    import pandas as pd
+    import zarr
+
+    df = pd.DataFrame.from_records(records)
+    # nullable int64: derived obsids need all 64 bits (a float column would round them)
+    df["obsid"] = pd.array([r.get("obsid") for r in records], dtype="Int64")
+    stored = (df["status"] == "stored").to_numpy()
+    obs = df["obsid"].to_numpy(dtype=np.int64, na_value=0)
+    # duplicates against the store
+    dup_store = np.zeros(len(df), bool)
+    first_file: dict[int, str] = {}
+    if store_obsid.size and stored.any():
+        order = np.argsort(store_obsid, kind="stable")
+        sorted_ids = store_obsid[order]
+        ids = obs[stored].astype(np.int64)
+        pos = np.searchsorted(sorted_ids, ids)
+        hit = (pos < sorted_ids.size) & (sorted_ids[np.minimum(pos, sorted_ids.size - 1)] == ids)
+        if hit.any():
+            rows = order[pos[hit]]
+            with _quiet():
+                grp = zarr.open_group(str(store), mode="r")
+                files = grp["file"].get_coordinate_selection(rows)
+            for i, f in zip(ids[hit], files):
+                first_file[int(i)] = str(f)
+        dup_store[np.flatnonzero(stored)[hit]] = True
+    # duplicates within the batch (keep the first)
+    cand = stored & ~dup_store
+    dup_batch = np.zeros(len(df), bool)
+    idx = np.flatnonzero(cand)
+    dup_batch[idx] = pd.Series(obs[idx]).duplicated(keep="first").to_numpy()
+    for i in np.flatnonzero(stored & ~dup_store & ~dup_batch):
+        first_file.setdefault(int(obs[i]), df["file"].iat[i])
+    dup = dup_store | dup_batch
+    df.loc[dup, "status"] = "quarantined"
+    df.loc[dup, "code"] = "duplicate_obsid"
+    df.loc[dup, "reason"] = [
+        f"obsid {int(o)} already stored from {first_file.get(int(o), '?')}" for o in obs[dup]
+    ]
+    keep = (df["status"] == "stored").to_numpy()
+    df["row"] = -1
+    df.loc[keep, "row"] = n_old + np.arange(int(keep.sum()))
+    df["row"] = df["row"].astype("int64")
+    return df
+
+
+def _units(n_old: int, n_new: int, chunk: int) -> list[tuple[int, int]]:
+    """Row ranges [a, b) each inside one chunk."""
+    out, a = [], n_old
+    while a < n_new:
+        b = min((a // chunk + 1) * chunk, n_new)
+        out.append((a, b))
+        a = b
+    return out
+
+
+def _meta_columns(df) -> list[str]:
+    skip = {"path", "status", "code", "reason", "layout", "row", "obsid"}
+    return [c for c in df.columns if c not in skip and c in VARIABLES]
+
+
+def _write_batch(store: Path, state: dict, batch: int, df, runner: _Runner, progress: bool) -> None:
+    """Resize, write metadata and spectra of a planned batch (idempotent, resumable)."""
+    n_old = int(state["n_spectra"])
+    good = df[df["status"] == "stored"].sort_values("row")
+    n_new = n_old + len(good)
+    chunk = int(state["chunk_size"])
+    meta_cols = _meta_columns(df)
+    with _quiet():
+        _write_batch_meta(store, state, df, meta_cols, n_old, n_new, good)
+    done_dir = _meta_dir(store) / "done" / f"batch-{batch:06d}"
+    done = {int(p.name) for p in done_dir.glob("*")} if done_dir.exists() else set()
+    paths = good["path"].tolist()
+    calls = [
+        (str(store), batch, a, paths[a - n_old : b - n_old])
+        for a, b in _units(n_old, n_new, chunk)
+        if a not in done
+    ]
+    runner.map(_write_unit, calls, desc=f"write batch {batch}", progress=progress)
+
+
+def _write_batch_meta(store, state, df, meta_cols, n_old, n_new, good):
+    import zarr
+
+    _ensure_arrays(store, state, meta_cols)
+    group = zarr.open_group(str(store), mode="r+")
+    for name in state["variables"]:
+        arr = group[name]
+        if arr.shape[0] != n_new:
+            arr.resize((n_new, *arr.shape[1:]))
+    if len(good):
+        sl = slice(n_old, n_new)
+        group["obsid"][sl] = good["obsid"].to_numpy(np.int64)
+        for name in state["variables"]:
+            if name in ("obsid", *SPECTRAL):
+                continue
+            kind, fill = _storage_dtype(name)
+            if name in good:
+                col = good[name]
+                if kind == "str":
+                    vals = np.array(["" if _isnull(v) else str(v) for v in col], dtype=object)
+                    group[name][sl] = vals.astype(str)
+                else:
+                    vals = col.to_numpy(dtype=object)
+                    vals = np.array([fill if _isnull(v) else v for v in vals], dtype=kind)
+                    group[name][sl] = vals
+            else:
+                group[name][sl] = np.full(len(good), fill, dtype=None if kind == "str" else kind)
+
+
+def _commit(store: Path, state: dict, batch: int, df) -> dict:
+    import shutil
+
+    good = df[df["status"] == "stored"].sort_values("row")
+    meta_cols = ["obsid", "row", *_meta_columns(df)]
+    if len(good):
+        mdir = store / "metadata.parquet"
+        mdir.mkdir(exist_ok=True)
+        _atomic_parquet(good[meta_cols].reset_index(drop=True), mdir / f"part-{batch:06d}.parquet")
+    bad = df[df["status"] != "stored"]
+    if len(bad):
+        qdir = store / "quarantine.parquet"
+        qdir.mkdir(exist_ok=True)
+        q = bad[["path", "file", "obsid", "code", "reason"]].copy()
+        q["obsid"] = q["obsid"].astype("Int64")
+        q["batch"] = batch
+        _atomic_parquet(q.reset_index(drop=True), qdir / f"part-{batch:06d}.parquet")
+    str_len = dict(state.get("str_len", {}))
+    for name in state["variables"]:
+        if _storage_dtype(name)[0] == "str" and name in good:
+            n = int(good[name].astype(str).str.len().max()) if len(good) else 0
+            str_len[name] = max(str_len.get(name, 1), n, 1)
+    state = dict(
+        state, n_spectra=int(state["n_spectra"]) + len(good), batches=batch + 1, str_len=str_len
+    )
+    _write_state(store, state)
+    shutil.rmtree(_meta_dir(store) / "done" / f"batch-{batch:06d}", ignore_errors=True)
+    return state
+
+
+def _read_log(store: Path, batch: int):
+    import pandas as pd
+
+    return pd.read_parquet(_log_path(store, batch))
+
+
+def _store_obsids(store: Path, n: int) -> np.ndarray:
+    import zarr
+
+    if n == 0:
+        return np.zeros(0, np.int64)
+    with _quiet():
+        return np.asarray(zarr.open_group(str(store), mode="r")["obsid"][:n], dtype=np.int64)
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def ingest(sources, store, chunk_size: int = 1000, client=None, progress: bool = False) -> dict:
+    """Ingest LAMOST FITS files into a chunked Zarr v3 store (create, resume or append).
+
+    Parameters
+    ----------
+    sources : str, PathLike or sequence
+        Directories (recursive), glob patterns, files, or LAMOST catalogues (CSV/Parquet
+        listing files); see :func:`resolve_sources`. Order is deterministic: sorted within a
+        directory or glob, catalogue row order, then the order given.
+    store : str or PathLike
+        Store directory; created if missing, resumed if a previous ingest was interrupted,
+        appended to otherwise (files already ingested, by absolute path, are skipped).
+    chunk_size : int
+        Spectra per Zarr chunk (and per write task) of a new store. An existing store keeps its
+        own chunk size (a different value warns).
+    client : None, distributed.Client, str
+        Where files are read and written: a ``distributed.Client`` (or a scheduler address);
+        ``None`` uses the current default ``distributed`` client if one exists, else dask's
+        local threaded scheduler; ``"threads"``, ``"processes"`` or ``"sync"`` pick a local
+        dask scheduler.
+    progress : bool
+        Show tqdm progress bars.
+
+    Returns
+    -------
+    dict
+        Counts: ``sources`` (files given), ``skipped`` (already in the store), ``read``,
+        ``stored``, ``quarantined`` (bad files), ``duplicates`` (obsid already present),
+        ``resampled``, ``n_spectra`` (store size afterwards), ``batches``, ``seconds``,
+        ``files_per_second`` and ``quarantine_codes`` (code -> count).
+
+    Raises
+    ------
+    TypeError, ValueError
+        Bad ``chunk_size``, ``client`` or ``sources``.
+    FileNotFoundError
+        A source that does not exist.
+    StoreError
+        ``store`` exists but is not an mspec store, or another ingest holds its lock.
+
+    Notes
+    -----
+    Bad files (missing, not FITS, truncated, unknown layout, wavelengths not increasing, no
+    overlap with the grid, no finite flux, all pixels masked) and repeated obsids are skipped
+    and recorded in ``<store>/quarantine.parquet`` with a reason code; they never stop an
+    ingest. Each spectrum is read twice (scan, then write) so that rows are assigned before
+    any data is written; the second read mostly hits the OS page cache.
+    """
+    t0 = time.perf_counter()
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int | np.integer):
+        raise TypeError(f"chunk_size must be an int, got {type(chunk_size).__name__}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if not isinstance(store, str | os.PathLike):
+        raise TypeError(f"store must be a path, got {type(store).__name__}")
+    items = resolve_sources(sources)
+    store = Path(store).absolute()
+    runner = _Runner(client)
+    counts = {"stored": 0, "quarantined": 0, "duplicates": 0, "resampled": 0, "read": 0}
+    codes: dict[str, int] = {}
+
+    def tally(df):
+        st = df["status"] == "stored"
+        counts["stored"] += int(st.sum())
+        counts["duplicates"] += int((df["code"] == "duplicate_obsid").sum())
+        counts["quarantined"] += int(((~st) & (df["code"] != "duplicate_obsid")).sum())
+        if "resampled" in df:
+            counts["resampled"] += int(df.loc[st, "resampled"].fillna(False).astype(bool).sum())
+        for c in df.loc[~st, "code"]:
+            codes[c] = codes.get(c, 0) + 1
+
+    try:
+        with _locked(store):
+            state = _ensure_store(store, int(chunk_size))
+            if int(state["chunk_size"]) != int(chunk_size):
+                warnings.warn(
+                    f"store {store} has chunk_size {state['chunk_size']}; "
+                    f"chunk_size={chunk_size} is ignored",
+                    stacklevel=2,
+                )
+            chunk = int(state["chunk_size"])
+            batch = int(state["batches"])
+            if _log_path(store, batch).exists():  # an interrupted ingest: finish its plan
+                log.info("resuming batch %d of %s", batch, store)
+                df = _read_log(store, batch)
+                _write_batch(store, state, batch, df, runner, progress)
+                state = _commit(store, state, batch, df)
+                tally(df)
+                batch += 1
+            known = _known_paths(store)
+            todo = [it for it in items if it[0] not in known]
+            skipped = len(items) - len(todo)
+            obsids = _store_obsids(store, int(state["n_spectra"]))
+            per_batch = chunk * BATCH_CHUNKS
+            for b0 in range(0, len(todo), per_batch):
+                part = todo[b0 : b0 + per_batch]
+                group = max(1, min(SCAN_GROUP, chunk))
+                calls = [(part[i : i + group],) for i in range(0, len(part), group)]
+                results = runner.map(
+                    _scan_files, calls, desc=f"scan batch {batch}", progress=progress
+                )
+                records = [r for res in results for r in res]
+                df = _plan(records, int(state["n_spectra"]), obsids, store)
+                _atomic_parquet(df, _log_path(store, batch))
+                df = _read_log(store, batch)  # same dtypes as a resumed run sees
+                _write_batch(store, state, batch, df, runner, progress)
+                state = _commit(store, state, batch, df)
+                counts["read"] += len(part)
+                tally(df)
+                new = df.loc[df["status"] == "stored", "obsid"].to_numpy(np.int64)
+                obsids = np.concatenate([obsids, new])
+                batch += 1
+    finally:
+        runner.close()
+    seconds = time.perf_counter() - t0
+    summary = {
+        "store": str(store),
+        "sources": len(items),
+        "skipped": skipped,
+        **counts,
+        "n_spectra": int(state["n_spectra"]),
+        "batches": int(state["batches"]),
+        "seconds": round(seconds, 3),
+        "files_per_second": round(counts["read"] / seconds, 1) if seconds > 0 else float("nan"),
+        "quarantine_codes": codes,
+    }
+    log.info("ingest %s: %s", store, summary)
+    return summary
+
+
+def open_store(path, *, chunks: Mapping | None = None):
+    """Open a store lazily (dask-backed), validated against the registry.
+
+    Parameters
+    ----------
+    path : str or PathLike
+        Store written by :func:`ingest`.
+    chunks : Mapping, optional
+        Dask chunks; default ``{"spectra": <store chunk size>, "pixels": -1}``.
+
+    Returns
+    -------
+    xarray.Dataset
+        dims ``spectra`` (coordinate ``obsid``, int64, unique) and ``pixels`` (coordinate
+        ``loglam``); ``flux``, ``ivar`` (float32), ``andmask``, ``ormask`` (int32) and the
+        per-spectrum metadata. Only committed spectra are shown (an ingest in progress or
+        interrupted adds nothing until its batch commits). Strings are numpy unicode.
+
+    Raises
+    ------
+    StoreError
+        Not an mspec store.
+    mspec.variables.VariableError
+        A variable does not match the registry.
+    """
+    import xarray as xr
+
+    path = Path(path)
+    state = store_state(path)
+    n = int(state["n_spectra"])
+    chunk = int(state["chunk_size"])
+    if chunks is None:
+        chunks = {"spectra": chunk, "pixels": -1}
+    with _quiet():
+        ds = xr.open_zarr(
+            str(path),
+            consolidated=False,
+            chunks=dict(chunks),
+            mask_and_scale=False,
+            decode_times=False,
+            decode_timedelta=False,
+        )
+    ds = ds.isel(spectra=slice(0, n))
+    ds = ds.set_coords([c for c in ("obsid", "loglam") if c in ds.variables])
+    for name, width in state.get("str_len", {}).items():
+        if name in ds and ds[name].dtype.kind != "U":
+            ds[name] = ds[name].astype(f"U{int(width)}")
+    for name in ds.variables:
+        if name in VARIABLES:
+            ds[name].attrs.update(attrs_for(name))
+    ds.attrs = {"mspec_store": STORE_VERSION, "chunk_size": chunk, "path": str(path)}
+    validate(ds)
+    return ds
