@@ -231,6 +231,15 @@ register("true_rv", S, "f", "km/s", "true radial velocity (c*z for galaxies/QSOs
 register(
     "true_active", S, "b", "", "True if the star has H-alpha emission (chromospheric activity)"
 )
+register(
+    "true_subclass",
+    S,
+    "S",
+    "",
+    "true subtype: M0..M9/K5/K7 (dM), gM0..gM7, O/B/A/F/G/K subtype, DA/DC, STARFORMING/PASSIVE, QSO",
+)
+register("true_distance", S, "f", "pc", "true distance (NaN for galaxies/QSOs)")
+register("true_ebv", S, "f", "mag", "true E(B-V) applied to the spectrum and photometry")
 
 # --- preprocessing (issue 5) ------------------------------------------------------------
 register(
@@ -277,6 +286,75 @@ register(
 )
 register("ivar_masked", SP, "float32", "", "ivar after step 1 (tm recipe): 0 at dropped pixels")
 # --- template-matching RV (issue 6) -----------------------------------------------------
+register(
+    "velocities",
+    ("velocities",),
+    "f",
+    "km/s",
+    "trial RVs of the template-matching chi2 grid (lattice values nearest 60n, n=-10..10)",
+)
+for _p, _lbl in (("tm", "TM (4700-8899 A)"), ("tml7500", "TML7500 (4700-7500 A)")):
+    register(f"rv_{_p}", S, "f", "km/s", f"{_lbl} radial velocity; NaN when {_p}_status != 0")
+    register(
+        f"rv_{_p}_err",
+        S,
+        "f",
+        "km/s",
+        f"{_lbl} RV error as in the paper: std of the 1001 shift re-measurement residuals",
+    )
+    register(
+        f"rv_{_p}_err_stat",
+        S,
+        "f",
+        "km/s",
+        f"{_lbl} statistical RV error propagated from ivar through the chi2 curvature",
+    )
+    register(f"{_p}_template", S, "S", "", f"{_lbl} best template name ('' when none)")
+    register(
+        f"{_p}_chi2_min",
+        S,
+        "f",
+        "",
+        f"{_lbl} minimum chi2 (Gaussian fit) of the best template, flux units squared",
+    )
+    register(
+        f"{_p}_chi2",
+        ("spectra", "velocities"),
+        "f",
+        "",
+        f"{_lbl} chi2 curve of the best template on the trial RV grid",
+    )
+    register(
+        f"{_p}_status",
+        S,
+        "i",
+        "",
+        f"{_lbl} status: 0 ok, 1 no coverage, 2 flat chi2, 3 fit failed, 4 RV outside grid, "
+        "5 shift step failed",
+    )
+register("template_name", ("templates",), "S", "", "template name (unique)")
+register(
+    "template_wavelength",
+    ("grid",),
+    "f",
+    "Angstrom",
+    "template 1 A grid, vacuum rest frame (4600-8999 A: 4700-8899 plus shift margin)",
+)
+register(
+    "template_flux",
+    ("templates", "grid"),
+    "f",
+    "",
+    "template flux after steps 3 and 4b, normalised (mean or z-score); NaN outside coverage",
+)
+register("template_spt", ("templates",), "S", "", "template spectral type ('' if unknown)")
+register("template_teff", ("templates",), "f", "K", "template Teff (NaN if unknown)")
+register("template_logg", ("templates",), "f", "dex", "template log g, cgs (NaN if unknown)")
+register("template_m_h", ("templates",), "f", "dex", "template [M/H] or [Fe/H] (NaN if unknown)")
+register(
+    "template_lumclass", ("templates",), "S", "", "template luminosity class (dV/dM/gM; '')"
+)
+register("template_source", ("templates",), "S", "", "where the template comes from")
 # --- CNNs (issue 7) ---------------------------------------------------------------------
 for _k, _net in (("spt", "CNN-SPT"), ("wdm", "CNN-WDM"), ("dmgm", "CNN-dMgM")):
     register(f"{_k}_classes", (f"{_k}_classes",), "S", "", f"class names of {_net} (coordinate)")
