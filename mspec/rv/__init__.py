@@ -1,0 +1,29 @@
+"""Radial velocities by χ² template matching (paper: RVMM / TM, TML7500).
+
+* :mod:`mspec.rv.templates` — template libraries (xarray Datasets) and their loaders;
+* :mod:`mspec.rv.chi2_kernels` — numba kernels (no xarray);
+* :mod:`mspec.rv.reference` — the plain numpy reference of the same algorithm;
+* :mod:`mspec.rv.template_match` — :func:`template_match`, the lazy xarray/dask wrapper.
+"""
+
+from mspec.rv.template_match import template_match
+from mspec.rv.templates import (
+    default_templates,
+    load_templates,
+    make_library,
+    pyhammer_templates,
+    replicate_templates,
+    save_templates,
+    simulated_templates,
+)
+
+__all__ = [
+    "template_match",
+    "default_templates",
+    "load_templates",
+    "make_library",
+    "pyhammer_templates",
+    "replicate_templates",
+    "save_templates",
+    "simulated_templates",
+]

@@ -1,0 +1,789 @@
+"""Numba kernels for χ² template-matching radial velocities (paper: RVMM / TM, TML7500).
+
+This module holds the array-level algorithm (numpy + numba, no xarray). The readable plain
+numpy version of the same algorithm is :mod:`mspec.rv.reference`; the xarray/dask wrapper is
+:mod:`mspec.rv.template_match`. ``docs/rv.md`` explains every choice; in short:
+
+* The observed spectrum gets preprocessing step 1 only: native pixels whose ``ormask`` is 0
+  (and with ``ivar > 0`` and finite flux, i.e. with data) inside the observed-frame window
+  ``[wave_min, wave_max]`` (4700–8899 Å; TML7500: up to 7500 Å).
+* Velocities live on a lattice in log λ: ``h = dloglam / oversample`` (69 → 1.0005 km/s). A
+  lattice index ``m`` means the Doppler factor ``1 + v/c = 10**(m h)``. The template, shifted
+  by ``m``, is evaluated at the observed pixels' rest wavelengths ``10**(loglam_i - m h)`` by
+  linear interpolation of the template's 1 Å grid (identical in the reference).
+* The paper's trial velocities 60n km/s (n = -10..10) and shifts -500..500 km/s are the
+  lattice velocities nearest to those values (each within 0.5 km/s); the fits use the exact
+  lattice velocities as abscissae, so no bias comes from this.
+* χ²(m) = (1/N) Σ w_i (O_i - P4(x_i) S_i)², P4 a degree-4 polynomial in λ (x is λ mapped
+  linearly onto [-1, 1] over the window; the same polynomial space), fitted by linear least
+  squares. w_i = 1 (the paper's eq. 2, default) or ``ivar`` (option). The fast kernel uses the
+  normal equations on 14 float64 moment sums (Σ w x^k O S, k ≤ 4, Σ w x^p S², p ≤ 8):
+  χ² = (Σ w O² - bᵀ A⁻¹ b) / N, exact up to rounding.
+* The Gaussian fit ``y = c0 - A exp(-(v - μ)² / 2σ²)`` uses the 2W+1 trial points around the
+  sampled minimum (W = ``fit_halfwidth`` = 3), by Levenberg–Marquardt (:func:`gauss_fit`, the
+  same code in numba and in the reference).
+* Step 2: with the best template, the spectrum minus the initial RV (rounded to the lattice)
+  and shifted by s is measured again on the 21-point grid. Because a shift is a lattice
+  offset, every re-measurement reads the one χ² curve of the best template sampled at each
+  lattice index (≈1 km/s) — the kernel computes that dense curve once.
+"""
+
+from __future__ import annotations
+
+import math
+import types
+from dataclasses import dataclass, field
+
+import numpy as np
+from numba import njit
+
+from mspec.variables import C_KMS
+
+__all__ = [
+    "STATUS_OK",
+    "STATUS_NO_COVERAGE",
+    "STATUS_FLAT_CHI2",
+    "STATUS_FIT_FAILED",
+    "STATUS_EDGE",
+    "STATUS_SHIFT_FAILED",
+    "STATUS_MEANINGS",
+    "TMConfig",
+    "gauss_fit",
+    "gauss_fit_nb",
+    "lattice_lambda",
+    "trial_arrays",
+    "tm_block",
+]
+
+#: Status codes of ``tm_status`` / ``tml7500_status`` (int8).
+STATUS_OK = 0
+STATUS_NO_COVERAGE = 1
+STATUS_FLAT_CHI2 = 2
+STATUS_FIT_FAILED = 3
+STATUS_EDGE = 4
+STATUS_SHIFT_FAILED = 5
+STATUS_MEANINGS = {
+    STATUS_OK: "ok",
+    STATUS_NO_COVERAGE: "no coverage: fewer than min_pixels usable pixels in the window",
+    STATUS_FLAT_CHI2: "flat chi2: the best template's chi2 curve has no minimum",
+    STATUS_FIT_FAILED: "fit failed: no template's Gaussian fit converged inside its window",
+    STATUS_EDGE: "edge: chi2 minimum at the edge of the +-600 km/s grid (RV outside it)",
+    STATUS_SHIFT_FAILED: "shift step failed: fewer than half of the re-measurements succeeded",
+}
+
+WEIGHTINGS = ("none", "ivar")
+
+
+@dataclass(frozen=True)
+class TMConfig:
+    """Settings of one template-matching run (everything the kernels need besides arrays).
+
+    Parameters
+    ----------
+    loglam0, dloglam : float
+        First value and step of the spectra's native log10(λ/Å) grid.
+    npix : int
+        Number of native pixels.
+    wave_min, wave_max : float
+        Observed-frame window (Å, vacuum). The paper: 4700–8899 Å; TML7500: ``wave_max=7500``.
+    oversample : int
+        Lattice steps per native pixel (69: 1.0005 km/s).
+    trial_step : float
+        Trial-velocity step (km/s), 60 in the paper.
+    n_trial : int
+        Trial grid is ``trial_step * n`` for ``n = -n_trial..n_trial`` (10 in the paper).
+    shifts : tuple of float
+        Step-2 shifts (km/s); ``-500..500`` by 1 in the paper.
+    fit_halfwidth : int
+        Number of trial points each side of the minimum used in the Gaussian fit.
+    weighting : {"none", "ivar"}
+        Pixel weights in χ²: ``"none"`` is the paper's eq. 2.
+    min_pixels : int
+        Fewer usable pixels in the window gives status "no coverage".
+    """
+
+    loglam0: float
+    dloglam: float
+    npix: int
+    wave_min: float = 4700.0
+    wave_max: float = 8899.0
+    oversample: int = 69
+    trial_step: float = 60.0
+    n_trial: int = 10
+    shifts: tuple = field(default_factory=lambda: tuple(float(s) for s in range(-500, 501)))
+    fit_halfwidth: int = 3
+    weighting: str = "none"
+    min_pixels: int = 200
+
+    def __post_init__(self):
+        if self.weighting not in WEIGHTINGS:
+            raise ValueError(f"weighting={self.weighting!r} must be one of {WEIGHTINGS}")
+        if not (self.wave_max > self.wave_min):
+            raise ValueError(f"wave_max={self.wave_max!r} must exceed wave_min={self.wave_min!r}")
+        if int(self.oversample) < 1:
+            raise ValueError(f"oversample={self.oversample!r} must be a positive integer")
+        if int(self.fit_halfwidth) < 2:
+            raise ValueError(f"fit_halfwidth={self.fit_halfwidth!r} must be >= 2")
+        if len(self.shifts) < 1:
+            raise ValueError("shifts must hold at least one velocity")
+
+    # --- lattice ------------------------------------------------------------------------
+    @property
+    def h(self) -> float:
+        """Lattice step in log10 λ."""
+        return self.dloglam / self.oversample
+
+    def to_index(self, v) -> np.ndarray:
+        """Nearest lattice index of velocity ``v`` (km/s)."""
+        return np.rint(np.log10(1.0 + np.asarray(v, dtype=np.float64) / C_KMS) / self.h).astype(
+            np.int64
+        )
+
+    def to_velocity(self, m) -> np.ndarray:
+        """Velocity (km/s) of lattice index ``m``: ``c (10**(m h) - 1)``."""
+        return C_KMS * (10.0 ** (np.asarray(m, dtype=np.float64) * self.h) - 1.0)
+
+    @property
+    def trial_index(self) -> np.ndarray:
+        return self.to_index(self.trial_step * np.arange(-self.n_trial, self.n_trial + 1))
+
+    @property
+    def trial_velocity(self) -> np.ndarray:
+        """The trial velocities actually used (km/s; lattice values nearest 60n)."""
+        return self.to_velocity(self.trial_index)
+
+    @property
+    def shift_index(self) -> np.ndarray:
+        return self.to_index(np.asarray(self.shifts, dtype=np.float64))
+
+    @property
+    def shift_velocity(self) -> np.ndarray:
+        return self.to_velocity(self.shift_index)
+
+    @property
+    def max_velocity(self) -> float:
+        """Largest |velocity| (km/s) at which a template may be evaluated."""
+        s = np.abs(np.asarray(self.shifts, dtype=np.float64)).max()
+        vt = self.trial_step * self.n_trial
+        # initial RV (within the grid + a fit window) + trial grid + shift
+        return float(2 * vt + self.trial_step + s + 5.0)
+
+    def window(self, template_lo: float = 0.0, template_hi: float = np.inf) -> tuple[int, int]:
+        """Native pixel range ``[i0, i0 + n)`` of the observed window.
+
+        The window is shrunk where the template library (finite between ``template_lo`` and
+        ``template_hi``, Å) would not cover every shifted evaluation.
+        """
+        f = 1.0 + self.max_velocity / C_KMS
+        lo = max(self.wave_min, template_lo * f)
+        hi = min(self.wave_max, template_hi / f)
+        lam = 10.0 ** (self.loglam0 + self.dloglam * np.arange(self.npix))
+        idx = np.nonzero((lam >= lo) & (lam <= hi))[0]
+        if idx.size == 0:
+            raise ValueError(
+                f"the window {self.wave_min}-{self.wave_max} A has no native pixel covered by "
+                f"the templates ({template_lo:.0f}-{template_hi:.0f} A)"
+            )
+        return int(idx[0]), int(idx[-1] - idx[0] + 1)
+
+    def x(self, i0: int, n: int) -> np.ndarray:
+        """Polynomial abscissa: λ mapped linearly from the nominal window onto [-1, 1]."""
+        lam = 10.0 ** (self.loglam0 + self.dloglam * np.arange(i0, i0 + n))
+        return (2.0 * lam - (self.wave_min + self.wave_max)) / (self.wave_max - self.wave_min)
+
+
+# --- Gaussian fit (one implementation, run as Python by the reference, as numba here) ----
+
+
+def solve_small(mat, rhs, out):
+    """Solve ``mat @ out = rhs`` (small dense system) by Gaussian elimination with partial
+    pivoting; returns False (``out`` undefined) if the matrix is singular. Plain Python so the
+    reference and numba run the same code."""
+    n = rhs.size
+    a = mat.copy()
+    b = rhs.copy()
+    for c in range(n):
+        piv = c
+        for r in range(c + 1, n):
+            if abs(a[r, c]) > abs(a[piv, c]):
+                piv = r
+        if not (abs(a[piv, c]) > 1e-300):
+            return False
+        if piv != c:
+            for k in range(n):
+                tmp = a[c, k]
+                a[c, k] = a[piv, k]
+                a[piv, k] = tmp
+            tmp = b[c]
+            b[c] = b[piv]
+            b[piv] = tmp
+        for r in range(c + 1, n):
+            f = a[r, c] / a[c, c]
+            for k in range(c, n):
+                a[r, k] -= f * a[c, k]
+            b[r] -= f * b[c]
+    for r in range(n - 1, -1, -1):
+        s = b[r]
+        for k in range(r + 1, n):
+            s -= a[r, k] * out[k]
+        out[r] = s / a[r, r]
+    return True
+
+
+solve_small_nb = njit(nogil=True)(solve_small)
+# gauss_fit calls ``_solve``: the plain function in Python, the numba one in the jitted copy
+_solve = solve_small
+
+
+def gauss_fit(v, y, lo, hi):
+    """Fit ``y = c0 - A exp(-(v - mu)**2 / (2 sigma**2))`` to ``v[lo:hi], y[lo:hi]``.
+
+    Levenberg–Marquardt on scaled variables (velocities in units of the mean point spacing
+    around the sampled minimum, χ² scaled to [0, 1] over the points), started at the sampled
+    minimum with ``sigma`` = 1.5 spacings. Plain Python/numpy code: the reference runs it as
+    is, the kernels run the numba compilation :data:`gauss_fit_nb` of the same function.
+
+    Parameters
+    ----------
+    v, y : numpy.ndarray
+        Abscissae (km/s, increasing) and χ² values.
+    lo, hi : int
+        Slice of points to fit (at least 4 points).
+
+    Returns
+    -------
+    mu : float
+        Centre (km/s); NaN if the fit failed.
+    ymin : float
+        Fitted minimum ``c0 - A``; NaN if the fit failed.
+    ok : bool
+        Converged with ``A > 0``, ``sigma > 0`` and ``mu`` inside ``[v[lo], v[hi-1]]``.
+    """
+    m = hi - lo
+    jmin = lo
+    ymax = y[lo]
+    for j in range(lo, hi):
+        if y[j] < y[jmin]:
+            jmin = j
+        if y[j] > ymax:
+            ymax = y[j]
+    y0 = y[jmin]
+    span = ymax - y0
+    if m < 4 or not (span > 0.0) or not math.isfinite(span):
+        return math.nan, math.nan, False
+    v0 = v[jmin]
+    dv = (v[hi - 1] - v[lo]) / (m - 1)
+    t = np.empty(m)
+    z = np.empty(m)
+    for j in range(m):
+        t[j] = (v[lo + j] - v0) / dv
+        z[j] = (y[lo + j] - y0) / span
+    p = np.array([1.0, 1.0, 0.0, 1.5])
+    pn = np.empty(4)
+    step = np.empty(4)
+    jac = np.empty((m, 4))
+    r = np.empty(m)
+    rn = np.empty(m)
+    jtj = np.empty((4, 4))
+    mat = np.empty((4, 4))
+    g = np.empty(4)
+    cost = 0.0
+    for j in range(m):
+        d = t[j] - p[2]
+        r[j] = p[0] - p[1] * math.exp(-0.5 * d * d / (p[3] * p[3])) - z[j]
+        cost += r[j] * r[j]
+    lam = 1e-3
+    ok = False
+    for _ in range(200):
+        s2 = p[3] * p[3]
+        for j in range(m):
+            d = t[j] - p[2]
+            e = math.exp(-0.5 * d * d / s2)
+            jac[j, 0] = 1.0
+            jac[j, 1] = -e
+            jac[j, 2] = -p[1] * e * d / s2
+            jac[j, 3] = -p[1] * e * d * d / (s2 * p[3])
+        for a_ in range(4):
+            acc = 0.0
+            for j in range(m):
+                acc += jac[j, a_] * r[j]
+            g[a_] = -acc
+            for b_ in range(4):
+                acc = 0.0
+                for j in range(m):
+                    acc += jac[j, a_] * jac[j, b_]
+                jtj[a_, b_] = acc
+        improved = False
+        small = False
+        while lam <= 1e12:
+            for a_ in range(4):
+                for b_ in range(4):
+                    mat[a_, b_] = jtj[a_, b_]
+                mat[a_, a_] += lam * max(jtj[a_, a_], 1e-12)
+            if _solve(mat, g, step):
+                for a_ in range(4):
+                    pn[a_] = p[a_] + step[a_]
+                if pn[3] > 0.0:
+                    cn = 0.0
+                    for j in range(m):
+                        d = t[j] - pn[2]
+                        rn[j] = pn[0] - pn[1] * math.exp(-0.5 * d * d / (pn[3] * pn[3])) - z[j]
+                        cn += rn[j] * rn[j]
+                    if cn <= cost:
+                        smax = 0.0
+                        for a_ in range(4):
+                            smax = max(smax, abs(step[a_]))
+                        small = (cost - cn) <= 1e-14 * (cost + 1e-30) or smax < 1e-10
+                        for a_ in range(4):
+                            p[a_] = pn[a_]
+                        for j in range(m):
+                            r[j] = rn[j]
+                        cost = cn
+                        lam = max(lam * 0.1, 1e-12)
+                        improved = True
+                        break
+            lam *= 10.0
+        if small or not improved:
+            # converged, or no step lowers the cost: a (numerical) minimum
+            ok = True
+            break
+    mu = v0 + p[2] * dv
+    ymin = y0 + (p[0] - p[1]) * span
+    good = (
+        ok
+        and p[1] > 0.0
+        and p[3] > 0.0
+        and math.isfinite(mu)
+        and math.isfinite(ymin)
+        and v[lo] <= mu <= v[hi - 1]
+    )
+    if not good:
+        return math.nan, math.nan, False
+    return mu, ymin, True
+
+
+def _with_globals(func, **repl):
+    """Copy of ``func`` whose global names in ``repl`` point elsewhere (for numba)."""
+    g = dict(func.__globals__)
+    g.update(repl)
+    return types.FunctionType(func.__code__, g, func.__name__, func.__defaults__)
+
+
+gauss_fit_nb = njit(nogil=True)(_with_globals(gauss_fit, _solve=solve_small_nb))
+
+
+@njit(nogil=True)
+def _fit_curve(v, y, halfwidth):
+    """Argmin + Gaussian fit of one χ² curve; returns (mu, ymin, code)."""
+    n = y.size
+    j = 0
+    for k in range(n):
+        if y[k] < y[j]:
+            j = k
+    if not math.isfinite(y[j]):
+        return math.nan, math.nan, STATUS_FIT_FAILED
+    if j == 0 or j == n - 1:
+        return math.nan, y[j], STATUS_EDGE
+    lo = max(0, j - halfwidth)
+    hi = min(n, j + halfwidth + 1)
+    mu, ymin, ok = gauss_fit_nb(v, y, lo, hi)
+    if not ok:
+        return math.nan, y[j], STATUS_FIT_FAILED
+    return mu, ymin, STATUS_OK
+
+
+# --- template lattice ----------------------------------------------------------------------
+
+
+def lattice_lambda(cfg: TMConfig, i0: int, n: int) -> tuple[np.ndarray, int]:
+    """Wavelengths (Å) of every lattice point the run can touch, and the first index.
+
+    Lattice point ``j`` (from ``loglam0``) has log10 λ = loglam0 + j h; the observed pixel
+    ``i`` is point ``i * oversample``.
+    """
+    mmax = int(np.ceil(np.log10(1.0 + cfg.max_velocity / C_KMS) / cfg.h)) + 2
+    k = cfg.oversample
+    jlo = i0 * k - mmax
+    jhi = (i0 + n - 1) * k + mmax
+    j = np.arange(jlo, jhi + 1, dtype=np.float64)
+    return 10.0 ** (cfg.loglam0 + j * cfg.h), jlo
+
+
+@njit(nogil=True)
+def _interp_uniform(lam, g0, flux):
+    """Linear interpolation of ``flux`` on the uniform 1 Å grid starting at ``g0``."""
+    u = lam - g0
+    k = int(math.floor(u))
+    if k < 0:
+        k = 0
+    if k > flux.size - 2:
+        k = flux.size - 2
+    f = u - k
+    return flux[k] * (1.0 - f) + flux[k + 1] * f
+
+
+@njit(nogil=True)
+def _shifted(flux, g0, lam_lat, jlo, i0, n, k, m, out):
+    """Template shifted by lattice index ``m`` at the window pixels."""
+    for i in range(n):
+        out[i] = _interp_uniform(lam_lat[(i0 + i) * k - m - jlo], g0, flux)
+
+
+def trial_arrays(cfg: TMConfig, flux1a: np.ndarray, g0: float, i0: int, n: int):
+    """Pre-shifted templates for the 21-point trial grid: ``(T, n_trial_points, n)`` float64."""
+    lam_lat, jlo = lattice_lambda(cfg, i0, n)
+    mt = cfg.trial_index
+    out = np.empty((flux1a.shape[0], mt.size, n))
+    _trial_fill(flux1a, g0, lam_lat, jlo, i0, n, cfg.oversample, mt, out)
+    return out, lam_lat, jlo
+
+
+@njit(nogil=True)
+def _trial_fill(flux1a, g0, lam_lat, jlo, i0, n, k, mt, out):
+    for t in range(flux1a.shape[0]):
+        for q in range(mt.size):
+            _shifted(flux1a[t], g0, lam_lat, jlo, i0, n, k, mt[q], out[t, q])
+
+
+# --- χ² from moment sums ---------------------------------------------------------------------
+
+
+@njit(nogil=True)
+def _prep_obs(flux, ivar, ormask, x, i0, n, use_ivar, pw, qw):
+    """Per-spectrum moment weights: pw[i, k] = w x^k O, qw[i, p] = w x^p; returns ΣwO², N."""
+    sumo2 = 0.0
+    nval = 0
+    for i in range(n):
+        o = flux[i0 + i]
+        iv = ivar[i0 + i]
+        good = ormask[i0 + i] == 0 and iv > 0.0 and math.isfinite(o) and math.isfinite(iv)
+        if good:
+            w = iv if use_ivar else 1.0
+            nval += 1
+        else:
+            w = 0.0
+            o = 0.0
+        xp = 1.0
+        for p in range(9):
+            qw[i, p] = w * xp
+            if p < 5:
+                pw[i, p] = w * xp * o
+            xp *= x[i]
+        sumo2 += w * o * o
+    return sumo2, nval
+
+
+@njit(nogil=True)
+def _solve_chi2(b, a, sumo2, nval, coef):
+    """χ² = (ΣwO² - bᵀA⁻¹b)/N with A the 5×5 Hankel matrix of a; Cholesky, float64."""
+    mat = np.empty((5, 5))
+    for r in range(5):
+        for c in range(5):
+            mat[r, c] = a[r + c]
+    # Cholesky (in place, lower)
+    for j in range(5):
+        d = mat[j, j]
+        for k in range(j):
+            d -= mat[j, k] * mat[j, k]
+        if not (d > 1e-300):
+            return math.nan
+        d = math.sqrt(d)
+        mat[j, j] = d
+        for i in range(j + 1, 5):
+            s = mat[i, j]
+            for k in range(j):
+                s -= mat[i, k] * mat[j, k]
+            mat[i, j] = s / d
+    y = np.empty(5)
+    for i in range(5):
+        s = b[i]
+        for k in range(i):
+            s -= mat[i, k] * y[k]
+        y[i] = s / mat[i, i]
+    for i in range(4, -1, -1):
+        s = y[i]
+        for k in range(i + 1, 5):
+            s -= mat[k, i] * coef[k]
+        coef[i] = s / mat[i, i]
+    btc = 0.0
+    for i in range(5):
+        btc += b[i] * coef[i]
+    return (sumo2 - btc) / nval
+
+
+@njit(nogil=True)
+def _chi2_slice(s, off, n, pw, qw, sumo2, nval, b, a, coef):
+    """χ² of the observed spectrum against template values ``s[off:off+n]``."""
+    b0 = b1 = b2 = b3 = b4 = 0.0
+    a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = a8 = 0.0
+    for i in range(n):
+        v = s[off + i]
+        v2 = v * v
+        b0 += pw[i, 0] * v
+        b1 += pw[i, 1] * v
+        b2 += pw[i, 2] * v
+        b3 += pw[i, 3] * v
+        b4 += pw[i, 4] * v
+        a0 += qw[i, 0] * v2
+        a1 += qw[i, 1] * v2
+        a2 += qw[i, 2] * v2
+        a3 += qw[i, 3] * v2
+        a4 += qw[i, 4] * v2
+        a5 += qw[i, 5] * v2
+        a6 += qw[i, 6] * v2
+        a7 += qw[i, 7] * v2
+        a8 += qw[i, 8] * v2
+    b[0] = b0
+    b[1] = b1
+    b[2] = b2
+    b[3] = b3
+    b[4] = b4
+    a[0] = a0
+    a[1] = a1
+    a[2] = a2
+    a[3] = a3
+    a[4] = a4
+    a[5] = a5
+    a[6] = a6
+    a[7] = a7
+    a[8] = a8
+    return _solve_chi2(b, a, sumo2, nval, coef)
+
+
+@njit(nogil=True)
+def _stat_error(flux, ivar, i0, n, x, qw, smid, slo, shi, dv, use_ivar, coef):
+    """Statistical RV error (km/s) from the χ² curvature, propagating the pixel ivar.
+
+    Model M = P4(x) S(v); g = dM/dv with P4 fixed, projected orthogonal (w-metric) to the
+    5 columns x^k S (the polynomial is refitted with v); then
+    σ² = Σ w² σ_i² g⊥² / (Σ w g⊥²)², σ_i² = 1/ivar (exact sandwich for the unweighted fit,
+    1/Σ ivar g⊥² for ivar weights).
+    """
+    g = np.empty(n)
+    cols = np.empty((n, 5))
+    for i in range(n):
+        pv = 0.0
+        xp = 1.0
+        for k in range(5):
+            pv += coef[k] * xp
+            cols[i, k] = xp * smid[i]
+            xp *= x[i]
+        g[i] = pv * (shi[i] - slo[i]) / dv
+    # project g: solve (Xᵀ W X) β = Xᵀ W g
+    xtx = np.zeros((5, 5))
+    xtg = np.zeros(5)
+    for i in range(n):
+        w = qw[i, 0]
+        if w == 0.0:
+            continue
+        for r in range(5):
+            xtg[r] += w * cols[i, r] * g[i]
+            for c in range(5):
+                xtx[r, c] += w * cols[i, r] * cols[i, c]
+    beta = np.empty(5)
+    if not solve_small_nb(xtx, xtg, beta):
+        return math.nan
+    num = 0.0
+    den = 0.0
+    for i in range(n):
+        w = qw[i, 0]
+        if w == 0.0:
+            continue
+        gp = g[i]
+        for k in range(5):
+            gp -= cols[i, k] * beta[k]
+        den += w * gp * gp
+        num += w * w * gp * gp / ivar[i0 + i]
+    if not (den > 0.0):
+        return math.nan
+    return math.sqrt(num) / den
+
+
+@njit(nogil=True)
+def _one_spectrum(
+    flux,
+    ivar,
+    ormask,
+    x,
+    i0,
+    n,
+    trials,
+    flux1a,
+    g0,
+    lam_lat,
+    jlo,
+    k,
+    h,
+    mt,
+    vt,
+    ms,
+    vs,
+    halfwidth,
+    use_ivar,
+    min_pixels,
+    pw,
+    qw,
+    curve_out,
+):
+    """Full TM for one spectrum; returns (rv, err, err_stat, template, chi2_min, status)."""
+    nan = math.nan
+    ntpl = trials.shape[0]
+    ntr = mt.size
+    for q in range(ntr):
+        curve_out[q] = nan
+    sumo2, nval = _prep_obs(flux, ivar, ormask, x, i0, n, use_ivar, pw, qw)
+    if nval < min_pixels:
+        return nan, nan, nan, -1, nan, STATUS_NO_COVERAGE
+    b = np.empty(5)
+    a = np.empty(9)
+    coef = np.empty(5)
+    curve = np.empty(ntr)
+    best = -1
+    best_chi = np.inf
+    best_mu = nan
+    best_code = STATUS_FIT_FAILED
+    best_sampled = np.inf
+    best_sampled_t = 0
+    # --- step 1: every template on the 21-point grid
+    for t in range(ntpl):
+        for q in range(ntr):
+            curve[q] = _chi2_slice(trials[t, q], 0, n, pw, qw, sumo2, nval, b, a, coef)
+        mu, ymin, code = _fit_curve(vt, curve, halfwidth)
+        smin = np.inf
+        for q in range(ntr):
+            if curve[q] < smin:
+                smin = curve[q]
+        if smin < best_sampled:
+            best_sampled = smin
+            best_sampled_t = t
+        if code == STATUS_OK and ymin < best_chi:
+            best_chi = ymin
+            best = t
+            best_mu = mu
+        elif code == STATUS_EDGE and best < 0:
+            best_code = STATUS_EDGE
+    tshow = best if best >= 0 else best_sampled_t
+    for q in range(ntr):
+        curve_out[q] = _chi2_slice(trials[tshow, q], 0, n, pw, qw, sumo2, nval, b, a, coef)
+    cmax = -np.inf
+    cmin = np.inf
+    for q in range(ntr):
+        cmax = max(cmax, curve_out[q])
+        cmin = min(cmin, curve_out[q])
+    if not (cmax - cmin > 1e-12 * abs(cmax)):
+        return nan, nan, nan, tshow, cmin, STATUS_FLAT_CHI2
+    if best < 0:
+        return nan, nan, nan, tshow, cmin, best_code
+    # --- step 2: dense χ² curve of the best template at every lattice index needed
+    m0 = int(np.rint(math.log10(1.0 + best_mu / 299792.458) / h))
+    mlo = m0 + mt.min() - ms.max()
+    mhi = m0 + mt.max() - ms.min()
+    dense = np.empty(mhi - mlo + 1)
+    sbuf = np.empty(n)
+    for m in range(mlo, mhi + 1):
+        _shifted(flux1a[best], g0, lam_lat, jlo, i0, n, k, m, sbuf)
+        dense[m - mlo] = _chi2_slice(sbuf, 0, n, pw, qw, sumo2, nval, b, a, coef)
+    acc = 0.0
+    acc2 = 0.0
+    nok = 0
+    res = np.empty(ms.size)
+    for si in range(ms.size):
+        for q in range(ntr):
+            curve[q] = dense[m0 + mt[q] - ms[si] - mlo]
+        mu, ymin, code = _fit_curve(vt, curve, halfwidth)
+        if code == STATUS_OK:
+            # residual of the shifted measurement, Doppler factors composed exactly
+            e = 299792.458 * ((1.0 + mu / 299792.458) / (1.0 + vs[si] / 299792.458) - 1.0)
+            res[nok] = e
+            acc += e
+            nok += 1
+    if 2 * nok < ms.size:
+        return nan, nan, nan, best, best_chi, STATUS_SHIFT_FAILED
+    mean = acc / nok
+    for i in range(nok):
+        acc2 += (res[i] - mean) ** 2
+    err = math.sqrt(acc2 / nok)
+    v0 = 299792.458 * (10.0 ** (m0 * h) - 1.0)
+    rv = 299792.458 * ((1.0 + v0 / 299792.458) * (1.0 + mean / 299792.458) - 1.0)
+    # --- statistical error at the final RV (nearest lattice point)
+    mf = int(np.rint(math.log10(1.0 + rv / 299792.458) / h))
+    smid = np.empty(n)
+    slo = np.empty(n)
+    shi = np.empty(n)
+    _shifted(flux1a[best], g0, lam_lat, jlo, i0, n, k, mf, smid)
+    _shifted(flux1a[best], g0, lam_lat, jlo, i0, n, k, mf - 1, slo)
+    _shifted(flux1a[best], g0, lam_lat, jlo, i0, n, k, mf + 1, shi)
+    _chi2_slice(smid, 0, n, pw, qw, sumo2, nval, b, a, coef)
+    dv = 299792.458 * (10.0 ** ((mf + 1) * h) - 10.0 ** ((mf - 1) * h))
+    err_stat = _stat_error(flux, ivar, i0, n, x, qw, smid, slo, shi, dv, use_ivar, coef)
+    return rv, err, err_stat, best, best_chi, STATUS_OK
+
+
+@njit(nogil=True)
+def tm_block(
+    flux,
+    ivar,
+    ormask,
+    x,
+    i0,
+    n,
+    trials,
+    flux1a,
+    g0,
+    lam_lat,
+    jlo,
+    k,
+    h,
+    mt,
+    vt,
+    ms,
+    vs,
+    halfwidth,
+    use_ivar,
+    min_pixels,
+    rv,
+    err,
+    err_stat,
+    tidx,
+    chi2min,
+    curves,
+    status,
+):
+    """Template matching for a block of spectra (rows of ``flux``/``ivar``/``ormask``).
+
+    Outputs are written into the last seven arrays (one row per spectrum).
+    """
+    pw = np.empty((n, 5))
+    qw = np.empty((n, 9))
+    for s in range(flux.shape[0]):
+        r = _one_spectrum(
+            flux[s],
+            ivar[s],
+            ormask[s],
+            x,
+            i0,
+            n,
+            trials,
+            flux1a,
+            g0,
+            lam_lat,
+            jlo,
+            k,
+            h,
+            mt,
+            vt,
+            ms,
+            vs,
+            halfwidth,
+            use_ivar,
+            min_pixels,
+            pw,
+            qw,
+            curves[s],
+        )
+        rv[s] = r[0]
+        err[s] = r[1]
+        err_stat[s] = r[2]
+        tidx[s] = r[3]
+        chi2min[s] = r[4]
+        status[s] = r[5]
