@@ -140,3 +140,30 @@ def test_pyhammer_templates(normalise):
         g = np.interp(wave, 10.0**loglam, flux)
         expect = g / g.mean() if normalise == "mean" else (g - g.mean()) / g.std()
         np.testing.assert_allclose(out, expect, rtol=1e-10, atol=1e-10)
+
+
+def test_every_release_and_layout_via_read_lamost():
+    """All real files (DR1 oldest, DR2, DR7 image, DR9 table layouts) through mspec.io."""
+    from mspec.io import read_lamost
+
+    paths = sorted(DATA.glob("lamost_*/*.fits*"))
+    assert len(paths) >= 40
+    ds = xr.concat([read_lamost(p) for p in paths], "spectra")
+    wave = 10.0 ** loglam_grid()
+    for recipe in ("cnn", "tlma", "tm"):
+        rv = "lamost_rv" if recipe == "tlma" else None
+        out = preprocess(ds.chunk({"spectra": 10}), recipe, rv=rv, merge=False).compute()
+        args = (ds.flux.values, ds.ivar.values, ds.ormask.values, wave)
+        if recipe == "tm":
+            ref = R.mask_spectra(*args)
+            np.testing.assert_array_equal(out.flux_masked.values, ref.flux)
+        else:
+            ref = R.preprocess_grid(*args, ds.lamost_rv.values if rv else None)
+            np.testing.assert_allclose(out.flux_grid.values, ref.flux, rtol=1e-6, atol=1e-6)
+            ok = out.preprocess_status.values == K.STATUS_OK
+            assert np.all(out.grid_coverage.values[ok] > 0.8)
+        np.testing.assert_array_equal(out.preprocess_status.values, ref.status)
+        expect = np.zeros(len(paths), np.int8)
+        if recipe == "tlma":
+            expect[np.isnan(ds.lamost_rv.values)] = K.STATUS_BAD_RV
+        np.testing.assert_array_equal(out.preprocess_status.values, expect)
