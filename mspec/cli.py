@@ -37,13 +37,39 @@ def _client(scheduler: str | None):
 
 
 def _cmd_ingest(args: argparse.Namespace) -> int:
+    """Ingest on ``--scheduler`` (an address, or threads/processes/sync), else a LocalCluster."""
+    import json
+    import os
+
     from mspec.io.store import ingest
 
-    client = _client(args.scheduler)
-    summary = ingest(
-        args.sources, args.store, chunk_size=args.chunk_size, client=client, progress=True
-    )
-    print(summary)
+    local = {"threads", "processes", "sync", "synchronous", "single-threaded"}
+    cluster = None
+    if args.scheduler in local:
+        client = args.scheduler
+    elif args.scheduler:
+        client = _client(args.scheduler)
+    else:
+        from distributed import Client, LocalCluster
+
+        # one single-threaded worker process per core: FITS header parsing holds the GIL
+        cluster = LocalCluster(
+            n_workers=os.cpu_count() or 1,
+            threads_per_worker=1,
+            dashboard_address="127.0.0.1:0",
+        )
+        client = Client(cluster)
+    try:
+        summary = ingest(
+            args.sources, args.store, chunk_size=args.chunk_size, client=client, progress=True
+        )
+    finally:
+        if not isinstance(client, str):
+            client.close()
+        if cluster is not None:
+            cluster.close()
+    log.info("ingest summary: %s", summary)
+    print(json.dumps(summary, indent=1))
     return 0
 
 

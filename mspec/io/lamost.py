@@ -56,9 +56,9 @@ __all__ = [
 #: File layouts understood by :func:`read_lamost` and written by :func:`write_lamost_fits`.
 LAYOUTS = ("image", "oldest", "table")
 
-#: Mask bit set (in both ``andmask`` and ``ormask``) on grid pixels a file does not cover.
-#: Bit 30 is outside the bits LAMOST uses (1-6), so padding is never confused with LAMOST flags.
-MASK_NODATA = np.int32(1 << 30)
+#: Mask bit set (in both ``andmask`` and ``ormask``) on grid pixels a file does not cover:
+#: LAMOST's own NODATA bit (bit 6, value 32), as :mod:`mspec.simulate` uses for short spectra.
+MASK_NODATA = np.int32(32)
 
 #: A file is "on the grid" when the median offset of its pixels from the nearest grid pixels is
 #: at most this many pixels (0.14 km/s) and every pixel is within :data:`_STEP_TOL`. Real

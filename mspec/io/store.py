@@ -165,7 +165,8 @@ def resolve_sources(sources) -> list[tuple[str, dict]]:
     Raises
     ------
     FileNotFoundError
-        A source that is neither an existing path nor a glob pattern.
+        A source that is neither an existing path, a glob pattern nor a FITS file name (a
+        missing ``*.fits[.gz]`` file is kept and later quarantined as ``not_found``).
     TypeError, ValueError
         ``sources`` of the wrong type, empty, or an unusable catalogue.
     """
@@ -193,6 +194,8 @@ def resolve_sources(sources) -> list[tuple[str, dict]]:
                 for p in sorted(globmod.glob(s, recursive=True))
                 if os.path.isfile(p)
             ]
+        elif s.lower().endswith(_FITS_SUFFIXES):
+            out.append((os.path.abspath(s), {}))  # a missing FITS file: quarantined, not fatal
         else:
             raise FileNotFoundError(f"sources: {s!r} does not exist")
     seen, unique = set(), []
@@ -312,10 +315,12 @@ def _ensure_store_impl(store: Path, chunk_size: int) -> dict:
     import zarr
 
     mdir = _meta_dir(store)
-    if (mdir / "state.json").exists():
-        state = store_state(store)
-    else:
-        if store.exists() and any(p.name != "_mspec" for p in store.iterdir()):
+    fresh = not (mdir / "state.json").exists()
+    if fresh:
+        # state.json is written last: a store without it is empty or our own interrupted
+        # creation (root attrs carry mspec_store), which is safe to redo
+        others = [p for p in store.iterdir() if p.name != "_mspec"] if store.exists() else []
+        if others and not _is_own_skeleton(store):
             raise StoreError(f"store: {store} exists and is not an mspec store")
         (mdir / "log").mkdir(parents=True, exist_ok=True)
         state = {
@@ -328,14 +333,15 @@ def _ensure_store_impl(store: Path, chunk_size: int) -> dict:
             "variables": [],
             "str_len": {},
         }
-        _write_state(store, state)
+    else:
+        state = store_state(store)
     group = zarr.open_group(
         str(store),
         mode="a",
         zarr_format=3,
         attributes={"mspec_store": STORE_VERSION, "chunk_size": int(state["chunk_size"])},
     )
-    if "loglam" not in group:
+    if fresh or "loglam" not in group:
         group.create_array(
             "loglam",
             shape=(NPIX,),
@@ -346,9 +352,23 @@ def _ensure_store_impl(store: Path, chunk_size: int) -> dict:
             attributes=attrs_for("loglam"),
             overwrite=True,
         )
+    if not np.array_equal(group["loglam"][:], loglam_grid()):
         group["loglam"][:] = loglam_grid()
+    if fresh:
+        for name in ["obsid", *SPECTRAL, *META_VARIABLES]:
+            _create_array(group, name, 0, int(state["chunk_size"]))
+            state["variables"].append(name)
+        _write_state(store, state)
     _ensure_arrays(store, state, ["obsid", *SPECTRAL, *META_VARIABLES], group=group)
     return state
+
+
+def _is_own_skeleton(store: Path) -> bool:
+    try:
+        attrs = json.loads((store / "zarr.json").read_text()).get("attributes", {})
+    except (OSError, ValueError):
+        return False
+    return attrs.get("mspec_store") == STORE_VERSION
 
 
 def _ensure_arrays(store: Path, state: dict, names, group=None) -> None:
@@ -664,6 +684,27 @@ def _commit(store: Path, state: dict, batch: int, df) -> dict:
     return state
 
 
+def _cleanup(store: Path, batches: int) -> None:
+    """Remove what a killed ingest can leave behind: temporary files, markers of committed
+    batches (killed between the commit and their removal)."""
+    import shutil
+
+    for folder in (
+        _meta_dir(store),
+        _meta_dir(store) / "log",
+        store / "metadata.parquet",
+        store / "quarantine.parquet",
+    ):
+        if folder.exists():
+            for p in folder.glob("*.tmp*"):
+                p.unlink(missing_ok=True)
+    done = _meta_dir(store) / "done"
+    if done.exists():
+        for p in done.glob("batch-*"):
+            if int(p.name.split("-")[1]) < batches:
+                shutil.rmtree(p, ignore_errors=True)
+
+
 def _read_log(store: Path, batch: int):
     import pandas as pd
 
@@ -764,6 +805,7 @@ def ingest(sources, store, chunk_size: int = 1000, client=None, progress: bool =
                 )
             chunk = int(state["chunk_size"])
             batch = int(state["batches"])
+            _cleanup(store, batch)
             if _log_path(store, batch).exists():  # an interrupted ingest: finish its plan
                 log.info("resuming batch %d of %s", batch, store)
                 df = _read_log(store, batch)
