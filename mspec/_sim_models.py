@@ -100,12 +100,39 @@ def m_setup(bank: sb.Bank, teff, logg, m_h, alpha_m, giant):
         "VO": np.zeros_like(teff),
         "KI": 1.0 * dg + np.where(giant, np.log(0.25), 0.0),
         "NaI": 1.0 * dg + np.where(giant, np.log(0.2), 0.0),
-        "CaII": -0.8 * dg + 0.8 * alpha_m + np.where(giant, np.log(2.0) + 0.3 * (1.5 - logg), 0.0),
+        # giants: the extra, gravity-driven Ca II strength is added by giant_ca_triplet
+        "CaII": -0.8 * dg + 0.8 * alpha_m,
     }
     feat = np.zeros((teff.size, len(sb.FEATURES)))
     for g, cols in GROUP_INDEX.items():
         feat[:, cols] = (np.exp(lna[g]) - 1.0)[:, None]
     return idx, w, feat, env_coef
+
+
+CA_TRIPLET = np.array([8500.36, 8544.44, 8664.52])
+#: Extra Ca II triplet equivalent widths (A) of an M giant at log g = 1.5, [M/H] = 0.
+GIANT_CA_EW = np.array([1.0, 2.2, 1.8])
+
+
+def giant_ca_triplet(loglam, rv, logg, m_h):
+    """Transmission of the extra Ca II triplet absorption of M giants (Table 3: 'Deep').
+
+    Gaussian lines (intrinsic sigma 3 A plus the instrument) whose equivalent widths grow
+    as log g falls and [M/H] rises, added on top of the template's own (dwarf) lines.
+    """
+    lam = 10.0 ** (loglam[None, :] - sb.doppler_shift(rv)[:, None])
+    scale = np.clip(
+        (1.0 + 0.5 * (1.5 - np.asarray(logg, float))) * np.exp(0.5 * np.asarray(m_h, float)),
+        0.3,
+        4.0,
+    )
+    tau = np.zeros_like(lam)
+    for line, ew in zip(CA_TRIPLET, GIANT_CA_EW):
+        sig = np.hypot(3.0, inst_sigma(line))
+        tau += (ew * scale / (np.sqrt(2 * np.pi) * sig))[:, None] * np.exp(
+            -0.5 * ((lam - line) / sig) ** 2
+        )
+    return np.exp(-tau)
 
 
 def hot_setup(bank: sb.Bank, teff, m_h, alpha_m):

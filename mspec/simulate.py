@@ -279,6 +279,10 @@ _GAL_DEFAULTS = {"tcont": 5500.0, "d4000": 1.5, "passive": 0.5, "emission": 20.0
 _QSO_DEFAULTS = {"slope": -1.5, "fwhm_v": 4000.0, "ew_scale": 1.0}
 
 
+def _param(extra, key, default, n):
+    return np.broadcast_to(np.asarray(extra.get(key, default), dtype=np.float64), (n,))
+
+
 def _render(kinds, teff, logg, m_h, alpha_m, rv, active, ew_halpha, loglam, extra):
     """Noise-free unit-normalised flux ``(n, npix)`` for a batch of mixed kinds (internal)."""
     n = kinds.size
@@ -293,6 +297,8 @@ def _render(kinds, teff, logg, m_h, alpha_m, rv, active, ew_halpha, loglam, extr
                 bank, teff[sel], logg[sel], m_h[sel], alpha_m[sel], kind == "gM"
             )
             f = bank.evaluate(idx, w, shift[sel], loglam, feat, env)
+            if kind == "gM":
+                f *= sm.giant_ca_triplet(loglam, rv[sel], logg[sel], m_h[sel])
         elif kind in ("OB", "A", "F", "G", "K"):
             idx, w, env = sm.hot_setup(bank, teff[sel], m_h[sel], alpha_m[sel])
             f = bank.evaluate(idx, w, shift[sel], loglam, None, env)
@@ -302,11 +308,11 @@ def _render(kinds, teff, logg, m_h, alpha_m, rv, active, ew_halpha, loglam, extr
             )
             idx = None
         elif kind == "GALAXY":
-            g = {k: np.asarray(extra.get(k, v), float)[sel] for k, v in _GAL_DEFAULTS.items()}
+            g = {k: _param(extra, k, v, n)[sel] for k, v in _GAL_DEFAULTS.items()}
             f = sm.galaxy(loglam, rv[sel] / C_KMS, **g)
             idx = None
         elif kind == "QSO":
-            q = {k: np.asarray(extra.get(k, v), float)[sel] for k, v in _QSO_DEFAULTS.items()}
+            q = {k: _param(extra, k, v, n)[sel] for k, v in _QSO_DEFAULTS.items()}
             f = sm.qso(loglam, rv[sel] / C_KMS, **q)
             idx = None
         else:  # pragma: no cover - guarded by callers
@@ -446,12 +452,12 @@ def _band_slices(lam):
 def _mag_from_snr(snr, cond):
     """i-band magnitude whose S/N is ``snr`` under observing condition factor ``cond``.
 
-    S/N = 60 cond F / sqrt(F + 0.3), F = 10**(-0.4 (i - 16)): photon-limited when bright,
-    sky-limited when faint (i ~ 14: S/N ~ 150, i ~ 18: ~ 14, i ~ 19: ~ 6).
+    S/N = 60 cond F / sqrt(F + 0.3), F = 10**(-0.4 (i - 14.5)): photon-limited when bright,
+    sky-limited when faint (i ~ 12.5: S/N ~ 150, i ~ 16.5: ~ 14, i ~ 17.8: ~ 5).
     """
     s2 = (snr / (60.0 * cond)) ** 2
     f = 0.5 * (s2 + np.sqrt(s2 * s2 + 1.2 * s2))
-    return 16.0 - 2.5 * np.log10(f), 0.3 / f
+    return 14.5 - 2.5 * np.log10(f), 0.3 / f
 
 
 # intrinsic Gaia colour (BP-RP)_0 and absolute G for each population, tabulated against Teff
@@ -505,8 +511,10 @@ def simulate_survey(
         Fraction of M stars that are giants when ``mix`` gives ``"M"`` (default 0.08).
     snr : float or (float, float), optional
         Target median per-pixel S/N in the i band for every spectrum, or a (lo, hi) range
-        drawn log-uniformly. Default: a LAMOST-like distribution, log10 S/N_i ~ N(1.3, 0.42)
-        within [0.3, 3] (median ~20, ~15% below 10).
+        drawn log-uniformly. Default: a LAMOST-like, magnitude-limited distribution,
+        log10 S/N_i ~ N(mu, 0.4) within [0.3, 3] with mu = 1.25 for M dwarfs (median ~18,
+        ~30% below 10), 1.9 for M giants, 1.5 for OB-K stars, 1.0 for white dwarfs, galaxies
+        and QSOs.
     noiseless : bool
         Return the noise-free flux (same stars, RVs, ivar, masks and metadata).
     missing : mapping, optional
@@ -641,6 +649,7 @@ def _hot_subclass(teff):
 
 def _m_subclass(st, giant):
     sub = np.clip(np.round(st), -2, 9).astype(int)
+    sub = np.where(giant, np.maximum(sub, 0), sub)  # M giants are never typed K here
     out = np.array([f"M{s}" if s >= 0 else ("K7" if s == -1 else "K5") for s in sub], dtype="<U8")
     return np.where(giant & (sub >= 0), np.char.add("g", out), out)
 
@@ -765,7 +774,18 @@ def _draw_stars(rng, n, mix, gfrac):
 # -- observation metadata ----------------------------------------------------------------------
 def _draw_observations(rng, n, truth, snr_range, early_fraction):
     if snr_range is None:
-        snr = 10.0 ** np.clip(rng.normal(1.3, 0.42, n), 0.3, 3.0)
+        # magnitude-limited: luminous giants and hot stars are seen bright, far away; faint
+        # white dwarfs, galaxies and QSOs at low S/N
+        mu = np.select(
+            [
+                truth["lumclass"] == "gM",
+                truth["lumclass"] == "dM",
+                np.isin(truth["class"], ["WD", "GALAXY", "QSO"]),
+            ],
+            [1.9, 1.25, 1.0],
+            1.5,
+        )
+        snr = 10.0 ** np.clip(rng.normal(mu, 0.4, n), 0.3, 3.0)
     else:
         lo, hi = snr_range
         snr = np.exp(rng.uniform(np.log(lo), np.log(hi), n))
@@ -805,7 +825,7 @@ def _draw_observations(rng, n, truth, snr_range, early_fraction):
         ]
     )
     # flux calibration: overall LAMOST-like scale and a smooth relative response (Legendre)
-    scale = 1500.0 * 10.0 ** (-0.4 * (imag - 16.0)) * np.exp(rng.normal(0, 0.4, n))
+    scale = 1500.0 * 10.0 ** (-0.4 * (imag - 14.5)) * np.exp(rng.normal(0, 0.4, n))
     resp = rng.normal(0.0, 0.06, (n, 3))
     blue_dead = rng.random(n) < 0.3
     return {
@@ -1131,7 +1151,8 @@ def _draw_pipeline(rng, n, truth, obs, snrs, miss, perr):
     # dM <-> gM luminosity-class swaps
     swap_d = _choose(rng, round(perr["dm_to_gm"] * np.count_nonzero(dm[ok])), ok[dm[ok]])
     swap_g = _choose(rng, round(perr["gm_to_dm"] * np.count_nonzero(gm[ok])), ok[gm[ok]])
-    sub[swap_d] = np.char.add("g", sub[swap_d])
+    as_m = np.char.startswith(sub[swap_d], "M")
+    sub[swap_d] = np.char.add("g", np.where(as_m, sub[swap_d], "M0"))
     sub[swap_g] = np.char.lstrip(sub[swap_g], "g")
     # wrong types
     pool = np.setdiff1d(ok, np.concatenate([swap_d, swap_g]))
