@@ -32,6 +32,7 @@ __all__ = [
     "DEFAULT_PIPELINE_ERRORS",
     "MASK_BITS",
     "KINDS",
+    "TELLURIC_BANDS",
     "simulate_survey",
     "model_spectrum",
     "SIMULATED_VARIABLES",
@@ -426,15 +427,30 @@ def model_spectrum(
 # ---------------------------------------------------------------------------------------------
 # observational ingredients
 # ---------------------------------------------------------------------------------------------
+#: Telluric absorption bands (vacuum A, observed frame; LAMOST spectra are not corrected):
+#: gas, band head, end, optical depth at the head (airmass 1, 1 mm water), decay scale (A).
+TELLURIC_BANDS = [
+    ("O2", 6868.0, 6960.0, 0.35, 25.0),
+    ("O2", 7594.0, 7700.0, 0.6, 30.0),
+    ("O2", 6278.0, 6310.0, 0.08, 15.0),
+    ("H2O", 7165.0, 7340.0, 0.10, 120.0),
+    ("H2O", 8130.0, 8350.0, 0.08, 150.0),
+    ("H2O", 8950.0, 9110.0, 0.15, 200.0),
+]
+_THR_LAM = np.array([3700.0, 3950, 4450, 4950, 5450, 5950, 6450, 6950, 7450, 7950, 8450, 9100])
+_THR = np.array([0.006, 0.015, 0.09, 0.22, 0.3, 0.37, 0.72, 0.88, 1.0, 1.0, 0.86, 0.7])
+
+
 @functools.lru_cache(maxsize=2)
 def _instrument(npix: int = NPIX):
     """Throughput and relative sky spectrum on the native grid (cached)."""
     loglam = loglam_grid(npix)
     lam = 10.0**loglam
-    # blue arm rises from ~15% at 3700 A; red arm fades past 8500 A; dichroic dip at 5800 A
-    thr = 0.15 + 0.85 / (1.0 + np.exp(-(lam - 4300.0) / 250.0))
-    thr *= 1.0 - 0.3 / (1.0 + np.exp(-(lam - 8500.0) / 300.0))
-    thr *= 1.0 - 0.5 * np.exp(-(((lam - 5800.0) / 60.0) ** 2))
+    # effective throughput (counts per unit calibrated flux), measured from the per-pixel
+    # noise of the real bright DR7 M-dwarf files (photon-limited: T ~ f / sigma^2, relative
+    # to 7700 A): the blue arm is ~50x less efficient at 3900 A than the red arm
+    thr = np.interp(lam, _THR_LAM, _THR)
+    thr *= 1.0 - 0.3 * np.exp(-(((lam - 5800.0) / 60.0) ** 2))  # dichroic crossover
     lo, hi = sm.pixel_edges(loglam)
     sky = 0.6 + 0.4 * (lam / 7000.0) ** 2
     c = SKY_LINES[:, 0]
@@ -443,6 +459,23 @@ def _instrument(npix: int = NPIX):
     ).sum(axis=0)
     sky_pix = [np.nonzero((lo <= ln) & (hi > ln))[0][0] for ln in c]
     return loglam, lam, thr, sky, np.array(sky_pix)
+
+
+@functools.lru_cache(maxsize=2)
+def _telluric_tau(npix: int = NPIX):
+    """Optical depth shapes (O2, H2O at 1 mm water) at airmass 1 on the native grid, R~1800."""
+    from scipy.ndimage import gaussian_filter1d
+
+    lam = 10.0 ** loglam_grid(npix)
+    out = {}
+    for gas in ("O2", "H2O"):
+        tau = np.zeros_like(lam)
+        for head, end, tau0, scale in (b[1:] for b in TELLURIC_BANDS if b[0] == gas):
+            sel = (lam >= head) & (lam <= end)
+            tau[sel] += tau0 * np.exp(-(lam[sel] - head) / scale)
+        # instrumental sigma is ~1 native pixel at R~1800
+        out[gas] = gaussian_filter1d(tau, 1.0 / (sb.R_LAMOST * sm.FWHM_SIGMA * np.log(10) * 1e-4))
+    return out["O2"], out["H2O"]
 
 
 def _band_slices(lam):
@@ -828,6 +861,8 @@ def _draw_observations(rng, n, truth, snr_range, early_fraction):
     scale = 1500.0 * 10.0 ** (-0.4 * (imag - 14.5)) * np.exp(rng.normal(0, 0.4, n))
     resp = rng.normal(0.0, 0.06, (n, 3))
     blue_dead = rng.random(n) < 0.3
+    airmass = rng.uniform(1.0, 1.6, n)
+    pwv = np.exp(rng.normal(0.0, 0.5, n))  # precipitable water (mm)
     return {
         "snr_target": snr,
         "imag": imag,
@@ -842,6 +877,8 @@ def _draw_observations(rng, n, truth, snr_range, early_fraction):
         "scale": scale,
         "resp": resp,
         "blue_dead": blue_dead,
+        "airmass": airmass,
+        "pwv": pwv,
     }
 
 
@@ -1054,7 +1091,9 @@ def _render_survey(truth, obs, xm, masks, r_noise, noiseless, chunk_size):
         # interstellar reddening, flux calibration response and LAMOST-like scale
         ext = sm.ccm_extinction(lam, xm["_ebv"][sl])
         resp = np.exp(obs["resp"][sl] @ leg)
-        f *= 10.0 ** (-0.4 * ext) * resp * obs["scale"][sl, None]
+        tau_o2, tau_h2o = _telluric_tau()
+        tell = np.exp(-obs["airmass"][sl, None] * (tau_o2 + obs["pwv"][sl, None] * tau_h2o))
+        f *= 10.0 ** (-0.4 * ext) * resp * tell * obs["scale"][sl, None]
         # variance: object + sky photons through the throughput, set to hit the target S/N_i
         med = np.median(f[:, iband], axis=1)
         var_shape = (np.maximum(f, 0.0) + obs["sky_rel"][sl, None] * med[:, None] * sky) / thr
