@@ -61,6 +61,9 @@ class Preprocess:
     def peakmem_reference(self, recipe):
         _run(recipe, *self.data, R)
 
+    def peakmem_baseline(self, recipe):
+        """Imports + inputs only: subtract from the two above for the working memory."""
+
     def track_spectra_per_s_per_core(self, recipe):
         best = np.inf
         for _ in range(3):

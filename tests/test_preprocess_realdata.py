@@ -167,3 +167,24 @@ def test_every_release_and_layout_via_read_lamost():
         if recipe == "tlma":
             expect[np.isnan(ds.lamost_rv.values)] = K.STATUS_BAD_RV
         np.testing.assert_array_equal(out.preprocess_status.values, expect)
+
+
+def test_lazy_on_zarr_store(tmp_path):
+    """open_store gives dask-backed variables and a dask-backed loglam: nothing computes."""
+    import dask
+
+    from mspec.io.store import ingest, open_store
+
+    paths = sorted((DATA / "lamost_dr7_mdwarfs").glob("*.fits"))[:12]
+    ingest([str(p) for p in paths], tmp_path / "s.zarr", chunk_size=5)
+    ds = open_store(tmp_path / "s.zarr")
+
+    def boom(*args, **kwargs):
+        raise AssertionError("computed while building the graph")
+
+    for recipe in ("cnn", "tm"):
+        with dask.config.set(scheduler=boom):
+            lazy = preprocess(ds, recipe, merge=False)
+        got = lazy.compute(scheduler="sync")
+        eager = preprocess(ds.load(), recipe, merge=False)
+        xr.testing.assert_identical(got, eager)
