@@ -430,3 +430,29 @@ def test_prepare_templates_partial_coverage_and_errors():
         prepare_templates(loglam, np.ones(4000), grid=(4700, 1, 10))
     _, short = prepare_templates(loglam, np.ones(4000) * 2, None, grid=K.Grid(4700.0, 1.0, 2800))
     assert short.shape == (2800,)
+
+
+def test_empty_dataset(dataset):
+    empty = dataset.isel(spectra=slice(0, 0))
+    for recipe in ("cnn", "tlma", "tm"):
+        rv = "lamost_rv" if recipe == "tlma" else None
+        out = preprocess(empty.chunk(), recipe, rv=rv, merge=False).compute()
+        assert out.sizes["spectra"] == 0
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_distributed_process_workers_equal_local(dataset):
+    """The kernels ship to a separate worker process and give the same numbers."""
+    from distributed import Client, LocalCluster
+
+    lazy = preprocess(dataset.chunk({"spectra": 7}), "tlma", rv="lamost_rv", merge=False)
+    local = lazy.compute(scheduler="sync")
+    with (
+        LocalCluster(
+            n_workers=1, threads_per_worker=2, processes=True, dashboard_address=None
+        ) as cluster,
+        Client(cluster) as client,
+    ):
+        remote = client.compute(lazy).result()
+    xr.testing.assert_identical(remote, local)
