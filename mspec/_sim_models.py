@@ -163,16 +163,31 @@ def pixel_edges(loglam):
     return 10.0 ** (loglam - 0.5 * DLOGLAM), 10.0 ** (loglam + 0.5 * DLOGLAM)
 
 
-def gauss_pixels(lo, hi, centre, sigma, flux):
+def gauss_pixels(lo, hi, centre, sigma, flux, nsig=6.0):
     """Pixel averages of Gaussian lines of integrated ``flux`` (per-A density).
 
-    ``lo, hi`` are ``(npix,)`` pixel edges; ``centre, sigma, flux`` are ``(n,)``.
+    ``lo, hi`` are ``(npix,)`` ascending pixel edges (A); ``centre, sigma, flux`` are
+    ``(n,)``. Only pixels within ``nsig`` sigma of each centre are evaluated.
     """
+    centre, sigma, flux = (np.asarray(a, float) for a in (centre, sigma, flux))
+    n, npix = centre.size, lo.size
+    out = np.zeros((n, npix))
+    first = np.searchsorted(hi, centre - nsig * sigma)
+    last = np.searchsorted(lo, centre + nsig * sigma)
+    width = int(np.max(last - first, initial=0)) + 1
+    if width <= 1 and not np.any(last > first):
+        return out
+    cols = np.clip(first[:, None] + np.arange(width)[None, :], 0, npix - 1)
     s = np.sqrt(2.0) * sigma[:, None]
-    frac = 0.5 * (
-        erf((hi[None, :] - centre[:, None]) / s) - erf((lo[None, :] - centre[:, None]) / s)
-    )
-    return flux[:, None] * frac / (hi - lo)[None, :]
+    frac = 0.5 * (erf((hi[cols] - centre[:, None]) / s) - erf((lo[cols] - centre[:, None]) / s))
+    vals = flux[:, None] * frac / (hi[cols] - lo[cols])
+    # clipped columns repeat the edge pixel: keep each pixel once
+    # (and only each row's own window, so results do not depend on the other rows)
+    j = first[:, None] + np.arange(width)[None, :]
+    keep = (j < npix) & (j <= last[:, None])
+    rows = np.broadcast_to(np.arange(n)[:, None], cols.shape)
+    out[rows[keep], cols[keep]] = vals[keep]
+    return out
 
 
 def inst_sigma(lam):

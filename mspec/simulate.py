@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import functools
 import math
-import warnings
 from collections.abc import Mapping
 
 import numpy as np
@@ -1059,6 +1058,18 @@ def _draw_masks(rng, n, obs):
 
 
 # -- rendering ---------------------------------------------------------------------------------
+def _row_median(values, valid):
+    """Median of the ``valid`` entries of each row (0 where a row has none; never negative)."""
+    if values.shape[1] == 0:
+        return np.zeros(values.shape[0])
+    v = np.sort(np.where(valid, values, np.inf), axis=1)
+    k = valid.sum(axis=1)
+    lo = np.take_along_axis(v, np.maximum((k - 1) // 2, 0)[:, None], axis=1)[:, 0]
+    hi = np.take_along_axis(v, np.minimum(k // 2, v.shape[1] - 1)[:, None], axis=1)[:, 0]
+    med = np.where(k > 0, 0.5 * (lo + hi), 0.0)
+    return np.maximum(np.nan_to_num(med, nan=0.0, posinf=0.0), 0.0)
+
+
 def _render_survey(truth, obs, xm, masks, r_noise, noiseless, chunk_size):
     n = truth["class"].size
     loglam, lam, thr, sky, _ = _instrument()
@@ -1073,6 +1084,8 @@ def _render_survey(truth, obs, xm, masks, r_noise, noiseless, chunk_size):
     leg = np.stack([xleg, 1.5 * xleg**2 - 0.5, 2.5 * xleg**3 - 1.5 * xleg])  # P1..P3
     ev_row = masks[:, 0] if masks.size else np.zeros(0, dtype=np.int64)
     pix = np.arange(NPIX)
+    ext_curve = sm.ccm_extinction(lam, np.ones(1))[0]  # A_lambda / E(B-V)
+    tau_o2, tau_h2o = _telluric_tau()
     for start in range(0, n, chunk_size):
         sl = slice(start, min(n, start + chunk_size))
         m = sl.stop - sl.start
@@ -1088,12 +1101,13 @@ def _render_survey(truth, obs, xm, masks, r_noise, noiseless, chunk_size):
             loglam,
             {k: v[sl] for k, v in truth["extra"].items()},
         )
-        # interstellar reddening, flux calibration response and LAMOST-like scale
-        ext = sm.ccm_extinction(lam, xm["_ebv"][sl])
-        resp = np.exp(obs["resp"][sl] @ leg)
-        tau_o2, tau_h2o = _telluric_tau()
-        tell = np.exp(-obs["airmass"][sl, None] * (tau_o2 + obs["pwv"][sl, None] * tau_h2o))
-        f *= 10.0 ** (-0.4 * ext) * resp * tell * obs["scale"][sl, None]
+        # interstellar reddening, flux calibration response, telluric absorption, LAMOST scale
+        logfac = -0.4 * np.log(10.0) * xm["_ebv"][sl, None] * ext_curve[None, :]
+        for j in range(leg.shape[0]):  # elementwise, not BLAS: identical for any chunking
+            logfac += obs["resp"][sl, j, None] * leg[j]
+        logfac -= obs["airmass"][sl, None] * (tau_o2 + obs["pwv"][sl, None] * tau_h2o)
+        f *= np.exp(logfac)
+        f *= obs["scale"][sl, None]
         # variance: object + sky photons through the throughput, set to hit the target S/N_i
         med = np.median(f[:, iband], axis=1)
         var_shape = (np.maximum(f, 0.0) + obs["sky_rel"][sl, None] * med[:, None] * sky) / thr
@@ -1120,12 +1134,9 @@ def _render_survey(truth, obs, xm, masks, r_noise, noiseless, chunk_size):
         zero[:, :229] |= obs["blue_dead"][sl, None]
         # reported S/N: LAMOST-style median of flux * sqrt(ivar) over good pixels per band
         for bname, bsel in bands.items():
-            q = f[:, bsel] * np.sqrt(iv[:, bsel])
-            q = np.where(zero[:, bsel], np.nan, q)
-            with np.errstate(all="ignore"), warnings.catch_warnings():
-                warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN rows: S/N 0
-                val = np.nanmedian(q, axis=1) if bsel.any() else np.zeros(m)
-            snrs[bname][sl] = np.where(np.isfinite(val), np.maximum(val, 0.0), 0.0)
+            with np.errstate(all="ignore"):
+                q = f[:, bsel] * np.sqrt(iv[:, bsel])
+            snrs[bname][sl] = _row_median(q, ~zero[:, bsel])
         if not noiseless:
             noise = r_noise.standard_normal((m, NPIX))
             f = f + noise * np.sqrt(var)

@@ -476,3 +476,24 @@ def test_gaia_cmd_consistent_with_truth():
     d = np.isfinite(ds.true_distance.values)
     assert np.all(ds.true_distance.values[d] >= 3.0)
     assert np.all(np.isnan(ds.true_distance.values[q]))
+
+
+def test_helpers_match_references():
+    from scipy.special import erf
+
+    from mspec import _sim_models as sm
+
+    rng = np.random.default_rng(1)
+    v = rng.normal(size=(50, 31))
+    valid = rng.random((50, 31)) < 0.7
+    valid[0] = False
+    got = sim._row_median(v, valid)
+    ref = [np.median(r[m]) if m.any() else 0.0 for r, m in zip(v, valid)]
+    np.testing.assert_allclose(got, np.maximum(ref, 0.0))
+    lo, hi = sm.pixel_edges(LL)
+    c = np.array([3650.0, 3705.0, 6564.6, 9095.0, 5000.0])
+    sg = np.array([2.0, 2.0, 3.0, 4.0, 60.0])
+    fl = np.arange(1.0, 6.0)
+    s = np.sqrt(2) * sg[:, None]
+    full = fl[:, None] * 0.5 * (erf((hi - c[:, None]) / s) - erf((lo - c[:, None]) / s)) / (hi - lo)
+    np.testing.assert_allclose(sm.gauss_pixels(lo, hi, c, sg, fl), full, atol=1e-8)
