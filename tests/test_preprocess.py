@@ -376,6 +376,12 @@ def test_wrapper_argument_errors(dataset):
         preprocess(dataset, "cnn", rv="lamost_rv")
     with pytest.raises(ValueError, match="max_gap"):
         preprocess(dataset, "cnn", max_gap=0)
+    with pytest.raises(ValueError, match="fill_value"):
+        preprocess(dataset, "cnn", fill_value="zero")
+    # an rv for other spectra (ids in another order) is refused, not silently misapplied
+    shuffled = dataset.lamost_rv.assign_coords(obsid=("spectra", dataset.obsid.values[::-1]))
+    with pytest.raises(ValueError, match="rv coordinate 'obsid'"):
+        preprocess(dataset, "tlma", rv=shuffled)
     with pytest.raises(ValueError, match="pixels"):
         preprocess(dataset.chunk({"pixels": 1000}), "cnn")
     with pytest.raises(VariableError, match="ormask"):

@@ -100,7 +100,15 @@ def _rv_array(ds: xr.Dataset, rv) -> xr.DataArray:
         )
     if rv.dtype.kind not in "fiu":
         raise ValueError(f"rv must be numeric (km/s), got dtype {rv.dtype}")
-    return rv.astype(np.float64)
+    # xarray drops conflicting non-index coordinates silently: compare the ids ourselves
+    # (when both are in memory; dask-backed ids are not loaded for this)
+    for name in rv.coords:
+        if name in ds.coords and ds[name].dims == ("spectra",):
+            a, b = rv[name].variable, ds[name].variable
+            if isinstance(a.data, np.ndarray) and isinstance(b.data, np.ndarray):
+                if not np.array_equal(a.values, b.values):
+                    raise ValueError(f"rv coordinate {name!r} does not match the dataset's")
+    return rv.reset_coords(drop=True).drop_indexes(list(rv.xindexes)).astype(np.float64)
 
 
 def preprocess(
@@ -124,8 +132,9 @@ def preprocess(
         ``"cnn"``: steps 1, 3, 4a, 5 (observed frame). ``"tlma"``: steps 1, 2, 3, 4a, 5 (rest
         frame). ``"tm"``: step 1 only (native pixels).
     rv : xarray.DataArray, str or array_like, optional
-        Radial velocity in km/s on ``spectra`` (or the name of such a variable of ``ds``).
-        Required by ``"tlma"``, refused by the other recipes. NaN (or ``|rv| >= c``) gives
+        Radial velocity in km/s on ``spectra`` (or the name of such a variable of ``ds``);
+        an ``obsid`` coordinate on it must match the dataset's (checked when both are in
+        memory). Required by ``"tlma"``, refused by the other recipes. NaN (or ``|rv| >= c``) gives
         status 4 and NaN output for that spectrum.
     max_gap : float, optional
         Widest run of dropped pixels (Angstrom) that the interpolation bridges; grid points in
@@ -149,8 +158,8 @@ def preprocess(
     Raises
     ------
     ValueError
-        Unknown ``recipe``, missing/invalid ``rv``, bad ``max_gap``, ``pixels`` split into
-        several chunks, or a non-monotonic ``loglam``.
+        Unknown ``recipe``, missing/invalid ``rv``, bad ``max_gap`` or ``fill_value``,
+        ``pixels`` split into several chunks, or a non-monotonic ``loglam``.
     mspec.variables.VariableError
         A required variable is missing or has the wrong dims/dtype.
     """
@@ -162,6 +171,9 @@ def preprocess(
     _check_pixels_unchunked(ds)
     if max_gap is not None and not (np.isscalar(max_gap) and max_gap > 0):
         raise ValueError(f"max_gap must be a positive number (Angstrom), got {max_gap!r}")
+    if not (np.isscalar(fill_value) and np.isreal(fill_value)) or isinstance(fill_value, str):
+        raise ValueError(f"fill_value must be a real number, got {fill_value!r}")
+    fill_value = float(fill_value)
     if recipe != "tlma" and rv is not None:
         raise ValueError(f"rv is only used by recipe 'tlma', not {recipe!r}")
     # loglam travels as an input (a dask-backed coordinate must not be computed here)
