@@ -122,10 +122,20 @@ class BadFileError(ValueError):
 # --------------------------------------------------------------------------- low level I/O
 
 
-def _load_hdulist(path):
-    """Open ``path`` fully in memory; classify missing, non-FITS, truncated files."""
-    from astropy.io import fits
+class _View:
+    """What the readers need from a file: HDU 0 header (dict), primary image, spectrum table."""
 
+    __slots__ = ("header", "image", "table", "n_hdus")
+
+    def __init__(self, header, image, table, n_hdus):
+        self.header = header  # dict: key -> value (first occurrence)
+        self.image = image  # primary data array or None
+        self.table = table  # {COLUMN: row-0 1-D array} of the FLUX/IVAR/WAVELENGTH table, or None
+        self.n_hdus = n_hdus
+
+
+def _read_bytes(path) -> bytes:
+    """Whole file in memory (gunzipped); classify missing, empty, broken gzip, not FITS."""
     try:
         with open(path, "rb") as fh:
             raw = fh.read()
@@ -140,6 +150,128 @@ def _load_hdulist(path):
             raise BadFileError("truncated", f"broken gzip stream: {exc}") from None
     if not raw.startswith(b"SIMPLE  ="):
         raise BadFileError("not_fits", "no SIMPLE card at the start of the file")
+    return raw
+
+
+# ---- fast path: the plain FITS LAMOST writes (no scaling, no heap); anything else -> astropy
+
+
+class _NotPlain(Exception):
+    pass
+
+
+def _card_value(text: str):
+    text = text.strip()
+    if text.startswith("'"):
+        out, i = [], 1
+        while i < len(text):
+            c = text[i]
+            if c == "'":
+                if text[i + 1 : i + 2] == "'":
+                    out.append("'")
+                    i += 2
+                    continue
+                return "".join(out).rstrip()
+            out.append(c)
+            i += 1
+        raise _NotPlain("unterminated string")
+    v = text.split("/", 1)[0].strip()
+    if v == "T":
+        return True
+    if v == "F":
+        return False
+    if not v:
+        return None
+    try:
+        return int(v)
+    except ValueError:
+        pass
+    try:
+        return float(v.replace("D", "E"))
+    except ValueError:
+        raise _NotPlain(f"value {v!r}") from None
+
+
+def _parse_header(raw: bytes, pos: int):
+    cards: dict = {}
+    while True:
+        block = raw[pos : pos + 2880]
+        if len(block) < 2880:
+            raise _NotPlain("header runs past the end")
+        for i in range(0, 2880, 80):
+            key = block[i : i + 8].rstrip()
+            if key == b"END":
+                return cards, pos + 2880
+            if block[i + 8 : i + 10] == b"= ":
+                k = key.decode("ascii")
+                if k not in cards:
+                    cards[k] = _card_value(block[i + 10 : i + 80].decode("ascii", "replace"))
+        pos += 2880
+
+
+_BITPIX = {-32: ">f4", -64: ">f8", 16: ">i2", 32: ">i4", 64: ">i8", 8: "u1"}
+_TFORM = {"E": ">f4", "D": ">f8", "J": ">i4", "I": ">i2", "K": ">i8", "B": "u1"}
+
+
+def _data_size(h) -> int:
+    naxis = int(h.get("NAXIS", 0))
+    if naxis == 0:
+        return 0
+    n = 1
+    for k in range(1, naxis + 1):
+        n *= int(h[f"NAXIS{k}"])
+    return abs(int(h["BITPIX"])) // 8 * (n + int(h.get("PCOUNT", 0))) * int(h.get("GCOUNT", 1))
+
+
+def _fast_view(raw: bytes) -> _View:
+    hdr, pos = _parse_header(raw, 0)
+    if any(k in hdr for k in ("BSCALE", "BZERO", "BLANK")) or hdr.get("GROUPS"):
+        raise _NotPlain("scaled primary")
+    naxis = int(hdr.get("NAXIS", 0))
+    image = None
+    if naxis:
+        shape = tuple(int(hdr[f"NAXIS{k}"]) for k in range(naxis, 0, -1))
+        dt = np.dtype(_BITPIX[int(hdr["BITPIX"])])
+        count = int(np.prod(shape))
+        if pos + count * dt.itemsize > len(raw):
+            raise _NotPlain("truncated")
+        image = np.frombuffer(raw, dtype=dt, count=count, offset=pos).reshape(shape)
+    pos += -(-_data_size(hdr) // 2880) * 2880
+    table, n_hdus = None, 1
+    while pos < len(raw) and table is None:
+        ext, pos_data = _parse_header(raw, pos)
+        n_hdus += 1
+        size = _data_size(ext)
+        if ext.get("XTENSION") == "BINTABLE":
+            names = [
+                str(ext.get(f"TTYPE{k}", "")).upper() for k in range(1, int(ext["TFIELDS"]) + 1)
+            ]
+            if {"FLUX", "IVAR", "WAVELENGTH"} <= set(names):
+                if int(ext.get("PCOUNT", 0)) or int(ext["NAXIS2"]) < 1:
+                    raise _NotPlain("heap or empty table")
+                if pos_data + int(ext["NAXIS1"]) > len(raw):
+                    raise _NotPlain("truncated")
+                table, off = {}, pos_data
+                for k, name in enumerate(names, start=1):
+                    if f"TSCAL{k}" in ext or f"TZERO{k}" in ext:
+                        raise _NotPlain("scaled column")
+                    form = str(ext[f"TFORM{k}"]).strip()
+                    rep, code = (int(form[:-1]) if form[:-1] else 1), form[-1]
+                    dt = np.dtype(_TFORM[code])
+                    table[name] = np.frombuffer(raw, dtype=dt, count=rep, offset=off)
+                    off += rep * dt.itemsize
+                if off != pos_data + int(ext["NAXIS1"]):
+                    raise _NotPlain("row layout")
+        pos = pos_data + -(-size // 2880) * 2880
+    return _View(hdr, image, table, n_hdus)
+
+
+# ---- general path: astropy, which also classifies what the fast path refused
+
+
+def _astropy_view(raw: bytes) -> _View:
+    from astropy.io import fits
+
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -150,16 +282,44 @@ def _load_hdulist(path):
         raise BadFileError("not_fits", str(exc)) from None
     except Exception as exc:
         raise BadFileError("not_fits", f"{type(exc).__name__}: {exc}") from None
-    for w in caught:
-        if "truncated" in str(w.message):
-            raise BadFileError("truncated", str(w.message))
-    for k, hdu in enumerate(hdul):
-        end = getattr(hdu, "_data_offset", 0) + getattr(hdu, "_data_size", 0)
-        if end > len(raw):
-            raise BadFileError(
-                "truncated", f"HDU {k} needs {end} bytes but the file has {len(raw)}"
-            )
-    return hdul
+    with hdul:
+        for w in caught:
+            if "truncated" in str(w.message):
+                raise BadFileError("truncated", str(w.message))
+        for k, hdu in enumerate(hdul):
+            end = getattr(hdu, "_data_offset", 0) + getattr(hdu, "_data_size", 0)
+            if end > len(raw):
+                raise BadFileError(
+                    "truncated", f"HDU {k} needs {end} bytes but the file has {len(raw)}"
+                )
+        try:
+            header = {k: v for k, v in reversed(list(hdul[0].header.items()))}
+            image = hdul[0].data
+            table = None
+            for hdu in hdul[1:]:
+                cols = getattr(hdu, "columns", None)
+                if cols is None or not {"FLUX", "IVAR", "WAVELENGTH"} <= {
+                    c.upper() for c in cols.names
+                }:
+                    continue
+                if hdu.data is None or len(hdu.data) < 1:
+                    raise BadFileError("truncated", "empty spectrum table")
+                row = hdu.data[0]
+                table = {c.upper(): np.asarray(row[c]).ravel() for c in cols.names}
+                break
+            return _View(header, image, table, len(hdul))
+        except (ValueError, TypeError, IndexError) as exc:
+            if isinstance(exc, BadFileError):
+                raise
+            raise BadFileError("truncated", f"cannot read the data: {exc}") from None
+
+
+def _view(path) -> _View:
+    raw = _read_bytes(path)
+    try:
+        return _fast_view(raw)
+    except (_NotPlain, KeyError, ValueError, TypeError, IndexError):
+        return _astropy_view(raw)
 
 
 def _looks_like_wavelength(row: np.ndarray) -> bool:
@@ -168,7 +328,7 @@ def _looks_like_wavelength(row: np.ndarray) -> bool:
 
 
 def detect_layout(hdul) -> str:
-    """Return the layout (``"image"``, ``"oldest"``, ``"table"``) of an open HDU list.
+    """Return the layout (``"image"``, ``"oldest"``, ``"table"``) of an open file.
 
     Parameters
     ----------
@@ -185,12 +345,21 @@ def detect_layout(hdul) -> str:
     BadFileError
         ``unknown_layout`` if no layout fits.
     """
-    primary = hdul[0]
-    data = primary.data
+    if not isinstance(hdul, _View):
+        table = None
+        for hdu in hdul[1:]:
+            cols = getattr(hdu, "columns", None)
+            if cols is not None and {"FLUX", "IVAR", "WAVELENGTH"} <= {
+                c.upper() for c in cols.names
+            }:
+                table = {}
+        hdul = _View(hdul[0].header, hdul[0].data, table, len(hdul))
+    view = hdul
+    data = view.image
+    hdr = view.header
     if data is not None and data.ndim == 2 and data.shape[0] >= 5 and data.shape[1] >= 2:
         if _looks_like_wavelength(np.asarray(data[2], dtype=np.float64)):
             return "image"
-        hdr = primary.header
         if "COEFF0" in hdr and "COEFF1" in hdr:
             return "oldest"
         exten = str(hdr.get("EXTEN0", ""))
@@ -200,47 +369,31 @@ def detect_layout(hdul) -> str:
             "unknown_layout", "5-row image whose row 2 is not wavelengths and no COEFF0/COEFF1"
         )
     if data is None or data.size == 0:
-        for hdu in hdul[1:]:
-            cols = getattr(hdu, "columns", None)
-            if cols is not None and {"FLUX", "IVAR", "WAVELENGTH"} <= {
-                c.upper() for c in cols.names
-            }:
-                return "table"
-        if len(hdul) == 1:
+        if view.table is not None:
+            return "table"
+        if view.n_hdus == 1:
             raise BadFileError("unknown_layout", "header-only file without extensions")
     shape = None if data is None else data.shape
     raise BadFileError("unknown_layout", f"primary data shape {shape}, no FLUX/WAVELENGTH table")
 
 
-def _table_hdu(hdul):
-    for hdu in hdul[1:]:
-        cols = getattr(hdu, "columns", None)
-        if cols is not None and {"FLUX", "IVAR", "WAVELENGTH"} <= {c.upper() for c in cols.names}:
-            return hdu
-    raise BadFileError("unknown_layout", "no FLUX/IVAR/WAVELENGTH table")  # pragma: no cover
-
-
-def _rows(hdul, layout):
+def _rows(view: _View, layout: str):
     """Return (loglam float64, flux, ivar, andmask, ormask) in the file's native pixels."""
-    hdr = hdul[0].header
+    hdr = view.header
     if layout == "table":
-        hdu = _table_hdu(hdul)
-        if hdu.data is None or len(hdu.data) < 1:
-            raise BadFileError("truncated", "empty spectrum table")
-        names = {c.upper(): c for c in hdu.columns.names}
-        row = hdu.data[0]
+        tab = view.table
 
         def col(name, default=None):
-            if name not in names:
+            if name not in tab:
                 return default
-            return np.asarray(row[names[name]], dtype=np.float64).ravel()
+            return np.asarray(tab[name], dtype=np.float64).ravel()
 
         flux, ivar, wave = col("FLUX"), col("IVAR"), col("WAVELENGTH")
         n = flux.size
         andm = col("ANDMASK", np.zeros(n))
         orm = col("ORMASK", np.zeros(n))
     else:
-        data = np.asarray(hdul[0].data, dtype=np.float64)
+        data = np.asarray(view.image, dtype=np.float64)
         flux, ivar = data[0], data[1]
         andm, orm = data[3], data[4]
         n = flux.size
@@ -459,7 +612,9 @@ def _metadata(hdr, path, defaults: Mapping | None) -> dict:
 # --------------------------------------------------------------------------- public readers
 
 
-def read_spectrum(path: str | os.PathLike, defaults: Mapping | None = None):
+def read_spectrum(
+    path: str | os.PathLike, defaults: Mapping | None = None, *, with_meta: bool = True
+):
     """Read one LAMOST file into plain numpy arrays on the shared grid (the fast path).
 
     Parameters
@@ -470,6 +625,8 @@ def read_spectrum(path: str | os.PathLike, defaults: Mapping | None = None):
         Values used where the file lacks them (e.g. from a LAMOST catalogue row): ``obsid``
         when there is no OBSID card, ``release`` when there is no DATA_V, header fields the file
         lacks, and any other registered per-spectrum variable (Gaia, truth, ...).
+    with_meta : bool
+        Also build the metadata (False returns ``None`` for it: faster).
 
     Returns
     -------
@@ -486,18 +643,15 @@ def read_spectrum(path: str | os.PathLike, defaults: Mapping | None = None):
     BadFileError
         With a :data:`QUARANTINE_CODES` code if the file cannot be used.
     """
-    hdul = _load_hdulist(path)
+    view = _view(path)
+    layout = detect_layout(view)
     try:
-        layout = detect_layout(hdul)
-        try:
-            loglam, flux, ivar, andm, orm = _rows(hdul, layout)
-        except (ValueError, TypeError, IndexError) as exc:
-            if isinstance(exc, BadFileError):
-                raise
-            raise BadFileError("truncated", f"cannot read the data: {exc}") from None
-        hdr = hdul[0].header
-    finally:
-        hdul.close()
+        loglam, flux, ivar, andm, orm = _rows(view, layout)
+    except (ValueError, TypeError, IndexError) as exc:
+        if isinstance(exc, BadFileError):
+            raise
+        raise BadFileError("truncated", f"cannot read the data: {exc}") from None
+    hdr = view.header
     if not np.any(np.isfinite(flux)):
         raise BadFileError("no_finite_flux", "no finite flux value")
     # NaN/negative inverse variances carry no information: store them as 0 (= masked)
@@ -506,6 +660,8 @@ def read_spectrum(path: str | os.PathLike, defaults: Mapping | None = None):
     if not np.any(good):
         raise BadFileError("all_masked", "every pixel has ivar 0, andmask set or no flux")
     arrays, offset, resampled = _place(loglam, flux, ivar, andm, orm)
+    if not with_meta:
+        return None, arrays, layout
     meta = _metadata(hdr, path, defaults)
     meta["loglam_offset"] = offset
     meta["resampled"] = resampled

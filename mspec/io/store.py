@@ -522,7 +522,7 @@ def _write_unit(store: str, batch: int, start: int, paths: list[str]) -> int:
     orm = np.full((n, NPIX), MASK_NODATA, np.int32)
     for k, path in enumerate(paths):
         try:
-            _, arrays, _ = read_spectrum(path)
+            _, arrays, _ = read_spectrum(path, with_meta=False)
         except Exception as exc:  # the file changed since it was scanned: keep the row empty
             warnings.warn(
                 f"{path} could not be re-read ({exc}); its row is left empty", stacklevel=1
@@ -898,9 +898,10 @@ def open_store(path, *, chunks: Mapping | None = None):
         )
     ds = ds.isel(spectra=slice(0, n))
     ds = ds.set_coords([c for c in ("obsid", "loglam") if c in ds.variables])
-    for name, width in state.get("str_len", {}).items():
-        if name in ds and ds[name].dtype.kind != "U":
-            ds[name] = ds[name].astype(f"U{int(width)}")
+    widths = state.get("str_len", {})
+    for name in list(ds.variables):
+        if ds[name].dtype.kind in "TO":  # zarr variable-length strings -> numpy unicode
+            ds[name] = ds[name].astype(f"U{int(widths.get(name, 1))}")
     for name in ds.variables:
         if name in VARIABLES:
             ds[name].attrs.update(attrs_for(name))
