@@ -545,7 +545,7 @@ def simulate_survey(
         Target median per-pixel S/N in the i band for every spectrum, or a (lo, hi) range
         drawn log-uniformly. Default: a LAMOST-like, magnitude-limited distribution,
         log10 S/N_i ~ N(mu, 0.4) within [0.3, 3] with mu = 1.25 for M dwarfs (median ~18,
-        ~30% below 10), 1.9 for M giants, 1.5 for OB-K stars, 1.0 for white dwarfs, galaxies
+        ~25% below 10), 1.9 for M giants, 1.5 for OB-K stars, 1.0 for white dwarfs, galaxies
         and QSOs.
     noiseless : bool
         Return the noise-free flux (same stars, RVs, ivar, masks and metadata).
