@@ -326,6 +326,11 @@ def test_wrapper_matches_kernels(dataset, recipe):
     validate(out, ["preprocess_status", "npix_good", *[f"orp_{b}" for b in SDSS_BANDS]])
     np.testing.assert_array_equal(out.obsid.values, dataset.obsid.values)
     assert out.attrs["preprocess_recipe"] == recipe
+    main = out["flux_masked" if recipe == "tm" else "flux_grid"]
+    assert main.attrs["preprocess_recipe"] == recipe
+    if recipe != "tm":
+        frame = "rest" if recipe == "tlma" else "observed"
+        assert out.wavelength_grid.attrs["frame"] == frame == main.attrs["frame"]
     assert "flag_meanings" in out.preprocess_status.attrs
     if recipe == "tlma":
         assert out.preprocess_status.values[11] == K.STATUS_BAD_RV

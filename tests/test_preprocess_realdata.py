@@ -132,6 +132,9 @@ def test_pyhammer_templates(normalise):
             out_dtype=np.float64,
         )
         np.testing.assert_allclose(out, ref.flux[0], rtol=1e-10, atol=1e-10)
+        # the raw big-endian FITS columns work as they are
+        _, raw = prepare_templates(tab["LogLam"], tab["Flux"], normalise)
+        np.testing.assert_array_equal(raw, out)
         assert wave[0] == 4700.0 and wave[-1] == 8899.0
         assert np.isfinite(out).all()
         if normalise == "mean":

@@ -190,6 +190,15 @@ def preprocess(
     # annotate only what this function made; input coordinates keep their own attrs
     out = annotate(out, [*out.data_vars, *(["wavelength_grid"] if recipe != "tm" else [])])
     out["preprocess_status"].attrs.update(status_attrs())
+    steps = ", ".join(str(x) for x in RECIPES[recipe])
+    main = "flux_masked" if recipe == "tm" else "flux_grid"
+    out[main].attrs.update(preprocess_recipe=recipe, preprocess_steps=steps)
+    if recipe != "tm":
+        frame = "rest" if recipe == "tlma" else "observed"
+        out["wavelength_grid"].attrs["frame"] = frame
+        out[main].attrs["frame"] = frame
+        if np.isfinite(fill_value):
+            out[main].attrs["fill_value_uncovered"] = fill_value
     out.attrs["preprocess_recipe"] = recipe
     if not merge:
         return out
