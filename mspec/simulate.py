@@ -711,9 +711,9 @@ def _draw_stars(rng, n, mix, gfrac):
     d = np.nonzero(lum == "dM")[0]
     if d.size:
         u = rng.random(d.size)
-        scale, lo, hi = 2.2, -0.9, 9.4
+        scale, lo, hi = 2.2, -0.5, 9.4
         st = lo - scale * np.log(1 - u * (1 - np.exp(-(hi - lo) / scale)))
-        t = np.clip(sm.dwarf_teff(st) + rng.normal(0, 30, d.size), 2300.0, 4150.0)
+        t = np.clip(sm.dwarf_teff(st) + rng.normal(0, 30, d.size), 2300.0, 3950.0)
         mh = np.clip(rng.normal(-0.15, 0.22, d.size), -1.3, 0.6)
         sd = rng.random(d.size) < 0.03  # a few subdwarfs, beyond the template grid
         mh[sd] = rng.uniform(-2.0, -1.0, sd.sum())
@@ -729,7 +729,7 @@ def _draw_stars(rng, n, mix, gfrac):
             np.exp(rng.normal(np.log(2.5 + 0.8 * np.clip(st_t, 0, 9)), 0.5)), 0.5, 25
         )
         kind[d] = "dM"
-        sub[d] = _m_subclass(st_t, np.zeros(d.size, bool))
+        sub[d] = _m_subclass(np.maximum(st_t, 0.0), np.zeros(d.size, bool))
     g = np.nonzero(lum == "gM")[0]
     if g.size:
         st = 7.0 * rng.beta(1.2, 2.0, g.size)
@@ -742,7 +742,7 @@ def _draw_stars(rng, n, mix, gfrac):
         kind[g] = "gM"
         sub[g] = _m_subclass(sm.giant_subtype(t), np.ones(g.size, bool))
     ranges = {"OB": (10500.0, 20000.0), "A": (7400.0, 10000.0), "F": (6000.0, 7400.0)}
-    ranges |= {"G": (5300.0, 6000.0), "K": (4100.0, 5300.0)}
+    ranges |= {"G": (5300.0, 6000.0), "K": (3950.0, 5300.0)}
     for c, (tlo, thi) in ranges.items():
         s = np.nonzero(cls == c)[0]
         if not s.size:

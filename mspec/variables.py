@@ -236,7 +236,7 @@ register(
     S,
     "S",
     "",
-    "true subtype: M0..M9/K5/K7 (dM), gM0..gM7, O/B/A/F/G/K subtype, DA/DC, STARFORMING/PASSIVE, QSO",
+    "true subtype: M0..M9 (dM), gM0..gM7, O/B/A/F/G/K subtype, DA/DC, STARFORMING/PASSIVE, QSO",
 )
 register("true_distance", S, "f", "pc", "true distance (NaN for galaxies/QSOs)")
 register("true_ebv", S, "f", "mag", "true E(B-V) applied to the spectrum and photometry")
@@ -265,9 +265,7 @@ for _b in SDSS_BANDS:
         f"fraction of ormask != 0 pixels in the SDSS {_b} band, over the spectrum's "
         "finite-flux pixels; NaN if it has none there",
     )
-register(
-    "grid_coverage", S, "f", "", "fraction of wavelength_grid covered by the good-pixel range"
-)
+register("grid_coverage", S, "f", "", "fraction of wavelength_grid covered by the good-pixel range")
 register(
     "preprocess_status",
     S,
@@ -351,9 +349,7 @@ register("template_spt", ("templates",), "S", "", "template spectral type ('' if
 register("template_teff", ("templates",), "f", "K", "template Teff (NaN if unknown)")
 register("template_logg", ("templates",), "f", "dex", "template log g, cgs (NaN if unknown)")
 register("template_m_h", ("templates",), "f", "dex", "template [M/H] or [Fe/H] (NaN if unknown)")
-register(
-    "template_lumclass", ("templates",), "S", "", "template luminosity class (dV/dM/gM; '')"
-)
+register("template_lumclass", ("templates",), "S", "", "template luminosity class (dV/dM/gM; '')")
 register("template_source", ("templates",), "S", "", "where the template comes from")
 # --- CNNs (issue 7) ---------------------------------------------------------------------
 for _k, _net in (("spt", "CNN-SPT"), ("wdm", "CNN-WDM"), ("dmgm", "CNN-dMgM")):
