@@ -84,15 +84,25 @@ def _cmd_train(args: argparse.Namespace) -> int:
         epochs=args.epochs,
         seed=args.seed,
         folds=args.folds,
+        progress=True,
     )
-    print(metrics)
+    import json
+
+    def _short(m):  # per-epoch histories stay in model.json; print the summary
+        return {
+            k: (_short(v) if isinstance(v, dict) else v) for k, v in m.items() if k != "history"
+        }
+
+    print(json.dumps(_short(metrics), indent=1, default=str))
+    log.info("model written to %s", args.out)
     return 0
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     from mspec.demo import run_demo
 
-    run_demo(args.out, n_spectra=args.n_spectra, seed=args.seed, n_workers=args.workers)
+    run_demo(args.out, n_spectra=args.n_spectra, seed=args.seed, n_workers=args.workers,
+             n_train=args.n_train, epochs=args.epochs)
     return 0
 
 
@@ -126,6 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--n-spectra", type=int, default=3000)
     q.add_argument("--seed", type=int, default=42)
     q.add_argument("--workers", type=int, default=2, help="LocalCluster workers")
+    q.add_argument("--n-train", type=int, default=None,
+                   help="simulated CNN training spectra (default 2 x n-spectra)")
+    q.add_argument("--epochs", type=int, default=8, help="maximum epochs per CNN")
     q.set_defaults(func=_cmd_demo)
     return p
 

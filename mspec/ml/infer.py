@@ -33,6 +33,7 @@ __all__ = ["ModelRef", "load_ref", "predict", "predict_array", "clear_cache"]
 
 _CACHE: dict[tuple[str, str], list[torch.nn.Module]] = {}
 _LOCK = threading.Lock()
+_CACHE_MAX = 32
 
 
 @dataclass(frozen=True, eq=False)
@@ -72,6 +73,8 @@ class ModelRef:
                     )
                     for m, b in zip(self.meta["members"], self.blobs)
                 ]
+                if len(_CACHE) >= _CACHE_MAX:  # drop the oldest model set
+                    _CACHE.pop(next(iter(_CACHE)))
                 _CACHE[ck] = models
         return models
 
