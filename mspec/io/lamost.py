@@ -192,8 +192,22 @@ def _card_value(text: str):
         raise _NotPlain(f"value {v!r}") from None
 
 
+class _LazyHeader(dict):
+    """Header cards parsed on first access (most of LAMOST's ~120 cards are never read)."""
+
+    def __getitem__(self, key):
+        v = dict.__getitem__(self, key)
+        if isinstance(v, bytes):
+            v = _card_value(v.decode("ascii", "replace"))
+            dict.__setitem__(self, key, v)
+        return v
+
+    def get(self, key, default=None):
+        return self[key] if key in self else default
+
+
 def _parse_header(raw: bytes, pos: int):
-    cards: dict = {}
+    cards = _LazyHeader()
     while True:
         block = raw[pos : pos + 2880]
         if len(block) < 2880:
@@ -205,7 +219,7 @@ def _parse_header(raw: bytes, pos: int):
             if block[i + 8 : i + 10] == b"= ":
                 k = key.decode("ascii")
                 if k not in cards:
-                    cards[k] = _card_value(block[i + 10 : i + 80].decode("ascii", "replace"))
+                    dict.__setitem__(cards, k, block[i + 10 : i + 80])
         pos += 2880
 
 
@@ -748,9 +762,15 @@ def _column(key, vals, kind=None):
 # --------------------------------------------------------------------------- writer
 
 
-def _covered(flux_row, ivar_row):
-    """Index range [lo, hi) without the NaN/ivar-0 padding at both ends."""
-    pad = ~np.isfinite(flux_row) & ~(ivar_row > 0)
+def _covered(flux_row, ivar_row, and_row, or_row):
+    """Index range [lo, hi) without the padding at both ends (NaN flux, ivar 0, and only the
+    NODATA bit in both masks; padded pixels with other bits are kept, so masks round-trip)."""
+    pad = (
+        ~np.isfinite(flux_row)
+        & ~(ivar_row > 0)
+        & (and_row == MASK_NODATA)
+        & (or_row == MASK_NODATA)
+    )
     idx = np.flatnonzero(~pad)
     if idx.size == 0:
         return 0, flux_row.size
@@ -784,7 +804,8 @@ def write_lamost_fits(
     """Write spectra as LAMOST FITS files in a real layout (a simulated FITS "survey").
 
     Each spectrum is trimmed to the pixels between its first and last pixel that is not
-    padding (NaN flux with ivar 0), like the variable-length real files, and written with the
+    padding (NaN flux, ivar 0 and masks exactly :data:`MASK_NODATA`), like the variable-length
+    real files, and written with the
     header cards the real files of that layout carry (OBSID/DATA_V/SNRx for ``"image"`` and
     ``"table"``; SN_x, VERSPIPE v2.6.4 and LMJD/PLANID/SPID/FIBERID, but no OBSID, for
     ``"oldest"``). Z/Z_ERR are -9999 where ``lamost_z`` is NaN. Wavelengths come from the
@@ -863,7 +884,7 @@ def write_lamost_fits(
     meta = {k: col(k, m) for k, (_, m) in META_VARIABLES.items() if k != "file"}
     paths = []
     for i in range(n):
-        lo, hi = _covered(flux[i], ivar[i])
+        lo, hi = _covered(flux[i], ivar[i], andm[i], orm[i])
         hdr = fits.Header()
         hdr["FILENAME"] = names[i].removesuffix(".gz")
         hdr["AUTHOR"] = "mspec.io.write_lamost_fits"
