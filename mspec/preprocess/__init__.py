@@ -4,6 +4,9 @@ See ``docs/preprocessing.md``. Public entry points: :func:`preprocess` (recipes 
 ``"tlma"``, ``"tm"``) and :func:`prepare_templates`.
 """
 
+import sys
+import types
+
 from mspec.preprocess.kernels import GRID_4A, GRID_4B, STATUS_MEANINGS, Grid, wavelength_grid
 from mspec.preprocess.steps import RECIPES, prepare_templates, preprocess
 
@@ -17,3 +20,17 @@ __all__ = [
     "preprocess",
     "wavelength_grid",
 ]
+
+
+class _CallablePackage(types.ModuleType):
+    """``mspec.preprocess`` is both this package and the public function of the flat API.
+
+    Importing any submodule rebinds the attribute ``mspec.preprocess`` to the package, so the
+    package itself forwards calls: ``mspec.preprocess(ds, "cnn")`` always works.
+    """
+
+    def __call__(self, *args, **kwargs):
+        return preprocess(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallablePackage

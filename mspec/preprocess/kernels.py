@@ -147,10 +147,23 @@ def band_index(wave: np.ndarray, bands=None) -> np.ndarray:
 
 @njit(nogil=True, cache=_CACHE)
 def good_pixels(flux, ivar, ormask, good):
-    """Step 1: flag usable pixels; returns their count.
+    """Step 1: flag the usable pixels of one spectrum.
 
-    ``good[i]`` is set True where ``ormask[i] == 0``, ``ivar[i] > 0`` (finite) and
-    ``flux[i]`` is finite.
+    Parameters
+    ----------
+    flux : 1-D float array
+        Flux (any units).
+    ivar : 1-D float array
+        Inverse variance (1/flux**2).
+    ormask : 1-D int array
+        LAMOST OR mask (nonzero = bad).
+    good : 1-D bool array, output
+        Set True where ``ormask == 0``, ``ivar > 0`` (finite) and ``flux`` is finite.
+
+    Returns
+    -------
+    int
+        Number of good pixels.
     """
     n = 0
     for i in range(flux.shape[0]):
@@ -164,7 +177,17 @@ def good_pixels(flux, ivar, ormask, good):
 
 @njit(nogil=True, cache=_CACHE)
 def doppler_shift(wave_obs, rv, out):
-    """Step 2: ``out = wave_obs / (1 + rv / c)`` (Angstrom; ``rv`` in km/s)."""
+    """Step 2: shift wavelengths to the rest frame, ``out = wave_obs / (1 + rv / c)``.
+
+    Parameters
+    ----------
+    wave_obs : 1-D float64 array
+        Observed wavelengths (Angstrom).
+    rv : float
+        Radial velocity (km/s, positive = receding); the caller ensures ``|rv| < c``.
+    out : 1-D float64 array, output
+        Rest-frame wavelengths (Angstrom).
+    """
     fac = 1.0 + rv / C_KMS
     for i in range(wave_obs.shape[0]):
         out[i] = wave_obs[i] / fac
@@ -176,10 +199,29 @@ def interp_to_grid(wave, flux, good, start, step, max_gap, out):
 
     Same arithmetic as :func:`numpy.interp` (float64). Grid points outside
     ``[wave[first good], wave[last good]]`` are NaN (no extrapolation). Grid points inside a
-    gap between consecutive good pixels wider than ``max_gap`` (Angstrom) are NaN (a grid point
-    exactly on a good pixel keeps that pixel's value); gaps up to
-    ``max_gap`` (default ``inf`` in the wrappers: the paper's behaviour) are bridged linearly.
-    ``wave`` must be increasing. Returns the number of grid points filled.
+    gap between consecutive good pixels wider than ``max_gap`` are NaN (a grid point exactly
+    on a good pixel keeps that pixel's value); narrower gaps are bridged linearly (``inf``,
+    the wrappers' default, bridges every gap: the paper's behaviour). O(pixels + grid).
+
+    Parameters
+    ----------
+    wave : 1-D float64 array
+        Pixel wavelengths (Angstrom), increasing.
+    flux : 1-D float array
+        Pixel fluxes; only the ``good`` ones are read.
+    good : 1-D bool array
+        Usable pixels (step 1).
+    start, step : float
+        Grid ``start + step * j`` (Angstrom), ``j = 0 .. len(out) - 1``.
+    max_gap : float
+        Widest gap between good pixels that is bridged (Angstrom).
+    out : 1-D float array, output
+        Interpolated flux, NaN where not covered.
+
+    Returns
+    -------
+    int
+        Number of grid points filled.
     """
     ngrid = out.shape[0]
     for j in range(ngrid):
@@ -250,9 +292,16 @@ def cut(wave: np.ndarray, flux: np.ndarray, lo: float, hi: float):
 def zscore(x):
     """Step 5 in place: ``(x - mean) / std`` over the finite values (float64 sums, ddof=0).
 
-    NaNs stay NaN. Returns ``STATUS_OK``, ``STATUS_NO_COVERAGE`` (no finite value) or
-    ``STATUS_ZERO_VARIANCE`` (fewer than 2 values or a constant flux); on failure every value is
-    set to NaN.
+    Parameters
+    ----------
+    x : 1-D float array, modified
+        Gridded flux; NaNs stay NaN.
+
+    Returns
+    -------
+    int
+        ``STATUS_OK``, ``STATUS_NO_COVERAGE`` (no finite value) or ``STATUS_ZERO_VARIANCE``
+        (fewer than 2 values, or std <= 1e-10 |mean|); on failure every value is set to NaN.
     """
     n = 0
     s = 0.0
@@ -286,8 +335,16 @@ def zscore(x):
 def mean_normalise(x):
     """Template normalisation in place: ``x / mean`` over the finite values (float64 sum).
 
-    Returns ``STATUS_OK``, ``STATUS_NO_COVERAGE`` (no finite value) or ``STATUS_ZERO_VARIANCE``
-    (mean not positive); on failure every value is set to NaN.
+    Parameters
+    ----------
+    x : 1-D float array, modified
+        Gridded flux; NaNs stay NaN.
+
+    Returns
+    -------
+    int
+        ``STATUS_OK``, ``STATUS_NO_COVERAGE`` (no finite value) or ``STATUS_ZERO_VARIANCE``
+        (mean not positive); on failure every value is set to NaN.
     """
     n = 0
     s = 0.0
@@ -316,8 +373,17 @@ def band_fractions(flux, ormask, band, out):
     """``orp``: fraction of ``ormask != 0`` pixels per band, over the pixels the spectrum has.
 
     A pixel is "had" when its flux is finite (the store pads missing pixels with NaN flux).
-    ``band`` is the band number of each pixel (-1: none, see :func:`band_index`); ``out[k]`` is
-    NaN when band ``k`` holds no pixel of the spectrum.
+
+    Parameters
+    ----------
+    flux : 1-D float array
+        Flux.
+    ormask : 1-D int array
+        LAMOST OR mask.
+    band : 1-D int8 array
+        Band number of each pixel (-1: none), see :func:`band_index`.
+    out : 1-D float array, output
+        Fraction per band; NaN when band ``k`` holds no pixel of the spectrum.
     """
     nb = out.shape[0]
     have = np.zeros(nb, dtype=np.int64)
@@ -360,15 +426,34 @@ def grid_block(
 
     Parameters
     ----------
-    flux, ivar, ormask : 2-D arrays ``(n, p)``
-    wave : 2-D float64 ``(1, p)`` (shared) or ``(n, p)``, observed wavelengths (Angstrom)
-    band : 1-D int8 ``(p,)`` band numbers for ``orp`` (from the shared wavelengths)
-    rv : 1-D float64 ``(n,)`` km/s, used when ``shift`` is True
-    start, step : grid (Angstrom); ``max_gap`` (Angstrom), see :func:`interp_to_grid`
-    norm : 0 none, 1 z-score, 2 mean
-    fill_value : written into uncovered grid points of successful spectra
-    out : ``(n, ngrid)`` output flux (any float dtype), orp ``(n, nbands)``,
-        coverage ``(n,)``, status ``(n,)`` int8, ngood ``(n,)`` int32
+    flux, ivar, ormask : 2-D arrays, shape ``(n, p)``
+        Flux, inverse variance (1/flux**2) and OR mask of ``n`` spectra.
+    wave : 2-D float64 array, shape ``(1, p)`` (shared) or ``(n, p)``
+        Observed wavelengths (Angstrom), increasing.
+    band : 1-D int8 array, shape ``(p,)``
+        SDSS band number of each pixel for ``orp`` (:func:`band_index`).
+    rv : 1-D float64 array, shape ``(n,)``
+        Radial velocities (km/s), read only when ``shift`` is True.
+    shift : bool
+        Apply step 2.
+    start, step : float
+        Output grid (Angstrom).
+    max_gap : float
+        See :func:`interp_to_grid` (Angstrom, ``inf``: bridge every gap).
+    norm : int
+        0 none, 1 z-score (step 5), 2 divide by the mean.
+    fill_value : float
+        Written into uncovered grid points of successful spectra.
+    out : 2-D float array, shape ``(n, ngrid)``, output
+        Gridded flux (float32 or float64); all-NaN where status is not ``STATUS_OK``.
+    orp : 2-D float array, shape ``(n, nbands)``, output
+        Masked-pixel fraction per band (:func:`band_fractions`).
+    coverage : 1-D float array, shape ``(n,)``, output
+        Fraction of grid points covered by the good-pixel range.
+    status : 1-D int8 array, shape ``(n,)``, output
+        ``STATUS_*`` code.
+    ngood : 1-D int32 array, shape ``(n,)``, output
+        Good pixels after step 1.
     """
     n, p = flux.shape
     ngrid = out.shape[1]
@@ -416,8 +501,20 @@ def grid_block(
 def mask_block(flux, ivar, ormask, band, out_flux, out_ivar, orp, status, ngood):
     """Step 1 only (template-matching recipe) for a block of spectra.
 
-    ``out_flux`` is the flux with NaN at dropped pixels, ``out_ivar`` the ivar with 0 there;
-    ``status`` is ``STATUS_NO_GOOD_PIXELS`` when nothing is left.
+    Parameters
+    ----------
+    flux, ivar, ormask : 2-D arrays, shape ``(n, p)``
+        Flux, inverse variance and OR mask.
+    band : 1-D int8 array, shape ``(p,)``
+        SDSS band number of each pixel (:func:`band_index`).
+    out_flux, out_ivar : 2-D arrays, shape ``(n, p)``, output
+        Flux with NaN and ivar with 0 at the dropped pixels.
+    orp : 2-D float array, shape ``(n, nbands)``, output
+        Masked-pixel fraction per band.
+    status : 1-D int8 array, output
+        ``STATUS_OK`` or ``STATUS_NO_GOOD_PIXELS`` when nothing is left.
+    ngood : 1-D int32 array, output
+        Good pixels after step 1.
     """
     n, p = flux.shape
     good = np.empty(p, dtype=np.bool_)
