@@ -467,3 +467,19 @@ def test_distributed_process_workers_equal_local(dataset):
     ):
         remote = client.compute(lazy).result()
     xr.testing.assert_identical(remote, local)
+
+
+def test_merge_and_fill_value_in_wrapper(dataset):
+    cnn = preprocess(dataset, "cnn")
+    assert set(dataset.data_vars) < set(cnn.data_vars)
+    again = preprocess(cnn, "tlma", rv="lamost_rv")  # replaces flux_grid, keeps the rest
+    alone = preprocess(dataset, "tlma", rv="lamost_rv", merge=False)
+    xr.testing.assert_identical(again.flux_grid, alone.flux_grid)
+    xr.testing.assert_identical(again.flux, dataset.flux)
+    filled = preprocess(dataset, "cnn", fill_value=0.0, merge=False)
+    ok = filled.preprocess_status.values == K.STATUS_OK
+    assert np.isfinite(filled.flux_grid.values[ok]).all()
+    np.testing.assert_array_equal(
+        filled.flux_grid.values[ok], np.nan_to_num(cnn.flux_grid.values[ok], nan=0.0)
+    )
+    assert filled.flux_grid.attrs["fill_value_uncovered"] == 0.0
