@@ -523,6 +523,7 @@ def simulate_survey(
     missing: Mapping[str, float] | None = None,
     pipeline_errors: Mapping[str, float] | None = None,
     early_fraction: float = 0.05,
+    telluric: bool = True,
     chunk_size: int = 1000,
 ):
     """Simulate a LAMOST-like low-resolution survey with known truth.
@@ -556,6 +557,11 @@ def simulate_survey(
     early_fraction : float
         Fraction of spectra observed before MJD 55940 (2012-01-14), when LAMOST RVs are
         unreliable.
+    telluric : bool
+        Imprint uncorrected telluric O2/H2O bands (:data:`TELLURIC_BANDS`, observed frame,
+        scaled by airmass and water vapour) like real LAMOST spectra. ``False`` gives an
+        idealised survey whose spectra match :func:`model_spectrum` up to extinction and
+        flux calibration.
     chunk_size : int
         Spectra rendered at a time (memory only; results do not depend on it).
 
@@ -603,7 +609,7 @@ def simulate_survey(
     xm = _draw_crossmatch(r_xm, n, truth, obs, miss)
     masks = _draw_masks(r_mask, n, obs)
     flux, ivar, ormask, andmask, snrs = _render_survey(
-        truth, obs, xm, masks, r_noise, noiseless, chunk_size
+        truth, obs, xm, masks, r_noise, noiseless, bool(telluric), chunk_size
     )
     pipe = _draw_pipeline(r_pipe, n, truth, obs, snrs, miss, perr)
 
@@ -643,6 +649,7 @@ def simulate_survey(
             "title": "mspec simulated LAMOST-like survey",
             "seed": int(seed),
             "noiseless": int(bool(noiseless)),
+            "telluric": int(bool(telluric)),
             "giant_fraction": float(gfrac),
             "mix": ", ".join(f"{k}={v:g}" for k, v in mix.items()),
         }
@@ -1070,7 +1077,7 @@ def _row_median(values, valid):
     return np.maximum(np.nan_to_num(med, nan=0.0, posinf=0.0), 0.0)
 
 
-def _render_survey(truth, obs, xm, masks, r_noise, noiseless, chunk_size):
+def _render_survey(truth, obs, xm, masks, r_noise, noiseless, telluric, chunk_size):
     n = truth["class"].size
     loglam, lam, thr, sky, _ = _instrument()
     bands = _band_slices(lam)
@@ -1085,7 +1092,7 @@ def _render_survey(truth, obs, xm, masks, r_noise, noiseless, chunk_size):
     ev_row = masks[:, 0] if masks.size else np.zeros(0, dtype=np.int64)
     pix = np.arange(NPIX)
     ext_curve = sm.ccm_extinction(lam, np.ones(1))[0]  # A_lambda / E(B-V)
-    tau_o2, tau_h2o = _telluric_tau()
+    tau_o2, tau_h2o = _telluric_tau() if telluric else (np.zeros(NPIX), np.zeros(NPIX))
     for start in range(0, n, chunk_size):
         sl = slice(start, min(n, start + chunk_size))
         m = sl.stop - sl.start

@@ -497,3 +497,17 @@ def test_helpers_match_references():
     s = np.sqrt(2) * sg[:, None]
     full = fl[:, None] * 0.5 * (erf((hi - c[:, None]) / s) - erf((lo - c[:, None]) / s)) / (hi - lo)
     np.testing.assert_allclose(sm.gauss_pixels(lo, hi, c, sg, fl), full, atol=1e-8)
+
+
+def test_telluric_bands_in_observed_frame():
+    kw = dict(n_spectra=6, seed=1, noiseless=True, mix={"dM": 0.5, "QSO": 0.5})
+    a = sim.simulate_survey(**kw)
+    b = sim.simulate_survey(**kw, telluric=False)
+    ratio = a.flux.values / b.flux.values
+    near = np.zeros(NPIX, bool)
+    for _gas, head, end, *_ in sim.TELLURIC_BANDS:
+        near |= (LAM > head - 10) & (LAM < end + 10)
+    np.testing.assert_allclose(ratio[:, ~near & (LAM < 9050)], 1.0, rtol=1e-6)
+    # the O2 A band sits at 7594-7620 A whatever the star's velocity or redshift
+    a_band = (LAM > 7596) & (LAM < 7610)
+    assert np.all(np.nanmin(ratio[:, a_band], axis=1) < 0.8)
