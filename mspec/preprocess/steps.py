@@ -202,7 +202,9 @@ def preprocess(
     out.attrs["preprocess_recipe"] = recipe
     if not merge:
         return out
-    merged = ds.assign(out.data_vars)
+    # replace earlier outputs, including the wavelength_grid coordinate (its frame may differ)
+    own = [*out.data_vars, *(["wavelength_grid"] if "wavelength_grid" in out.coords else [])]
+    merged = ds.drop_vars([v for v in own if v in ds.variables]).assign(out.data_vars)
     merged.attrs["preprocess_recipe"] = recipe
     return merged
 
