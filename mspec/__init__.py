@@ -14,7 +14,6 @@ _LAZY = {
     "simulate_survey": "mspec.simulate",
     "ingest": "mspec.io.store",
     "open_store": "mspec.io.store",
-    "preprocess": "mspec.preprocess.steps",
     "template_match": "mspec.rv.template_match",
     "validate": "mspec.variables",
 }
