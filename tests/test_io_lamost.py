@@ -271,8 +271,25 @@ def test_write_catalog_restores_everything(tmp_path):
     assert float(back.true_teff[0]) == pytest.approx(float(ds.true_teff[0]))
 
 
+def test_read_bad_arguments(tmp_path):
+    with pytest.raises(TypeError, match="path"):
+        read_lamost(3)
+    with pytest.raises(TypeError, match="defaults"):
+        read_lamost(tmp_path / "x.fits", defaults=[1, 2])
+    with pytest.raises(BadFileError, match="not_found"):
+        read_lamost(tmp_path / "missing.fits")
+
+
 def test_write_bad_arguments(tmp_path):
     ds = toy_survey(2)
+    with pytest.raises(TypeError, match="ds"):
+        write_lamost_fits(ds.flux, tmp_path)
+    with pytest.raises(TypeError, match="directory"):
+        write_lamost_fits(ds, 5)
+    with pytest.raises(TypeError, match="gzip"):
+        write_lamost_fits(ds, tmp_path, gzip="yes")
+    with pytest.raises(ValueError, match="dims"):
+        write_lamost_fits(ds.rename_dims(pixels="grid"), tmp_path)
     with pytest.raises(ValueError, match="layout"):
         write_lamost_fits(ds, tmp_path, layout="dr12")
     with pytest.raises(ValueError, match="ivar"):
@@ -506,3 +523,18 @@ def test_scaled_file_uses_astropy_path(tmp_path):
     a = read_lamost(good)
     b = read_lamost(tmp_path / "scaled.fits")
     np.testing.assert_allclose(b.flux.values, a.flux.values, atol=1e-3, rtol=0)
+
+
+@pytest.mark.parametrize("shift", [5, -3])
+def test_integer_offset_placement(tmp_path, shift):
+    path, loglam = _shifted_file(tmp_path, float(shift))
+    s = read_lamost(path).isel(spectra=0)
+    assert not bool(s.resampled) and float(s.loglam_offset) == 0.0
+    with fits.open(path) as h:
+        flux = h[0].data[0]
+    if shift > 0:  # starts later: padding in front, the file's pixels copied unchanged
+        assert np.all(np.isnan(s.flux.values[:shift]))
+        assert np.all(s.andmask.values[:shift] == MASK_NODATA)
+        np.testing.assert_array_equal(s.flux.values[shift:], flux[: NPIX - shift])
+    else:  # starts before the grid: the pixels outside it are dropped
+        np.testing.assert_array_equal(s.flux.values[: NPIX + shift], flux[-shift:])

@@ -657,6 +657,10 @@ def read_spectrum(
     BadFileError
         With a :data:`QUARANTINE_CODES` code if the file cannot be used.
     """
+    if not isinstance(path, str | os.PathLike):
+        raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
+    if defaults is not None and not isinstance(defaults, Mapping):
+        raise TypeError(f"defaults must be a mapping, got {type(defaults).__name__}")
     view = _view(path)
     layout = detect_layout(view)
     try:
@@ -843,10 +847,19 @@ def write_lamost_fits(
         Unknown ``layout``, missing variables, duplicate file names, or an ``"oldest"``
         layout requested for a non log-linear ``loglam``.
     """
+    import xarray as xr
     from astropy.io import fits
 
+    if not isinstance(ds, xr.Dataset):
+        raise TypeError(f"ds must be an xarray.Dataset, got {type(ds).__name__}")
+    if not isinstance(directory, str | os.PathLike):
+        raise TypeError(f"directory must be a str or os.PathLike, got {type(directory).__name__}")
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    if not isinstance(gzip, bool | np.bool_):
+        raise TypeError(f"gzip must be a bool, got {type(gzip).__name__}")
+    if set(ds.dims) - {"spectra", "pixels"} or "pixels" not in ds.dims:
+        raise ValueError(f"ds: dims must be ('spectra', 'pixels'), got {tuple(ds.dims)}")
     for name in ("flux", "ivar", "andmask", "ormask", "obsid"):
         if name not in ds.variables:
             raise ValueError(f"ds: variable {name!r} is missing")
