@@ -538,3 +538,41 @@ def test_integer_offset_placement(tmp_path, shift):
         np.testing.assert_array_equal(s.flux.values[shift:], flux[: NPIX - shift])
     else:  # starts before the grid: the pixels outside it are dropped
         np.testing.assert_array_equal(s.flux.values[: NPIX + shift], flux[-shift:])
+
+
+# --------------------------------------------------------------------------- header parser property
+
+
+def test_fast_header_parser_matches_astropy(tmp_path):
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    from mspec.io.lamost import _astropy_view, _fast_view
+
+    text = st.text(
+        alphabet=st.characters(min_codepoint=32, max_codepoint=126), min_size=0, max_size=40
+    )
+    value = st.one_of(
+        st.integers(-(2**62), 2**62),
+        st.floats(allow_nan=False, allow_infinity=False, width=64),
+        st.booleans(),
+        text,
+    )
+
+    @settings(
+        max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    )
+    @given(st.dictionaries(st.sampled_from([f"KEY{i}" for i in range(12)]), value, max_size=8))
+    def check(cards):
+        hdu = fits.PrimaryHDU(np.ones((5, 4), np.float32))
+        for k, v in cards.items():
+            hdu.header[k] = v
+        path = tmp_path / "h.fits"
+        hdu.writeto(path, overwrite=True)
+        raw = path.read_bytes()
+        fast, ref = _fast_view(raw), _astropy_view(raw)
+        for k in cards:
+            assert fast.header[k] == ref.header[k], (k, cards[k])
+            assert type(fast.header[k]) is type(ref.header[k]) or isinstance(ref.header[k], float)
+
+    check()

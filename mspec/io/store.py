@@ -833,6 +833,15 @@ def ingest(sources, store, chunk_size: int = 1000, client=None, progress: bool =
                 state = _commit(store, state, batch, df)
                 counts["read"] += len(part)
                 tally(df)
+                bad = df[df["status"] != "stored"]
+                log.info(
+                    "batch %d: %d files, %d stored, %d skipped (%s)",
+                    batch,
+                    len(df),
+                    len(df) - len(bad),
+                    len(bad),
+                    ", ".join(f"{k}: {v}" for k, v in bad["code"].value_counts().items()) or "-",
+                )
                 new = df.loc[df["status"] == "stored", "obsid"].to_numpy(np.int64)
                 obsids = np.concatenate([obsids, new])
                 batch += 1
