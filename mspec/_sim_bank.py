@@ -32,9 +32,10 @@ R_LAMOST = 1800.0
 R_TEMPLATES = 2000.0
 
 #: Spectral-type <-> Teff relation adopted for M dwarfs (subtype -2 = K5, -1 = K7, 0..9 =
-#: M0..M9). A compromise of Rajpurohit et al. 2013 and Mann et al. 2015 (dwarfs).
+#: M0..M9): between Mann et al. 2015 (M0 ~3850 K) and the hotter APOGEE / LAMOST-literature
+#: scale the paper's labels use (its dM Teff range reaches 4125 K); see docs/simulator.md.
 DWARF_SUBTYPES = np.array([-2.0, -1.0, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9])
-DWARF_TEFF = np.array([4400.0, 4050.0, 3850, 3680, 3550, 3400, 3200, 3050, 2850, 2650, 2500, 2300])
+DWARF_TEFF = np.array([4450.0, 4150.0, 3950, 3800, 3650, 3500, 3300, 3120, 2900, 2700, 2550, 2350])
 #: M giants (van Belle et al. 1999; Perrin et al. 1998): M0 III ... M7 III.
 GIANT_SUBTYPES = np.array([0.0, 1, 2, 3, 4, 5, 6, 7])
 GIANT_TEFF = np.array([3900.0, 3810, 3730, 3640, 3560, 3420, 3250, 3100])
@@ -50,10 +51,10 @@ HOT_TEMPLATES = [
     ("G0_+0.0_Dwarf", 5900.0),
     ("G5_+0.0_Dwarf", 5650.0),
     ("K0_+0.0_Dwarf", 5250.0),
-    ("K3_+0.0_Dwarf", 4800.0),
-    ("K5_+0.0_Dwarf", 4400.0),
-    ("K7_+0.0_Dwarf", 4050.0),
-    ("M0_+0.0_Dwarf", 3850.0),
+    ("K3_+0.0_Dwarf", 4850.0),
+    ("K5_+0.0_Dwarf", 4450.0),
+    ("K7_+0.0_Dwarf", 4150.0),
+    ("M0_+0.0_Dwarf", 3950.0),
 ]
 FEH_NODES = np.array([-1.0, -0.5, 0.0, 0.5, 1.0])
 

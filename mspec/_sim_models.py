@@ -46,7 +46,7 @@ def giant_teff(subtype):
     return np.interp(np.asarray(subtype, float), sb.GIANT_SUBTYPES, sb.GIANT_TEFF)
 
 
-_MS_TEFF = np.array([2300.0, 2500, 2850, 3050, 3200, 3400, 3550, 3850, 4050, 4400, 5250, 6000])
+_MS_TEFF = np.array([2350.0, 2550, 2900, 3120, 3300, 3500, 3650, 3950, 4150, 4450, 5250, 6000])
 _MS_LOGG = np.array([5.30, 5.25, 5.15, 5.05, 4.97, 4.87, 4.80, 4.67, 4.62, 4.60, 4.55, 4.40])
 
 

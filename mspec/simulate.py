@@ -493,13 +493,14 @@ def _mag_from_snr(snr, cond):
 
 
 # intrinsic Gaia colour (BP-RP)_0 and absolute G for each population, tabulated against Teff
-_DM_T = np.array([2300.0, 2500, 2650, 2850, 3050, 3200, 3400, 3550, 3700, 3850, 4050, 4400])
-_DM_C = np.array([4.6, 4.3, 4.0, 3.55, 3.1, 2.8, 2.45, 2.2, 2.0, 1.84, 1.7, 1.45])
-_DM_G = np.array([16.2, 15.3, 14.5, 13.1, 11.9, 11.1, 10.0, 9.2, 8.7, 8.2, 7.9, 7.2])
+# M dwarfs are tabulated against subtype (K5, K7, M0..M9), so they follow the SpT-Teff scale
+_DM_ST = np.array([-2.0, -1, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9])
+_DM_C = np.array([1.45, 1.7, 1.84, 2.0, 2.2, 2.45, 2.8, 3.1, 3.55, 4.0, 4.3, 4.6])
+_DM_G = np.array([7.2, 7.9, 8.2, 8.7, 9.2, 10.0, 11.1, 11.9, 13.1, 14.5, 15.3, 16.2])
 _GM_T = np.array([3000.0, 3100, 3300, 3500, 3700, 3900, 4100])
 _GM_C = np.array([4.5, 4.2, 3.6, 2.9, 2.3, 1.9, 1.6])
 _GM_G = np.array([-1.6, -1.6, -1.5, -1.2, -0.8, -0.3, 0.2])
-_HOT_T = np.array([4050.0, 4400, 4800, 5250, 5650, 5900, 6500, 7200, 8000, 9600, 14000, 20000])
+_HOT_T = np.array([4150.0, 4450, 4850, 5250, 5650, 5900, 6500, 7200, 8000, 9600, 14000, 20000])
 _HOT_C = np.array([1.7, 1.45, 1.2, 0.98, 0.85, 0.75, 0.6, 0.4, 0.2, 0.0, -0.1, -0.2])
 _HOT_G = np.array([7.9, 7.2, 6.5, 5.6, 4.8, 4.2, 3.4, 2.6, 2.0, 1.0, 0.0, -1.2])
 _WD_T = np.array([5000.0, 7000, 10000, 20000, 40000])
@@ -720,7 +721,7 @@ def _draw_stars(rng, n, mix, gfrac):
         u = rng.random(d.size)
         scale, lo, hi = 2.2, -0.5, 9.4
         st = lo - scale * np.log(1 - u * (1 - np.exp(-(hi - lo) / scale)))
-        t = np.clip(sm.dwarf_teff(st) + rng.normal(0, 30, d.size), 2300.0, 3950.0)
+        t = np.clip(sm.dwarf_teff(st) + rng.normal(0, 30, d.size), 2350.0, 4050.0)
         mh = np.clip(rng.normal(-0.15, 0.22, d.size), -1.3, 0.6)
         sd = rng.random(d.size) < 0.03  # a few subdwarfs, beyond the template grid
         mh[sd] = rng.uniform(-2.0, -1.0, sd.sum())
@@ -749,7 +750,7 @@ def _draw_stars(rng, n, mix, gfrac):
         kind[g] = "gM"
         sub[g] = _m_subclass(sm.giant_subtype(t), np.ones(g.size, bool))
     ranges = {"OB": (10500.0, 20000.0), "A": (7400.0, 10000.0), "F": (6000.0, 7400.0)}
-    ranges |= {"G": (5300.0, 6000.0), "K": (3950.0, 5300.0)}
+    ranges |= {"G": (5300.0, 6000.0), "K": (4050.0, 5300.0)}
     for c, (tlo, thi) in ranges.items():
         s = np.nonzero(cls == c)[0]
         if not s.size:
@@ -909,8 +910,9 @@ def _draw_crossmatch(rng, n, truth, obs, miss):
     dm, gm = lum == "dM", lum == "gM"
     hot = np.isin(cls, ["OB", "A", "F", "G", "K"])
     wd, gal, qso = cls == "WD", cls == "GALAXY", cls == "QSO"
-    c0[dm] = np.interp(teff[dm], _DM_T, _DM_C)
-    mg[dm] = np.interp(teff[dm], _DM_T, _DM_G) + rng.normal(0, 0.25, dm.sum())
+    st_dm = sm.dwarf_subtype(teff[dm])
+    c0[dm] = np.interp(st_dm, _DM_ST, _DM_C)
+    mg[dm] = np.interp(st_dm, _DM_ST, _DM_G) + rng.normal(0, 0.25, dm.sum())
     w12[dm] = np.clip(0.05 + 0.08 * (c0[dm] - 1.8), 0.0, 0.4)
     c0[gm] = np.interp(teff[gm], _GM_T, _GM_C)
     mg[gm] = np.interp(teff[gm], _GM_T, _GM_G) + rng.normal(0, 0.5, gm.sum())

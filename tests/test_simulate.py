@@ -293,7 +293,7 @@ def _cah(f):  # CaH3-like index: < 1 is a dip
 
 
 def test_tio_depth_grows_as_teff_falls():
-    teff = np.arange(4000.0, 2499.0, -100.0)  # K7 ... M8
+    teff = np.arange(4100.0, 2599.0, -100.0)  # K7 ... M7.5 (TiO saturates at M8-M9)
     f = sim.model_spectrum(teff, sim_logg(teff), 0.0, 0.0, LL, kind="dM")
     depth = 1 - _band(f, 7126, 7135) / _band(f, 7042, 7046)  # TiO5 band depth
     assert np.all(np.diff(depth) > 0)
@@ -511,3 +511,47 @@ def test_telluric_bands_in_observed_frame():
     # the O2 A band sits at 7594-7620 A whatever the star's velocity or redshift
     a_band = (LAM > 7596) & (LAM < 7610)
     assert np.all(np.nanmin(ratio[:, a_band], axis=1) < 0.8)
+
+
+def test_indices_match_real_lamost_m_dwarfs():
+    """At the literature Teff/[Fe/H] of the real DR7 M dwarfs, the model's TiO5, CaH2, CaH3
+    indices and Na I EW agree with the real spectra (median offsets; labels are noisy)."""
+    pd = pytest.importorskip("pandas")
+    from astropy.io import fits
+
+    from mspec.data import shared_data_dir
+
+    d = shared_data_dir() / "lamost_dr7_mdwarfs"
+    lab = pd.read_csv(d / "labels.csv")
+    real, model = [], []
+    for row in lab.itertuples():
+        with fits.open(d / row.file_name) as h:
+            data = h[0].data.astype(float)
+            z = h[0].header["Z"]
+        lam = data[2] / (1 + (z if z > -9000 else 0.0))
+        f = np.where(data[1] > 0, data[0], np.nan)
+        if not np.all(np.isfinite(f[(lam > 6900) & (lam < 8300)])):
+            continue
+        m = sim.model_spectrum(
+            row.teff_lit, sim_logg(row.teff_lit), row.feh_lit, 0.0, LL, kind="dM"
+        )
+        real.append(_indices(lam, f))
+        model.append(_indices(LAM, m))
+    real, model = np.array(real), np.array(model)
+    assert len(real) >= 30
+    off = np.median(model - real, axis=0)
+    assert np.all(np.abs(off[:3]) < 0.06), off  # TiO5, CaH2, CaH3
+    assert abs(off[3]) < 0.5, off  # Na I EW (A)
+
+
+def _indices(lam, f):
+    def band(lo, hi):
+        return np.nanmean(f[(lam >= lo) & (lam <= hi)])
+
+    c = band(7044, 7048)
+    s = (lam >= 8176) & (lam <= 8206)
+    a, b = (lam >= 8150) & (lam <= 8172), (lam >= 8210) & (lam <= 8230)
+    ya, yb = np.nanmean(f[a]), np.nanmean(f[b])
+    cont = ya + (yb - ya) * (lam[s] - lam[a].mean()) / (lam[b].mean() - lam[a].mean())
+    na = np.nansum((1 - f[s] / cont) * np.gradient(lam)[s])
+    return band(7128, 7137) / c, band(6816, 6848) / c, band(6962, 6992) / c, na
