@@ -555,3 +555,29 @@ def _indices(lam, f):
     cont = ya + (yb - ya) * (lam[s] - lam[a].mean()) / (lam[b].mean() - lam[a].mean())
     na = np.nansum((1 - f[s] / cont) * np.gradient(lam)[s])
     return band(7128, 7137) / c, band(6816, 6848) / c, band(6962, 6992) / c, na
+
+
+def test_random_mixes_exact_and_valid():
+    hyp = pytest.importorskip("hypothesis")
+    st = hyp.strategies
+
+    @hyp.settings(max_examples=12, deadline=None, derandomize=True)
+    @hyp.given(
+        n=st.integers(1, 25),
+        weights=st.lists(st.integers(0, 5), min_size=len(sim.CLASSES), max_size=len(sim.CLASSES)),
+        seed=st.integers(0, 2**31),
+    )
+    def check(n, weights, seed):
+        hyp.assume(sum(weights) > 0)
+        mix = {c: w / sum(weights) for c, w in zip(sim.CLASSES, weights)}
+        ds = sim.simulate_survey(n, seed=seed, mix=mix, snr=(5, 50))
+        validate(ds, list(ds.data_vars) + ["obsid", "loglam"])
+        counts = np.array([(ds.true_class.values == c).sum() for c in sim.CLASSES])
+        assert counts.sum() == n
+        assert np.all(np.abs(counts - n * np.array(list(mix.values()))) < 1.0)
+        assert np.all(counts[np.array(weights) == 0] == 0)
+        assert np.unique(ds.obsid.values).size == n
+        good = ~np.isnan(ds.flux.values)
+        assert np.all(np.isfinite(ds.flux.values[good])) and np.all(ds.ivar.values >= 0)
+
+    check()
