@@ -52,7 +52,9 @@ STORE_FORMAT = "mspec-store"
 STORE_VERSION = 1
 #: Spectra per dask task when scanning files (pass 1).
 SCAN_GROUP = 200
-#: Chunks per batch (a batch is the unit of planning and commit).
+#: Minimum chunks per batch (a batch is the unit of planning and commit). A new store uses
+#: max(BATCH_CHUNKS, 2 x the cluster's threads), recorded in its state so that resuming or
+#: appending on another cluster partitions files the same way.
 BATCH_CHUNKS = 16
 SPECTRAL = ("flux", "ivar", "andmask", "ormask")
 _FITS_SUFFIXES = (".fits", ".fits.gz", ".fit", ".fit.gz", ".fts", ".fts.gz")
@@ -305,13 +307,13 @@ def _create_array(group, name: str, n: int, chunk: int):
     )
 
 
-def _ensure_store(store: Path, chunk_size: int) -> dict:
+def _ensure_store(store: Path, chunk_size: int, batch_chunks: int = BATCH_CHUNKS) -> dict:
     """Create the store if needed; return its state."""
     with _quiet():
-        return _ensure_store_impl(store, chunk_size)
+        return _ensure_store_impl(store, chunk_size, batch_chunks)
 
 
-def _ensure_store_impl(store: Path, chunk_size: int) -> dict:
+def _ensure_store_impl(store: Path, chunk_size: int, batch_chunks: int) -> dict:
     import zarr
 
     mdir = _meta_dir(store)
@@ -327,6 +329,7 @@ def _ensure_store_impl(store: Path, chunk_size: int) -> dict:
             "format": STORE_FORMAT,
             "version": STORE_VERSION,
             "chunk_size": int(chunk_size),
+            "batch_chunks": int(batch_chunks),
             "npix": NPIX,
             "n_spectra": 0,
             "batches": 0,
@@ -452,6 +455,18 @@ class _Runner:
                     f"{sorted(self._LOCAL)}; got {type(client).__name__}"
                 )
             self.client = client
+
+    def nthreads(self) -> int:
+        """Threads that run tasks at once."""
+        if self.client is not None:
+            try:
+                workers = self.client.scheduler_info().get("workers", {})
+                return max(1, sum(int(w.get("nthreads", 1)) for w in workers.values()))
+            except Exception:  # pragma: no cover - an unusual scheduler
+                return 1
+        if self.scheduler in ("sync", "synchronous", "single-threaded"):
+            return 1
+        return os.cpu_count() or 1
 
     def close(self):
         if self._own:
@@ -796,7 +811,8 @@ def ingest(sources, store, chunk_size: int = 1000, client=None, progress: bool =
 
     try:
         with _locked(store):
-            state = _ensure_store(store, int(chunk_size))
+            batch_chunks = max(BATCH_CHUNKS, 2 * runner.nthreads())
+            state = _ensure_store(store, int(chunk_size), batch_chunks)
             if int(state["chunk_size"]) != int(chunk_size):
                 warnings.warn(
                     f"store {store} has chunk_size {state['chunk_size']}; "
@@ -817,7 +833,7 @@ def ingest(sources, store, chunk_size: int = 1000, client=None, progress: bool =
             todo = [it for it in items if it[0] not in known]
             skipped = len(items) - len(todo)
             obsids = _store_obsids(store, int(state["n_spectra"]))
-            per_batch = chunk * BATCH_CHUNKS
+            per_batch = chunk * int(state.get("batch_chunks", BATCH_CHUNKS))
             for b0 in range(0, len(todo), per_batch):
                 part = todo[b0 : b0 + per_batch]
                 group = max(1, min(SCAN_GROUP, chunk))
