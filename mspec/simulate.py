@@ -393,8 +393,13 @@ def model_spectrum(
     Raises
     ------
     ValueError
-        If ``kind`` is unknown, ``loglam`` is not 1-D/finite, or the parameters do not
-        broadcast.
+        If ``kind`` or an ``extra`` key is unknown, ``loglam`` is not 1-D/finite, a star's
+        ``teff``/``logg`` is not finite, ``|rv| >= c``, or the parameters do not broadcast.
+
+    Notes
+    -----
+    Teff outside the template range is clamped to it (M: 2350-4450 K via K5..M9; OB-K:
+    3950-17000 K).
     """
     loglam = np.asarray(loglam, dtype=np.float64)
     if loglam.ndim != 1 or not np.all(np.isfinite(loglam)):
@@ -402,6 +407,12 @@ def model_spectrum(
     if ew_halpha is None:
         ew_halpha = 4.0
     extra = {} if extra is None else dict(extra)
+    unknown = set(extra) - set(_GAL_DEFAULTS) - set(_QSO_DEFAULTS)
+    if unknown:
+        raise ValueError(
+            f"extra has unknown keys {sorted(unknown)}; known: "
+            f"{sorted(set(_GAL_DEFAULTS) | set(_QSO_DEFAULTS))}"
+        )
     args = [teff, logg, m_h, alpha_m, rv, active, ew_halpha, kind]
     scalar = all(np.ndim(a) == 0 for a in args + list(extra.values()))
     try:
@@ -417,8 +428,13 @@ def model_spectrum(
     extra = dict(zip(extra.keys(), b[8:]))
     m_h = np.nan_to_num(m_h)
     alpha_m = np.nan_to_num(alpha_m)
-    if np.any(np.abs(rv) >= C_KMS):
-        raise ValueError("rv must satisfy |rv| < c")
+    star = ~np.isin(kinds, ["GALAXY", "QSO"])
+    if np.any(star & ~(np.isfinite(teff) & (teff > 0))):
+        raise ValueError("teff must be finite and positive for stars")
+    if np.any(star & ~np.isfinite(logg)):
+        raise ValueError("logg must be finite for stars")
+    if not np.all(np.isfinite(rv)) or np.any(np.abs(rv) >= C_KMS):
+        raise ValueError("rv must be finite with |rv| < c")
     out = _render(kinds, teff, logg, m_h, alpha_m, rv, active, ew, loglam, extra)
     return out[0] if scalar else out
 

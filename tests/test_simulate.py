@@ -251,6 +251,12 @@ def test_model_spectrum_bad_arguments():
         sim.model_spectrum([3500, 3600], [5, 5, 5], 0, 0, ll)
     with pytest.raises(ValueError, match="rv"):
         sim.model_spectrum(3500, 5, 0, 0, ll, rv=4e5)
+    with pytest.raises(ValueError, match="teff"):
+        sim.model_spectrum(np.nan, 5, 0, 0, ll)
+    with pytest.raises(ValueError, match="logg"):
+        sim.model_spectrum(3500, np.nan, 0, 0, ll, kind="dM")
+    with pytest.raises(ValueError, match="extra"):
+        sim.model_spectrum(0, 0, 0, 0, ll, kind="QSO", extra={"spam": 1})
 
 
 # -- physics ---------------------------------------------------------------------------------
