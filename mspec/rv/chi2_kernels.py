@@ -20,7 +20,7 @@ numpy version of the same algorithm is :mod:`mspec.rv.reference`; the xarray/das
   normal equations on 14 float64 moment sums (Σ w x^k O S, k ≤ 4, Σ w x^p S², p ≤ 8):
   χ² = (Σ w O² - bᵀ A⁻¹ b) / N, exact up to rounding.
 * The Gaussian fit ``y = c0 - A exp(-(v - μ)² / 2σ²)`` uses the 2W+1 trial points around the
-  sampled minimum (W = ``fit_halfwidth`` = 3), by Levenberg–Marquardt (:func:`gauss_fit`, the
+  sampled minimum (W = ``fit_halfwidth`` = 2: 5 points, ±120 km/s), by Levenberg–Marquardt (:func:`gauss_fit`, the
   same code in numba and in the reference).
 * Step 2: with the best template, the spectrum minus the initial RV (rounded to the lattice)
   and shifted by s is measured again on the 21-point grid. Because a shift is a lattice
@@ -111,7 +111,7 @@ class TMConfig:
     trial_step: float = 60.0
     n_trial: int = 10
     shifts: tuple = field(default_factory=lambda: tuple(float(s) for s in range(-500, 501)))
-    fit_halfwidth: int = 3
+    fit_halfwidth: int = 2
     weighting: str = "none"
     min_pixels: int = 200
 
@@ -551,13 +551,15 @@ def _chi2_slice(s, off, n, pw, qw, sumo2, nval, b, a, coef):
 
 
 @njit(nogil=True)
-def _stat_error(flux, ivar, i0, n, x, qw, smid, slo, shi, dv, use_ivar, coef):
-    """Statistical RV error (km/s) from the χ² curvature, propagating the pixel ivar.
+def _stat_error(flux, i0, n, x, qw, smid, slo, shi, dv, coef):
+    """Statistical RV error (km/s) from the χ² curvature, with residual (sandwich) variance.
 
-    Model M = P4(x) S(v); g = dM/dv with P4 fixed, projected orthogonal (w-metric) to the
-    5 columns x^k S (the polynomial is refitted with v); then
-    σ² = Σ w² σ_i² g⊥² / (Σ w g⊥²)², σ_i² = 1/ivar (exact sandwich for the unweighted fit,
-    1/Σ ivar g⊥² for ivar weights).
+    Model M = P4(x) S(v); g = dM/dv with P4 fixed, projected orthogonal (w-metric) to the 5
+    columns x^k S (the polynomial is refitted with v); linearising the fit gives
+    δv = Σ w g⊥ ε / Σ w g⊥², so var(v) = Σ w² var(ε_i) g⊥² / (Σ w g⊥²)². The pixel variance is
+    estimated by the squared residual r_i² = (O - M)² (heteroscedasticity-consistent "HC0"
+    sandwich): it includes template mismatch and any wrong ivar, which is why it is
+    calibrated on simulations where an ivar-propagated error is not (``docs/rv.md``).
     """
     g = np.empty(n)
     cols = np.empty((n, 5))
@@ -589,11 +591,14 @@ def _stat_error(flux, ivar, i0, n, x, qw, smid, slo, shi, dv, use_ivar, coef):
         w = qw[i, 0]
         if w == 0.0:
             continue
+        model = 0.0
         gp = g[i]
         for k in range(5):
+            model += coef[k] * cols[i, k]
             gp -= cols[i, k] * beta[k]
+        res = flux[i0 + i] - model
         den += w * gp * gp
-        num += w * w * gp * gp / ivar[i0 + i]
+        num += w * w * gp * gp * res * res
     if not (den > 0.0):
         return math.nan
     return math.sqrt(num) / den
@@ -715,7 +720,7 @@ def _one_spectrum(
     _shifted(flux1a[best], g0, lam_lat, jlo, i0, n, k, mf + 1, shi)
     _chi2_slice(smid, 0, n, pw, qw, sumo2, nval, b, a, coef)
     dv = 299792.458 * (10.0 ** ((mf + 1) * h) - 10.0 ** ((mf - 1) * h))
-    err_stat = _stat_error(flux, ivar, i0, n, x, qw, smid, slo, shi, dv, use_ivar, coef)
+    err_stat = _stat_error(flux, i0, n, x, qw, smid, slo, shi, dv, coef)
     return rv, err, err_stat, best, best_chi, STATUS_OK
 
 

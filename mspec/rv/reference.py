@@ -154,7 +154,8 @@ def tm_spectrum_ref(flux, ivar, ormask, loglam, wave1a, flux1a, cfg: K.TMConfig)
     rv = C_KMS * ((1 + v0 / C_KMS) * (1 + res.mean() / C_KMS) - 1)
     out["rv"] = rv
     out["err"] = float(res.std())
-    # statistical error: sandwich estimate from the model derivative at the final RV
+    # statistical error: linearised LS fit, pixel variance from the squared residuals
+    # (HC0 sandwich), at the final RV (nearest lattice point)
     mf = int(cfg.to_index(rv))
     s_mid = template_at(best, mf)
     _, coef = chi2_ref(o, w, x, s_mid)
@@ -165,6 +166,6 @@ def tm_spectrum_ref(flux, ivar, ormask, loglam, wave1a, flux1a, cfg: K.TMConfig)
     sw = np.sqrt(w)
     beta, *_ = np.linalg.lstsq(cols * sw[:, None], g * sw, rcond=None)
     gp = np.where(good, g - cols @ beta, 0.0)
-    var_pix = np.where(good, 1.0 / np.where(good, iv, 1.0), 0.0)
-    out["err_stat"] = float(math.sqrt(np.sum(w**2 * var_pix * gp**2)) / np.sum(w * gp**2))
+    resid = np.where(good, o - poly * s_mid, 0.0)
+    out["err_stat"] = float(math.sqrt(np.sum(w**2 * resid**2 * gp**2)) / np.sum(w * gp**2))
     return out
