@@ -307,7 +307,7 @@ for _p, _lbl in (("tm", "TM (4700-8899 A)"), ("tml7500", "TML7500 (4700-7500 A)"
         S,
         "f",
         "km/s",
-        f"{_lbl} statistical RV error propagated from ivar through the chi2 curvature",
+        f"{_lbl} calibrated statistical RV error: chi2 curvature, residual (sandwich) variance",
     )
     register(f"{_p}_template", S, "S", "", f"{_lbl} best template name ('' when none)")
     register(
