@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import math
+import threading
 
 import numpy as np
 
@@ -78,6 +79,7 @@ GROUPS = ["TiO", "CaH", "VO", "KI", "NaI", "CaII"]
 TAPER_A = 3.0
 #: Window (rest, A) whose mean pseudo-continuum sets the H-alpha emission line flux.
 HALPHA_CONT = ((6535.0, 6552.0), (6578.0, 6595.0))
+_KERNEL_LOCK = threading.Lock()
 
 
 def fine_grid() -> np.ndarray:
@@ -266,20 +268,23 @@ class Bank:
         if feat_coef is not None:
             fc[:, :-1] = feat_coef
         ec = np.zeros(n) if env_coef is None else np.asarray(env_coef, np.float64)
-        return evaluate_bank(
-            self._flat,
-            NF,
-            G0,
-            DG,
-            np.ascontiguousarray(idx, dtype=np.int64),
-            np.ascontiguousarray(weights, dtype=np.float64),
-            np.ascontiguousarray(shift, dtype=np.float64),
-            np.ascontiguousarray(loglam, dtype=np.float64),
-            self.fid,
-            self.taper,
-            fc,
-            ec,
-        )
+        # numba's fallback 'workqueue' threading layer cannot run parallel kernels from two
+        # threads at once: serialise calls (cheap; each call is already multi-threaded)
+        with _KERNEL_LOCK:
+            return evaluate_bank(
+                self._flat,
+                NF,
+                G0,
+                DG,
+                np.ascontiguousarray(idx, dtype=np.int64),
+                np.ascontiguousarray(weights, dtype=np.float64),
+                np.ascontiguousarray(shift, dtype=np.float64),
+                np.ascontiguousarray(loglam, dtype=np.float64),
+                self.fid,
+                self.taper,
+                fc,
+                ec,
+            )
 
     def evaluate_numpy(self, idx, weights, shift, loglam, feat_coef=None, env_coef=None):
         """Weighted template combination at ``loglam - shift`` with line-strength scaling.

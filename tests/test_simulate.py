@@ -587,3 +587,13 @@ def test_random_mixes_exact_and_valid():
         assert np.all(np.isfinite(ds.flux.values[good])) and np.all(ds.ivar.values >= 0)
 
     check()
+
+
+def test_thread_safe():
+    from concurrent.futures import ThreadPoolExecutor
+
+    seeds = [1, 2, 3, 4]
+    with ThreadPoolExecutor(4) as ex:
+        par = list(ex.map(lambda s: sim.simulate_survey(60, seed=s), seeds))
+    for s, ds in zip(seeds, par):
+        xr.testing.assert_identical(ds, sim.simulate_survey(60, seed=s))
