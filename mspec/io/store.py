@@ -183,7 +183,7 @@ def resolve_sources(sources) -> list[tuple[str, dict]]:
     for src in sources:
         if not isinstance(src, str | os.PathLike):
             raise TypeError(f"sources: entries must be paths, got {type(src).__name__}")
-        s = os.fspath(src)
+        s = os.path.expanduser(os.fspath(src))
         if os.path.isdir(s):
             out += [(os.path.abspath(p), {}) for p in _fits_files_in(Path(s))]
         elif _is_catalog(s) and os.path.isfile(s):
@@ -794,7 +794,7 @@ def ingest(sources, store, chunk_size: int = 1000, client=None, progress: bool =
     if not isinstance(store, str | os.PathLike):
         raise TypeError(f"store must be a path, got {type(store).__name__}")
     items = resolve_sources(sources)
-    store = Path(store).absolute()
+    store = Path(store).expanduser().absolute()
     runner = _Runner(client)
     counts = {"stored": 0, "quarantined": 0, "duplicates": 0, "resampled": 0, "read": 0}
     codes: dict[str, int] = {}
@@ -906,7 +906,7 @@ def open_store(path, *, chunks: Mapping | None = None):
     """
     import xarray as xr
 
-    path = Path(path)
+    path = Path(path).expanduser()
     state = store_state(path)
     n = int(state["n_spectra"])
     chunk = int(state["chunk_size"])
