@@ -115,8 +115,11 @@ def test_chunk_size_gives_identical_data(tmp_path, chunk):
 
 
 def test_open_store_lazy_validated(tmp_path):
+    import mspec
+
     _, d, _ = _fits_dir(tmp_path, n=6)
-    ingest(d, tmp_path / "s.zarr", chunk_size=4)
+    mspec.ingest(d, tmp_path / "s.zarr", chunk_size=4)  # the flat public API
+    assert mspec.open_store(tmp_path / "s.zarr", chunks={"spectra": 8}).flux.chunks[0] == (6,)
     with dask.config.set(scheduler=_boom):
         ds = open_store(tmp_path / "s.zarr")
         validate(ds)
@@ -244,6 +247,10 @@ def test_bad_arguments(tmp_path):
         ingest(d, tmp_path / "junk")
     with pytest.raises(StoreError, match="not an mspec store"):
         open_store(tmp_path / "junk")
+    with pytest.raises(TypeError, match="path"):
+        open_store(None)
+    with pytest.raises(TypeError, match="chunks"):
+        open_store(tmp_path / "junk", chunks=5)
     with pytest.raises(ValueError, match="sources"):
         import pandas as pd
 
@@ -357,7 +364,7 @@ def _batches(store):
 @pytest.mark.parametrize(
     "phase,until",
     [
-        ("write", lambda s: _markers(s) >= 2),  # mid-way through the units of batch 0
+        ("write", lambda s: _batches(s) == 0 and _markers(s) >= 1),  # mid-way through batch 0
         ("write", lambda s: _batches(s) >= 1 and _markers(s) >= 1),  # inside batch 1
         ("scan", lambda s: (s / "_mspec" / "state.json").exists()),  # before any plan
     ],

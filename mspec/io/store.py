@@ -906,6 +906,10 @@ def open_store(path, *, chunks: Mapping | None = None):
     """
     import xarray as xr
 
+    if not isinstance(path, str | os.PathLike):
+        raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
+    if chunks is not None and not isinstance(chunks, Mapping):
+        raise TypeError(f"chunks must be a mapping of dimension to size, got {chunks!r}")
     path = Path(path).expanduser()
     state = store_state(path)
     n = int(state["n_spectra"])
