@@ -576,3 +576,20 @@ def test_fast_header_parser_matches_astropy(tmp_path):
             assert type(fast.header[k]) is type(ref.header[k]) or isinstance(ref.header[k], float)
 
     check()
+
+
+def test_detect_layout_on_hdulist_and_long_strings(tmp_path):
+    from mspec.io.lamost import _fast_view, _NotPlain, _read_bytes, detect_layout
+
+    for layout in ("image", "oldest", "table"):
+        with fits.open(_good_file(tmp_path, layout)) as h:
+            assert detect_layout(h) == layout
+    # a long string (CONTINUE cards) makes the fast parser hand over to astropy
+    good = _good_file(tmp_path)
+    with fits.open(good) as h:
+        hdr = h[0].header.copy()
+        hdr["CLASS"] = "STAR " + "x" * 100
+        fits.PrimaryHDU(h[0].data, hdr).writeto(tmp_path / "long.fits")
+    with pytest.raises(_NotPlain):
+        _fast_view(_read_bytes(tmp_path / "long.fits"))
+    assert read_lamost(tmp_path / "long.fits").lamost_class.values[0] == "STAR " + "x" * 100

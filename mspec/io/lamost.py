@@ -216,6 +216,8 @@ def _parse_header(raw: bytes, pos: int):
             key = block[i : i + 8].rstrip()
             if key == b"END":
                 return cards, pos + 2880
+            if key == b"CONTINUE":  # long strings: leave them to astropy
+                raise _NotPlain("CONTINUE card")
             if block[i + 8 : i + 10] == b"= ":
                 k = key.decode("ascii")
                 if k not in cards:
