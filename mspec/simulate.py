@@ -882,7 +882,9 @@ def _draw_observations(rng, n, truth, snr_range, early_fraction):
     )
     # flux calibration: overall LAMOST-like scale and a smooth relative response (Legendre)
     scale = 1500.0 * 10.0 ** (-0.4 * (imag - 14.5)) * np.exp(rng.normal(0, 0.4, n))
-    resp = rng.normal(0.0, 0.06, (n, 3))
+    # ~3% of spectra are badly flux-calibrated (wrong standard star, poor sky): large response
+    bad_cal = rng.random(n) < 0.03
+    resp = rng.normal(0.0, 1.0, (n, 3)) * np.where(bad_cal, 0.25, 0.06)[:, None]
     blue_dead = rng.random(n) < 0.3
     airmass = rng.uniform(1.0, 1.6, n)
     pwv = np.exp(rng.normal(0.0, 0.5, n))  # precipitable water (mm)
@@ -1214,6 +1216,8 @@ def _draw_pipeline(rng, n, truth, obs, snrs, miss, perr):
     rv_t = truth["rv"]
     z_t = rv_t / C_KMS
     sig = np.sqrt(4.0**2 + (150.0 / snr_i) ** 2)
+    # the pilot survey (before MJD 55940) had a poorer wavelength calibration
+    sig = np.where(obs["mjd"] < MJD_RV_RELIABLE, np.hypot(sig, 15.0), sig)
     star = ~np.isin(kind, ["GALAXY", "QSO"])
     rv_l = np.where(star, rv_t - 4.0 + rng.normal(0, 1, n) * sig, np.nan)
     zsig = np.where(kind == "QSO", 3e-4, 5e-5) * (1.0 + z_t)

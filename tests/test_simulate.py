@@ -597,3 +597,16 @@ def test_thread_safe():
         par = list(ex.map(lambda s: sim.simulate_survey(60, seed=s), seeds))
     for s, ds in zip(seeds, par):
         xr.testing.assert_identical(ds, sim.simulate_survey(60, seed=s))
+
+
+def test_early_spectra_and_lamost_rv_errors():
+    ds = sim.simulate_survey(
+        300, seed=13, mix={"dM": 1.0}, snr=80.0, early_fraction=0.5,
+        missing={"lamost_z": 0.0}, pipeline_errors={"rv": 0.0},
+    )  # fmt: skip
+    early = ds.mjd.values < sim.MJD_RV_RELIABLE
+    assert 0.4 < early.mean() < 0.6
+    d = ds.lamost_rv.values - ds.true_rv.values
+    assert np.std(d[early]) > 2 * np.std(d[~early])
+    assert abs(np.median(d[~early]) + 4.0) < 1.5  # the pipeline's -4 km/s offset
+    assert np.all(ds.release.values[early] == "LAMOST DR1")
