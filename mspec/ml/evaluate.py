@@ -32,11 +32,11 @@ BALANCED_MIX = {
 }  # fmt: skip
 
 
-def simulate_training_survey(n: int, seed: int = 0, snr=(5.0, 150.0)) -> xr.Dataset:
+def simulate_training_survey(n: int, seed: int = 0, snr=(5.0, 150.0), mix=None) -> xr.Dataset:
     """A class-balanced simulated survey for training (see module docstring)."""
     from mspec.simulate import simulate_survey
 
-    return simulate_survey(int(n), seed=seed, mix=BALANCED_MIX, snr=snr)
+    return simulate_survey(int(n), seed=seed, mix=mix or BALANCED_MIX, snr=snr)
 
 
 def _predict_all(ds: xr.Dataset, models: Path, rv) -> xr.Dataset:
@@ -200,6 +200,12 @@ def main(argv=None) -> int:  # pragma: no cover - exercised by the documented ru
     q.add_argument("--out", required=True)
     q.add_argument("--epochs", type=int, default=40)
     q.add_argument("--folds", type=int, default=10)
+    q.add_argument(
+        "--threads", type=int, default=1, help="torch threads (1 avoids OpenMP oversubscription)"
+    )
+    q.add_argument(
+        "--only", choices=["all", "classifiers", "tlma"], default="all", help="what to train"
+    )
     q = sub.add_parser("test")
     q.add_argument("--models", required=True)
     q.add_argument("--n", type=int, default=3000)
@@ -211,14 +217,18 @@ def main(argv=None) -> int:  # pragma: no cover - exercised by the documented ru
         from mspec.ml.train import train_all_demo
 
         t0 = time.perf_counter()
-        ds = simulate_training_survey(a.n, a.seed)
+        mix = {"dM": 0.5, "gM": 0.5} if a.only == "tlma" else None
+        ds = simulate_training_survey(a.n, a.seed, mix=mix)
         t1 = time.perf_counter()
-        res = train_all_demo(ds, a.out, epochs=a.epochs, folds=a.folds, seed=a.seed,
-                             progress=True)  # fmt: skip
+        res = train_all_demo(
+            ds, a.out, epochs=a.epochs, folds=a.folds, seed=a.seed, progress=True,
+            threads=a.threads, only=a.only,
+        )  # fmt: skip
         res["simulate_seconds"] = round(t1 - t0, 1)
         res["total_seconds"] = round(time.perf_counter() - t0, 1)
         for k in ("spt", "wdm", "dmgm"):
-            res[k].pop("history", None)
+            if k in res:
+                res[k].pop("history", None)
         print(json.dumps(res, indent=1, default=str))
     elif a.cmd == "test":
         print(json.dumps(evaluate_simulated(a.models, a.n, a.seed), indent=1))

@@ -918,6 +918,7 @@ def train_all_demo(
     seed: int = 0,
     progress: bool = False,
     threads: int | None = None,
+    only: str = "all",
 ) -> dict:
     """Train CNN-SPT, CNN-WDM, CNN-dMgM and the CNN-TLMA pair on a simulated survey.
 
@@ -933,7 +934,9 @@ def train_all_demo(
     progress : bool
         Print one line per epoch.
     threads : int, optional
-        torch threads.
+        torch threads (1 is fastest on a busy machine: no OpenMP oversubscription).
+    only : {"all", "classifiers", "tlma"}
+        Train only the classifiers or only the CNN-TLMA pair.
 
     Returns
     -------
@@ -947,24 +950,28 @@ def train_all_demo(
     for v in ("true_class", "true_lumclass", "true_rv", "true_teff"):
         if v not in ds:
             raise ValueError(f"ds has no {v!r}: train_all_demo needs a simulated survey")
+    if only not in ("all", "classifiers", "tlma"):
+        raise ValueError(f"only must be 'all', 'classifiers' or 'tlma', got {only!r}")
     common = {"epochs": epochs, "seed": seed, "progress": progress, "threads": threads}
     res, secs = {}, {}
-    cnn = preprocess(ds, "cnn")
-    true_class = ds["true_class"].values
-    for kind, lab in (
-        ("spt", true_class),
-        ("wdm", true_class),
-        ("dmgm", ds["true_lumclass"].values),
-    ):
+    if only in ("all", "classifiers"):
+        cnn = preprocess(ds, "cnn")
+        true_class = ds["true_class"].values
+        for kind, lab in (
+            ("spt", true_class),
+            ("wdm", true_class),
+            ("dmgm", ds["true_lumclass"].values),
+        ):
+            t0 = time.perf_counter()
+            res[kind] = train_classifier(cnn, lab, kind, out / kind, **common)
+            secs[kind] = round(time.perf_counter() - t0, 1)
+    if only in ("all", "tlma"):
         t0 = time.perf_counter()
-        res[kind] = train_classifier(cnn, lab, kind, out / kind, **common)
-        secs[kind] = round(time.perf_counter() - t0, 1)
-    t0 = time.perf_counter()
-    tl = preprocess(ds, "tlma", rv=ds["true_rv"])
-    lab = {k: ds[f"true_{k}"].values for k in TLMA_LABELS}
-    res["tlma"] = train_tlma_pair(
-        tl, lab, ds["true_lumclass"].values, out / "tlma", folds=folds, **common
-    )
-    secs["tlma"] = round(time.perf_counter() - t0, 1)
+        tl = preprocess(ds, "tlma", rv=ds["true_rv"])
+        lab = {k: ds[f"true_{k}"].values for k in TLMA_LABELS}
+        res["tlma"] = train_tlma_pair(
+            tl, lab, ds["true_lumclass"].values, out / "tlma", folds=folds, **common
+        )
+        secs["tlma"] = round(time.perf_counter() - t0, 1)
     res["seconds"] = secs
     return res
