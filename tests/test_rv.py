@@ -308,3 +308,21 @@ def test_library_errors_and_replicate(lib):
     r = replicate_templates(lib, 12)
     assert r.sizes["templates"] == 12
     assert len(set(r.template_name.values)) == 12
+
+
+@pytest.mark.distributed
+def test_template_match_on_distributed_cluster(lib):
+    from distributed import Client, LocalCluster
+
+    ds = as_dataset(*fake_spectra(lib, [12.0, -40.0, 250.0, 3.0], snr=25, seed=9))
+    shifts = np.arange(-500, 501, 250)
+    eager = template_match(ds, lib, shifts=shifts)
+    with (
+        LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=False, dashboard_address=":0"
+        ) as cluster,
+        Client(cluster),
+    ):
+        got = template_match(ds.chunk({"spectra": 1}), lib, shifts=shifts).compute()
+    for v in eager.data_vars:
+        xr.testing.assert_identical(eager[v], got[v])

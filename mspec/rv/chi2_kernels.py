@@ -31,6 +31,7 @@ numpy version of the same algorithm is :mod:`mspec.rv.reference`; the xarray/das
 from __future__ import annotations
 
 import math
+import os
 import types
 from dataclasses import dataclass, field
 
@@ -72,6 +73,8 @@ STATUS_MEANINGS = {
 }
 
 WEIGHTINGS = ("none", "ivar")
+# on-disk numba cache is opt-in (as in mspec.preprocess): MSPEC_NUMBA_CACHE=1
+_CACHE = os.environ.get("MSPEC_NUMBA_CACHE") == "1"
 
 
 @dataclass(frozen=True)
@@ -230,7 +233,7 @@ def solve_small(mat, rhs, out):
     return True
 
 
-solve_small_nb = njit(nogil=True)(solve_small)
+solve_small_nb = njit(nogil=True, cache=_CACHE)(solve_small)
 # gauss_fit calls ``_solve``: the plain function in Python, the numba one in the jitted copy
 _solve = solve_small
 
@@ -372,7 +375,7 @@ def _with_globals(func, **repl):
 gauss_fit_nb = njit(nogil=True)(_with_globals(gauss_fit, _solve=solve_small_nb))
 
 
-@njit(nogil=True)
+@njit(nogil=True, cache=_CACHE)
 def _fit_curve(v, y, halfwidth):
     """Argmin + Gaussian fit of one χ² curve; returns (mu, ymin, code)."""
     n = y.size
@@ -409,7 +412,7 @@ def lattice_lambda(cfg: TMConfig, i0: int, n: int) -> tuple[np.ndarray, int]:
     return 10.0 ** (cfg.loglam0 + j * cfg.h), jlo
 
 
-@njit(nogil=True)
+@njit(nogil=True, cache=_CACHE)
 def _interp_uniform(lam, g0, flux):
     """Linear interpolation of ``flux`` on the uniform 1 Å grid starting at ``g0``."""
     u = lam - g0
@@ -422,11 +425,23 @@ def _interp_uniform(lam, g0, flux):
     return flux[k] * (1.0 - f) + flux[k + 1] * f
 
 
-@njit(nogil=True)
+@njit(nogil=True, cache=_CACHE)
 def _shifted(flux, g0, lam_lat, jlo, i0, n, k, m, out):
     """Template shifted by lattice index ``m`` at the window pixels."""
     for i in range(n):
         out[i] = _interp_uniform(lam_lat[(i0 + i) * k - m - jlo], g0, flux)
+
+
+@njit(nogil=True, cache=_CACHE)
+def _polyphase(flux, g0, lam_lat, jlo, jbase, k, npoly):
+    """``out[r, p]`` = template at lattice point ``jbase + p k + r`` (0 outside ``lam_lat``)."""
+    out = np.zeros((k, npoly))
+    for r in range(k):
+        for p in range(npoly):
+            j = jbase + p * k + r - jlo
+            if 0 <= j < lam_lat.size:
+                out[r, p] = _interp_uniform(lam_lat[j], g0, flux)
+    return out
 
 
 def trial_arrays(cfg: TMConfig, flux1a: np.ndarray, g0: float, i0: int, n: int):
@@ -438,7 +453,7 @@ def trial_arrays(cfg: TMConfig, flux1a: np.ndarray, g0: float, i0: int, n: int):
     return out, lam_lat, jlo
 
 
-@njit(nogil=True)
+@njit(nogil=True, cache=_CACHE)
 def _trial_fill(flux1a, g0, lam_lat, jlo, i0, n, k, mt, out):
     for t in range(flux1a.shape[0]):
         for q in range(mt.size):
@@ -448,7 +463,7 @@ def _trial_fill(flux1a, g0, lam_lat, jlo, i0, n, k, mt, out):
 # --- χ² from moment sums ---------------------------------------------------------------------
 
 
-@njit(nogil=True)
+@njit(nogil=True, cache=_CACHE)
 def _prep_obs(flux, ivar, ormask, x, i0, n, use_ivar, pw, qw):
     """Per-spectrum moment weights: pw[i, k] = w x^k O, qw[i, p] = w x^p; returns ΣwO², N."""
     sumo2 = 0.0
@@ -473,7 +488,7 @@ def _prep_obs(flux, ivar, ormask, x, i0, n, use_ivar, pw, qw):
     return sumo2, nval
 
 
-@njit(nogil=True)
+@njit(nogil=True, cache=_CACHE)
 def _solve_chi2(b, a, sumo2, nval, coef):
     """χ² = (ΣwO² - bᵀA⁻¹b)/N with A the 5×5 Hankel matrix of a; Cholesky, float64."""
     mat = np.empty((5, 5))
@@ -511,7 +526,7 @@ def _solve_chi2(b, a, sumo2, nval, coef):
     return (sumo2 - btc) / nval
 
 
-@njit(nogil=True)
+@njit(nogil=True, cache=_CACHE)
 def _chi2_slice(s, off, n, pw, qw, sumo2, nval, b, a, coef):
     """χ² of the observed spectrum against template values ``s[off:off+n]``."""
     b0 = b1 = b2 = b3 = b4 = 0.0
@@ -550,7 +565,7 @@ def _chi2_slice(s, off, n, pw, qw, sumo2, nval, b, a, coef):
     return _solve_chi2(b, a, sumo2, nval, coef)
 
 
-@njit(nogil=True)
+@njit(nogil=True, cache=_CACHE)
 def _stat_error(flux, i0, n, x, qw, smid, slo, shi, dv, coef):
     """Statistical RV error (km/s) from the χ² curvature, with residual (sandwich) variance.
 
@@ -604,7 +619,7 @@ def _stat_error(flux, i0, n, x, qw, smid, slo, shi, dv, coef):
     return math.sqrt(num) / den
 
 
-@njit(nogil=True)
+@njit(nogil=True, cache=_CACHE)
 def _one_spectrum(
     flux,
     ivar,
@@ -684,10 +699,27 @@ def _one_spectrum(
     mlo = m0 + mt.min() - ms.max()
     mhi = m0 + mt.max() - ms.min()
     dense = np.empty(mhi - mlo + 1)
-    sbuf = np.empty(n)
-    for m in range(mlo, mhi + 1):
-        _shifted(flux1a[best], g0, lam_lat, jlo, i0, n, k, m, sbuf)
-        dense[m - mlo] = _chi2_slice(sbuf, 0, n, pw, qw, sumo2, nval, b, a, coef)
+    if ms.size * ntr * 4 >= mhi - mlo + 1:
+        # many shifts (the paper's 1001): the whole curve, from a polyphase lattice of the
+        # best template: the value for pixel i at shift m is poly[r, i + q] with
+        # mhi - m = q k + r, so each shift reads one contiguous row and the template is
+        # interpolated once per lattice point, not once per (shift, pixel)
+        qmax = (mhi - mlo) // k
+        npoly = n + qmax + 1
+        poly = _polyphase(flux1a[best], g0, lam_lat, jlo, i0 * k - mhi, k, npoly)
+        for m in range(mlo, mhi + 1):
+            d = mhi - m
+            dense[m - mlo] = _chi2_slice(poly[d % k], d // k, n, pw, qw, sumo2, nval, b, a, coef)
+    else:
+        # few shifts: only the lattice points they need
+        dense[:] = nan
+        sbuf = np.empty(n)
+        for si in range(ms.size):
+            for q in range(ntr):
+                m = m0 + mt[q] - ms[si]
+                if math.isnan(dense[m - mlo]):
+                    _shifted(flux1a[best], g0, lam_lat, jlo, i0, n, k, m, sbuf)
+                    dense[m - mlo] = _chi2_slice(sbuf, 0, n, pw, qw, sumo2, nval, b, a, coef)
     acc = 0.0
     acc2 = 0.0
     nok = 0
@@ -724,7 +756,7 @@ def _one_spectrum(
     return rv, err, err_stat, best, best_chi, STATUS_OK
 
 
-@njit(nogil=True)
+@njit(nogil=True, cache=_CACHE)
 def tm_block(
     flux,
     ivar,
