@@ -961,10 +961,9 @@ def _draw_crossmatch(rng, n, truth, obs, miss):
         d = np.clip(np.nan_to_num(d, nan=1000.0), 3.0, 1e5)
     dist[stars] = d[stars]
     ebv[stars] = (einf * (1.0 - np.exp(-d / 400.0)))[stars]
-    # stars closer than 3 pc are brightened rather than moved (keeps their S/N)
-    gmag = np.where(
-        stars, np.minimum(gmag, mg + 5 * np.log10(np.maximum(dist, 3.0)) - 5 + R_G * ebv), gmag
-    )
+    # G consistent with the final distance: stars that would sit closer than 3 pc (or
+    # beyond 100 kpc) are placed there and their G changed, keeping their S/N
+    gmag = np.where(stars, mg + 5 * np.log10(np.where(stars, dist, 10.0)) - 5 + R_G * ebv, gmag)
     cobs = c0 + (R_BP - R_RP) * ebv
     g_rp = np.where(cobs < 1.0, 0.6 * cobs, 0.3 + 0.3 * cobs)
     rp = gmag - g_rp

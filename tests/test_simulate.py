@@ -481,6 +481,12 @@ def test_gaia_cmd_consistent_with_truth():
     assert np.nanmedian(w12[lum == "gM"]) < np.nanmedian(w12[lum == "dM"])
     d = np.isfinite(ds.true_distance.values)
     assert np.all(ds.true_distance.values[d] >= 3.0)
+    # parallaxes scatter around 1000 / distance (zero point -0.017 mas) by their errors
+    g = d & np.isfinite(ds.parallax.values)
+    pull = (ds.parallax.values + 0.017 - 1000.0 / ds.true_distance.values)[
+        g
+    ] / ds.parallax_error.values[g]
+    assert abs(np.mean(pull)) < 0.2 and 0.85 < np.std(pull) < 1.15
     assert np.all(np.isnan(ds.true_distance.values[q]))
 
 
