@@ -195,20 +195,39 @@ def inst_sigma(lam):
     return np.asarray(lam, float) / (sb.R_LAMOST * FWHM_SIGMA)
 
 
-def white_dwarf(loglam, teff, logg, rv, da):
-    """DA (pressure-broadened Balmer lines) or DC (featureless) white dwarf, observed frame."""
+#: He I lines of DB white dwarfs (vacuum A), relative depth, HWHM (A).
+HE_I = [
+    (4027.3, 0.6, 12.0),
+    (4389.2, 0.5, 10.0),
+    (4472.7, 1.0, 15.0),
+    (4923.3, 0.6, 12.0),
+    (5017.1, 0.5, 10.0),
+    (5877.2, 0.9, 14.0),
+    (6679.9, 0.5, 12.0),
+    (7067.1, 0.4, 10.0),
+]
+
+
+def white_dwarf(loglam, teff, logg, rv, wd_type):
+    """White dwarf, observed frame: ``wd_type`` per spectrum ``"DA"`` (pressure-broadened
+    Balmer lines), ``"DB"`` (He I lines, strongest near 22000 K) or ``"DC"`` (featureless)."""
     teff, logg = np.asarray(teff, float)[:, None], np.asarray(logg, float)[:, None]
+    wd_type = np.asarray(wd_type).astype(str)[:, None]
     lam = 10.0 ** (loglam[None, :] - sb.doppler_shift(rv)[:, None])
     cont = planck(lam, teff)
     ref = planck(np.linspace(5000.0, 9000.0, 81)[None, :], teff).mean(axis=1, keepdims=True)
-    strength = 0.9 * np.exp(-((np.log10(teff / 13000.0) / 0.25) ** 2))
-    strength = np.where(np.asarray(da, bool)[:, None], strength, 0.0)
     tau = np.zeros_like(lam)
+    h = 0.9 * np.exp(-((np.log10(teff / 13000.0) / 0.25) ** 2))
+    h = np.where(wd_type == "DA", h, 0.0)
     depth = np.array([1.0, 1.3, 1.25, 1.1, 0.9, 0.7])
     hwhm = np.array([30.0, 35.0, 32.0, 28.0, 22.0, 16.0])
-    width = (1.0 + 0.5 * (logg - 8.0)) * (0.6 + strength)
-    for line, d, h in zip(BALMER, depth, hwhm):
-        tau += strength * d / (1.0 + ((lam - line) / (h * width)) ** 2)
+    width = (1.0 + 0.5 * (logg - 8.0)) * (0.6 + h)
+    for line, d, w in zip(BALMER, depth, hwhm):
+        tau += h * d / (1.0 + ((lam - line) / (w * width)) ** 2)
+    he = 0.6 * np.exp(-((np.log10(teff / 22000.0) / 0.15) ** 2))
+    he = np.where(wd_type == "DB", he, 0.0)
+    for line, d, w in HE_I:
+        tau += he * d / (1.0 + ((lam - line) / (w * (1.0 + 0.5 * (logg - 8.0)))) ** 2)
     return cont * np.exp(-tau) / ref
 
 

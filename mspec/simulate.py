@@ -76,7 +76,7 @@ MASK_BITS = {
     "NODATA": 32,
 }
 #: Model kinds understood by :func:`model_spectrum`.
-KINDS = ("M", "dM", "gM", "OB", "A", "F", "G", "K", "WD", "DA", "DC", "GALAXY", "QSO")
+KINDS = ("M", "dM", "gM", "OB", "A", "F", "G", "K", "WD", "DA", "DB", "DC", "GALAXY", "QSO")
 
 #: Every variable :func:`simulate_survey` returns (besides the coordinates).
 SIMULATED_VARIABLES = (
@@ -302,10 +302,8 @@ def _render(kinds, teff, logg, m_h, alpha_m, rv, active, ew_halpha, loglam, extr
         elif kind in ("OB", "A", "F", "G", "K"):
             idx, w, env = sm.hot_setup(bank, teff[sel], m_h[sel], alpha_m[sel])
             f = bank.evaluate(idx, w, shift[sel], loglam, None, env)
-        elif kind in ("DA", "DC"):
-            f = sm.white_dwarf(
-                loglam, teff[sel], logg[sel], rv[sel], np.full(sel.size, kind == "DA")
-            )
+        elif kind in ("DA", "DB", "DC"):
+            f = sm.white_dwarf(loglam, teff[sel], logg[sel], rv[sel], np.full(sel.size, kind))
             idx = None
         elif kind == "GALAXY":
             g = {k: _param(extra, k, v, n)[sel] for k, v in _GAL_DEFAULTS.items()}
@@ -375,7 +373,8 @@ def model_spectrum(
     kind : str or array_like of str
         One of :data:`KINDS`: ``"M"`` (dwarf or giant by ``logg``), ``"dM"``, ``"gM"``,
         ``"OB"``, ``"A"``, ``"F"``, ``"G"``, ``"K"``, ``"WD"``/``"DA"`` (hydrogen white dwarf),
-        ``"DC"`` (featureless white dwarf), ``"GALAXY"``, ``"QSO"``.
+        ``"DB"`` (helium white dwarf), ``"DC"`` (featureless white dwarf), ``"GALAXY"``,
+        ``"QSO"``.
     active : bool or array_like
         Add chromospheric emission (H-alpha, H-beta, Ca II H&K) to stars.
     ew_halpha : float or array_like, optional
@@ -786,8 +785,9 @@ def _draw_stars(rng, n, mix, gfrac):
         teff[w] = t
         logg[w] = rng.normal(8.0, 0.2, w.size)
         rv[w] = rng.normal(20, 40, w.size)
-        da = rng.random(w.size) < 0.8
-        kind[w] = np.where(da, "DA", "DC")
+        u = rng.random(w.size)
+        # DB only where He I lines can show (> 11000 K); cooler non-DA white dwarfs are DC
+        kind[w] = np.where(u < 0.8, "DA", np.where((u < 0.9) & (t > 11000.0), "DB", "DC"))
         sub[w] = kind[w]
     gx = np.nonzero(cls == "GALAXY")[0]
     if gx.size:
@@ -1187,6 +1187,7 @@ _WRONG_TYPE = {
     "A": ["F0", "B9", "A1"],
     "OB": ["A0", "A1"],
     "DA": ["M2", "A0"],
+    "DB": ["B9", "A0"],
     "DC": ["M3", "F0"],
 }
 
@@ -1208,7 +1209,7 @@ def _draw_pipeline(rng, n, truth, obs, snrs, miss, perr):
     )
     hot = np.isin(kind, ["OB", "A", "F", "G", "K"])
     sub[hot] = _hot_subclass(truth["teff"][hot] * (1.0 + 0.03 * st_noise[hot]))
-    sub[np.isin(kind, ["DA", "DC"])] = "WD"
+    sub[np.isin(kind, ["DA", "DB", "DC"])] = "WD"
     sub[np.isin(kind, ["GALAXY", "QSO"])] = ""
 
     # redshift / RV with LAMOST-like errors (offset -4 km/s; ~4 km/s floor, worse at low S/N)

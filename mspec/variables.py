@@ -236,7 +236,7 @@ register(
     S,
     "S",
     "",
-    "true subtype: M0..M9 (dM), gM0..gM7, O/B/A/F/G/K subtype, DA/DC, STARFORMING/PASSIVE, QSO",
+    "true subtype: M0..M9 (dM), gM0..gM7, O/B/A/F/G/K subtype, DA/DB/DC, STARFORMING/PASSIVE, QSO",
 )
 register("true_distance", S, "f", "pc", "true distance (NaN for galaxies/QSOs)")
 register("true_ebv", S, "f", "mag", "true E(B-V) applied to the spectrum and photometry")

@@ -374,7 +374,7 @@ def test_model_spectrum_shapes_and_kinds():
     assert many.shape == (3, NPIX)
     np.testing.assert_allclose(many[0], one)
     for kind in sim.KINDS:
-        f = sim.model_spectrum(8000 if kind in ("WD", "DA", "DC") else 4500, 4.5, 0, 0, LL,
+        f = sim.model_spectrum(20000 if kind in ("WD", "DA", "DB", "DC") else 4500, 4.5, 0, 0, LL,
                                rv=3000.0 if kind in ("GALAXY", "QSO") else 0.0, kind=kind)  # fmt: skip
         assert np.all(np.isfinite(f)), kind
         lam = (LAM > 5000) & (LAM < 9000)
