@@ -591,6 +591,9 @@ def simulate_survey(
     ------
     ValueError, TypeError
         Naming the offending argument.
+    FileNotFoundError
+        If the PyHammer templates (``<shared data>/templates_pyhammer``, see
+        :func:`mspec.data.shared_data_dir`; ``$MSPEC_SHARED_DATA``) are missing.
     """
     import xarray as xr
 
