@@ -32,18 +32,47 @@ def wdm_survey():
     return mspec.simulate_survey(360, seed=11, mix={"WD": 0.5, "M": 0.5}, snr=(15, 60))
 
 
-def test_classifier_learns_on_simulated_spectra(wdm_survey, tmp_path):
+@pytest.fixture(scope="module")
+def wdm_model(wdm_survey, tmp_path_factory):
+    out = tmp_path_factory.mktemp("wdm")
     ds = preprocess(wdm_survey.chunk({"spectra": 120}), "cnn")
     m = train_classifier(
-        ds, ds["true_class"], "wdm", tmp_path / "wdm", epochs=8, seed=0, arch=TINY,
-        lr=3e-3, batch_size=32,
-    )  # fmt: skip
+        ds, ds["true_class"], "wdm", out, epochs=8, seed=0, arch=TINY, lr=3e-3, batch_size=32
+    )
+    return out, m, ds
+
+
+def test_classifier_learns_on_simulated_spectra(wdm_survey, wdm_model):
+    out, m, ds = wdm_model
     assert m["val_accuracy"] > 0.85  # chance 0.5
     h = m["history"]
     assert min(h["val_loss"]) < 0.7 * h["val_loss"][0]
-    res = predict(ds, tmp_path / "wdm")
+    res = predict(ds, out)
     acc = (res["wdm_class"].values == wdm_survey["true_class"].values).mean()
     assert acc > 0.85
+
+
+@pytest.mark.realdata
+def test_predict_on_real_lamost_files(wdm_model):
+    """Every real file (all layouts/releases) goes through preprocess + predict."""
+    import xarray as xr
+
+    from mspec.data import shared_data_dir
+    from mspec.io import read_lamost
+
+    files = sorted(shared_data_dir().glob("lamost_*/*.fits*"))
+    if not files:
+        pytest.skip("no real data in ../shared/data")
+    ds = xr.concat([read_lamost(f) for f in files], dim="spectra", coords="minimal",
+                   compat="override")  # fmt: skip
+    res = predict(preprocess(ds.chunk({"spectra": 16}), "cnn"), wdm_model[0]).compute()
+    prob = res["wdm_prob"].values
+    assert prob.shape == (len(files), 2)
+    assert np.isfinite(prob).all()
+    assert set(res["wdm_class"].values) <= {"WD", "M"}
+    dr7 = np.array(["dr7_mdwarfs" in str(f) for f in files])
+    # a tiny net on 270 simulated spectra already calls most real M dwarfs M
+    assert (res["wdm_class"].values[dr7] == "M").mean() > 0.7
 
 
 def test_regressor_learns_on_simulated_dwarfs(tmp_path):
