@@ -101,8 +101,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from mspec.demo import run_demo
 
-    run_demo(args.out, n_spectra=args.n_spectra, seed=args.seed, n_workers=args.workers,
-             n_train=args.n_train, epochs=args.epochs)
+    run_demo(
+        args.out,
+        n_spectra=args.n_spectra,
+        seed=args.seed,
+        n_workers=args.workers,
+        n_train=args.n_train,
+        epochs=args.epochs,
+    )
     return 0
 
 
@@ -118,7 +124,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     q.add_argument("store", help="path of the Zarr store to create or append to")
     q.add_argument("--chunk-size", type=int, default=1000, help="spectra per chunk")
-    q.add_argument("--scheduler", default=None, help="address of a running dask scheduler")
+    q.add_argument(
+        "--scheduler",
+        default=None,
+        help="address of a running dask scheduler, or threads|processes|sync",
+    )
     q.set_defaults(func=_cmd_ingest)
 
     q = sub.add_parser("train", help="train a CNN (spt, wdm, dmgm classifiers or tlma ensemble)")
@@ -136,8 +146,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--n-spectra", type=int, default=3000)
     q.add_argument("--seed", type=int, default=42)
     q.add_argument("--workers", type=int, default=2, help="LocalCluster workers")
-    q.add_argument("--n-train", type=int, default=None,
-                   help="simulated CNN training spectra (default 2 x n-spectra)")
+    q.add_argument(
+        "--n-train",
+        type=int,
+        default=None,
+        help="simulated CNN training spectra (default 2 x n-spectra)",
+    )
     q.add_argument("--epochs", type=int, default=8, help="maximum epochs per CNN")
     q.set_defaults(func=_cmd_demo)
     return p

@@ -141,10 +141,8 @@ def _stage_survey(rep: _Report, out: Path, n: int, seed: int, client):
     from mspec.io import write_lamost_fits
 
     truth = mspec.simulate_survey(n, seed=seed)
-    rep.stage(
-        "simulate",
-        f"{n} spectra, classes {dict(zip(*np.unique(truth.true_class.values, return_counts=True)))}",
-    )
+    classes, counts = np.unique(truth["true_class"].values, return_counts=True)
+    rep.stage("simulate", f"{n} spectra: " + ", ".join(f"{c} {k}" for c, k in zip(classes, counts)))
     fits_dir = out / "fits"
     layouts = ["image", "table", "oldest"]
     parts = np.array_split(np.arange(n), len(layouts))
@@ -153,31 +151,26 @@ def _stage_survey(rep: _Report, out: Path, n: int, seed: int, client):
         nfiles += len(write_lamost_fits(truth.isel(spectra=idx), fits_dir / layout, layout=layout))
     rep.stage("write FITS", f"{nfiles} LAMOST FITS files in layouts {layouts} under {fits_dir}")
     store = out / "spectra.zarr"
+    # the catalogues written beside the FITS files carry obsids, truth and the Gaia/WISE
+    # cross-match into the store, like a LAMOST catalogue joined with external tables
     summary = mspec.ingest(
-        [str(fits_dir / lay) for lay in layouts], str(store), chunk_size=500, client=client
+        [str(fits_dir / lay / "catalog.parquet") for lay in layouts],
+        str(store),
+        chunk_size=500,
+        client=client,
     )
-    rep.stage("ingest", f"{summary}")
+    rep.stage(
+        "ingest",
+        ", ".join(
+            f"{k} {summary[k]}" for k in ("stored", "quarantined", "duplicates", "files_per_second")
+        ),
+    )
     ds = mspec.open_store(str(store))
-    # truth travels beside the store: join it on obsid (the oldest layout derives its own ids)
+    missing = [v for v in truth.data_vars if v.startswith("true_") and v not in ds]
+    if missing:
+        raise RuntimeError(f"truth columns {missing} did not reach the store")
     rep.metrics["n_spectra"] = int(ds.sizes["spectra"])
-    return _attach_truth(ds, truth)
-
-
-def _attach_truth(ds, truth):
-    """Attach the simulator's truth to the ingested spectra by file name."""
-    import xarray as xr
-
-    tnames = [v for v in truth.data_vars if v.startswith("true_")]
-    if "file" in truth and "file" in ds:
-        key_t, key_s = truth["file"].values, ds["file"].values
-    else:
-        key_t, key_s = truth["obsid"].values, ds["obsid"].values
-    pos = {k: i for i, k in enumerate(key_t)}
-    idx = np.array([pos.get(k, -1) for k in key_s])
-    if (idx < 0).any():
-        raise RuntimeError(f"{int((idx < 0).sum())} ingested spectra have no truth row")
-    t = truth[tnames].isel(spectra=idx).drop_vars(list(truth[tnames].coords))
-    return xr.merge([ds, t.assign_coords(obsid=ds.obsid)], compat="override")
+    return ds
 
 
 def _stage_preprocess(rep, ds):
