@@ -53,6 +53,7 @@ __all__ = [
     "gauss_fit_nb",
     "lattice_lambda",
     "trial_arrays",
+    "trial_moments",
     "tm_block",
 ]
 
@@ -566,6 +567,69 @@ def _chi2_slice(s, off, n, pw, qw, sumo2, nval, b, a, coef):
 
 
 @njit(nogil=True, cache=_CACHE)
+def trial_moments(trials, x, out):
+    """``out[t, q, p]`` = Σ_i x_i^p S_tq,i² over every window pixel (p = 0..8)."""
+    n = x.size
+    for t in range(trials.shape[0]):
+        for q in range(trials.shape[1]):
+            s = trials[t, q]
+            a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = a8 = 0.0
+            for i in range(n):
+                v2 = s[i] * s[i]
+                xi = x[i]
+                x2 = xi * xi
+                x4 = x2 * x2
+                a0 += v2
+                a1 += v2 * xi
+                a2 += v2 * x2
+                a3 += v2 * x2 * xi
+                a4 += v2 * x4
+                a5 += v2 * x4 * xi
+                a6 += v2 * x4 * x2
+                a7 += v2 * x4 * x2 * xi
+                a8 += v2 * x4 * x4
+            out[t, q, 0] = a0
+            out[t, q, 1] = a1
+            out[t, q, 2] = a2
+            out[t, q, 3] = a3
+            out[t, q, 4] = a4
+            out[t, q, 5] = a5
+            out[t, q, 6] = a6
+            out[t, q, 7] = a7
+            out[t, q, 8] = a8
+
+
+@njit(nogil=True, cache=_CACHE)
+def _chi2_premoments(s, n, pw, x, midx, nmask, ta, sumo2, nval, b, a, coef):
+    """χ² for unit weights from precomputed template moments ``ta`` (all window pixels):
+    only the 5 data sums run over the pixels; the masked pixels' S² moments are subtracted.
+    Exact up to rounding (same normal equations as :func:`_chi2_slice`)."""
+    b0 = b1 = b2 = b3 = b4 = 0.0
+    for i in range(n):
+        v = s[i]
+        b0 += pw[i, 0] * v
+        b1 += pw[i, 1] * v
+        b2 += pw[i, 2] * v
+        b3 += pw[i, 3] * v
+        b4 += pw[i, 4] * v
+    b[0] = b0
+    b[1] = b1
+    b[2] = b2
+    b[3] = b3
+    b[4] = b4
+    for p in range(9):
+        a[p] = ta[p]
+    for j in range(nmask):
+        i = midx[j]
+        v2 = s[i] * s[i]
+        xp = 1.0
+        for p in range(9):
+            a[p] -= xp * v2
+            xp *= x[i]
+    return _solve_chi2(b, a, sumo2, nval, coef)
+
+
+@njit(nogil=True, cache=_CACHE)
 def _stat_error(flux, i0, n, x, qw, smid, slo, shi, dv, coef):
     """Statistical RV error (km/s) from the χ² curvature, with residual (sandwich) variance.
 
@@ -628,6 +692,7 @@ def _one_spectrum(
     i0,
     n,
     trials,
+    trial_a,
     flux1a,
     g0,
     lam_lat,
@@ -664,10 +729,23 @@ def _one_spectrum(
     best_code = STATUS_FIT_FAILED
     best_sampled = np.inf
     best_sampled_t = 0
-    # --- step 1: every template on the 21-point grid
+    # --- step 1: every template on the 21-point grid. Unit weights and few masked pixels:
+    # the template-only moments come precomputed (5 sums per pixel instead of 14)
+    midx = np.empty(n, np.int64)
+    nmask = 0
+    for i in range(n):
+        if qw[i, 0] == 0.0:
+            midx[nmask] = i
+            nmask += 1
+    fast = (not use_ivar) and 4 * nmask < n
     for t in range(ntpl):
         for q in range(ntr):
-            curve[q] = _chi2_slice(trials[t, q], 0, n, pw, qw, sumo2, nval, b, a, coef)
+            if fast:
+                curve[q] = _chi2_premoments(
+                    trials[t, q], n, pw, x, midx, nmask, trial_a[t, q], sumo2, nval, b, a, coef
+                )
+            else:
+                curve[q] = _chi2_slice(trials[t, q], 0, n, pw, qw, sumo2, nval, b, a, coef)
         mu, ymin, code = _fit_curve(vt, curve, halfwidth)
         smin = np.inf
         for q in range(ntr):
@@ -765,6 +843,7 @@ def tm_block(
     i0,
     n,
     trials,
+    trial_a,
     flux1a,
     g0,
     lam_lat,
@@ -801,6 +880,7 @@ def tm_block(
             i0,
             n,
             trials,
+            trial_a,
             flux1a,
             g0,
             lam_lat,

@@ -85,11 +85,15 @@ def prepared(flux1a: np.ndarray, wave1a: np.ndarray, cfg: K.TMConfig, token: str
     f1 = np.where(np.isfinite(flux1a), flux1a, 0.0)
     f1 = np.ascontiguousarray(f1)
     trials, lam_lat, jlo = K.trial_arrays(cfg, f1, float(wave1a[0]), i0, n)
+    x = cfg.x(i0, n)
+    trial_a = np.empty((*trials.shape[:2], 9))
+    K.trial_moments(trials, x, trial_a)
     prep = dict(
         i0=i0,
         n=n,
-        x=cfg.x(i0, n),
+        x=x,
         trials=trials,
+        trial_a=trial_a,
         flux1a=f1,
         g0=float(wave1a[0]),
         lam_lat=lam_lat,
@@ -138,6 +142,7 @@ def match_arrays(flux, ivar, ormask, flux1a, wave1a, cfg: K.TMConfig, token=None
             p["i0"],
             p["n"],
             p["trials"],
+            p["trial_a"],
             p["flux1a"],
             p["g0"],
             p["lam_lat"],
