@@ -600,6 +600,27 @@ def trial_moments(trials, x, out):
 
 
 @njit(nogil=True, cache=_CACHE)
+def _fill_dense_moments(flux, g0, lam_lat, jlo, i0, n, k, x, out):
+    """``out[m + mm, p]`` = Σ_i x_i^p S_m,i² for every lattice shift |m| <= mm, over all
+    window pixels (``mm = (len(out) - 1) // 2``)."""
+    mm = (out.shape[0] - 1) // 2
+    npoly = n + (2 * mm) // k + 1
+    poly = _polyphase(flux, g0, lam_lat, jlo, i0 * k - mm, k, npoly)
+    for m in range(-mm, mm + 1):
+        d = mm - m
+        row = poly[d % k]
+        off = d // k
+        for p in range(9):
+            out[m + mm, p] = 0.0
+        for i in range(n):
+            v2 = row[off + i] * row[off + i]
+            xp = 1.0
+            for p in range(9):
+                out[m + mm, p] += xp * v2
+                xp *= x[i]
+
+
+@njit(nogil=True, cache=_CACHE)
 def _chi2_premoments(s, n, pw, x, midx, nmask, ta, sumo2, nval, b, a, coef):
     """χ² for unit weights from precomputed template moments ``ta`` (all window pixels):
     only the 5 data sums run over the pixels; the masked pixels' S² moments are subtracted.
@@ -693,6 +714,8 @@ def _one_spectrum(
     n,
     trials,
     trial_a,
+    dense_a,
+    dense_ok,
     flux1a,
     g0,
     lam_lat,
@@ -785,9 +808,35 @@ def _one_spectrum(
         qmax = (mhi - mlo) // k
         npoly = n + qmax + 1
         poly = _polyphase(flux1a[best], g0, lam_lat, jlo, i0 * k - mhi, k, npoly)
-        for m in range(mlo, mhi + 1):
-            d = mhi - m
-            dense[m - mlo] = _chi2_slice(poly[d % k], d // k, n, pw, qw, sumo2, nval, b, a, coef)
+        mm = (dense_a.shape[1] - 1) // 2
+        if fast and -mm <= mlo and mhi <= mm:
+            # template-only moments of every lattice shift, cached per template and worker
+            if dense_ok[best] == 0:
+                _fill_dense_moments(flux1a[best], g0, lam_lat, jlo, i0, n, k, x, dense_a[best])
+                dense_ok[best] = 1
+            for m in range(mlo, mhi + 1):
+                d = mhi - m
+                off = d // k
+                dense[m - mlo] = _chi2_premoments(
+                    poly[d % k, off : off + n],
+                    n,
+                    pw,
+                    x,
+                    midx,
+                    nmask,
+                    dense_a[best, m + mm],
+                    sumo2,
+                    nval,
+                    b,
+                    a,
+                    coef,
+                )
+        else:
+            for m in range(mlo, mhi + 1):
+                d = mhi - m
+                dense[m - mlo] = _chi2_slice(
+                    poly[d % k], d // k, n, pw, qw, sumo2, nval, b, a, coef
+                )
     else:
         # few shifts: only the lattice points they need
         dense[:] = nan
@@ -844,6 +893,8 @@ def tm_block(
     n,
     trials,
     trial_a,
+    dense_a,
+    dense_ok,
     flux1a,
     g0,
     lam_lat,
@@ -881,6 +932,8 @@ def tm_block(
             n,
             trials,
             trial_a,
+            dense_a,
+            dense_ok,
             flux1a,
             g0,
             lam_lat,

@@ -18,7 +18,7 @@ import xarray as xr
 
 from mspec.rv import chi2_kernels as K
 from mspec.rv.templates import check_library, default_templates
-from mspec.variables import annotate
+from mspec.variables import C_KMS, annotate
 
 __all__ = ["template_match", "match_arrays", "make_config", "prepared"]
 
@@ -88,7 +88,13 @@ def prepared(flux1a: np.ndarray, wave1a: np.ndarray, cfg: K.TMConfig, token: str
     x = cfg.x(i0, n)
     trial_a = np.empty((*trials.shape[:2], 9))
     K.trial_moments(trials, x, trial_a)
+    # step-2 template moments, filled lazily per best template by the kernel
+    mm = int(np.ceil(np.log10(1.0 + cfg.max_velocity / C_KMS) / cfg.h))
+    dense_a = np.zeros((trials.shape[0], 2 * mm + 1, 9))
+    dense_ok = np.zeros(trials.shape[0], np.uint8)
     prep = dict(
+        dense_a=dense_a,
+        dense_ok=dense_ok,
         i0=i0,
         n=n,
         x=x,
@@ -143,6 +149,8 @@ def match_arrays(flux, ivar, ormask, flux1a, wave1a, cfg: K.TMConfig, token=None
             p["n"],
             p["trials"],
             p["trial_a"],
+            p["dense_a"],
+            p["dense_ok"],
             p["flux1a"],
             p["g0"],
             p["lam_lat"],
