@@ -193,6 +193,23 @@ def test_status_codes(lib):
     assert np.isnan(got["err"]).all()
 
 
+def test_featureless_spectra_fail_cleanly(lib):
+    """Constant or pure-noise flux: no stable RV, status 5 and NaN, no exception."""
+    rng = np.random.default_rng(0)
+    flux = np.vstack([np.ones(NPIX), 1 + 0.01 * rng.standard_normal(NPIX)])
+    cfg = make_config(LOGLAM, shifts=[-100.0, 0.0, 100.0])
+    got = match_arrays(
+        flux,
+        np.ones_like(flux),
+        np.zeros(flux.shape, np.int32),
+        lib.template_flux.values,
+        lib.template_wavelength.values,
+        cfg,
+    )
+    assert got["status"].tolist() == [K.STATUS_SHIFT_FAILED] * 2
+    assert np.isnan(got["rv"]).all()
+
+
 def test_bad_arguments(lib):
     ds = as_dataset(*fake_spectra(lib, [0.0], snr=20))
     with pytest.raises(ValueError, match="weighting"):
