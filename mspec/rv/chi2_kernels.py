@@ -606,18 +606,20 @@ def _fill_dense_moments(flux, g0, lam_lat, jlo, i0, n, k, x, out):
     mm = (out.shape[0] - 1) // 2
     npoly = n + (2 * mm) // k + 1
     poly = _polyphase(flux, g0, lam_lat, jlo, i0 * k - mm, k, npoly)
+    # accumulate privately, then store: another thread may be reading ``out`` (filled with
+    # these same values by a concurrent call), so it must never see partial sums
+    tmp = np.zeros((out.shape[0], 9))
     for m in range(-mm, mm + 1):
         d = mm - m
         row = poly[d % k]
         off = d // k
-        for p in range(9):
-            out[m + mm, p] = 0.0
         for i in range(n):
             v2 = row[off + i] * row[off + i]
             xp = 1.0
             for p in range(9):
-                out[m + mm, p] += xp * v2
+                tmp[m + mm, p] += xp * v2
                 xp *= x[i]
+    out[:, :] = tmp
 
 
 @njit(nogil=True, cache=_CACHE)
