@@ -365,3 +365,20 @@ def test_threaded_chunks_identical(lib):
         got = template_match(ds.chunk({"spectra": 1}), lib).compute()
     for v in eager.data_vars:
         xr.testing.assert_identical(eager[v], got[v])
+
+
+def test_invariances_and_step1_mask(lib):
+    """RV does not change when the flux is scaled, nor when masked pixels hold garbage."""
+    flux, ivar, ormask = fake_spectra(lib, [42.0], snr=30, seed=13)
+    cfg = make_config(LOGLAM, shifts=np.arange(-500, 501, 100))
+    w, f1 = lib.template_wavelength.values, lib.template_flux.values
+    base = match_arrays(flux, ivar, ormask, f1, w, cfg)
+    scaled = match_arrays(flux * 1e3, ivar * 1e-6, ormask, f1, w, cfg)
+    assert abs(scaled["rv"][0] - base["rv"][0]) < 1e-6
+    assert scaled["template"][0] == base["template"][0]
+    assert scaled["err_stat"][0] == pytest.approx(base["err_stat"][0], rel=1e-6)
+    junk = flux.copy()
+    junk[0, 2000:2010] = 1e6  # these pixels have ormask != 0 (step 1 removes them)
+    assert (ormask[0, 2000:2010] != 0).all()
+    again = match_arrays(junk, ivar, ormask, f1, w, cfg)
+    assert again["rv"][0] == pytest.approx(base["rv"][0], abs=1e-9)
