@@ -8,6 +8,7 @@ task; each worker builds its pre-shifted trial templates once and caches them.
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections import OrderedDict
 
@@ -175,17 +176,23 @@ def match_arrays(flux, ivar, ormask, flux1a, wave1a, cfg: K.TMConfig, token=None
     return out
 
 
-def _block(flux, ivar, ormask, flux1a, *, wave1a, cfg, token):
+def _block(flux, ivar, ormask, flux1a, *, wave1a, cfg, token, engine="numba", device=None):
     # apply_ufunc hands core dims last: flux (..., pixels), flux1a (templates, grid)
     shape = flux.shape[:-1]
-    r = match_arrays(
+    if engine == "torch":
+        from mspec.rv.chi2_torch import match_arrays_torch
+
+        run = functools.partial(match_arrays_torch, device=device)
+    else:
+        run = match_arrays
+    r = run(
         flux.reshape(-1, flux.shape[-1]),
         ivar.reshape(-1, flux.shape[-1]),
         ormask.reshape(-1, flux.shape[-1]),
         flux1a,
         wave1a,
         cfg,
-        token,
+        token=token,
     )
     return (
         r["rv"].reshape(shape),
@@ -217,6 +224,8 @@ def template_match(
     oversample: int = 69,
     fit_halfwidth: int = 2,
     min_pixels: int = 200,
+    engine: str = "numba",
+    device: str | None = None,
 ) -> xr.Dataset:
     """Radial velocities by χ² template matching (the paper's TM; TML7500 with ``wave_max``).
 
@@ -248,6 +257,11 @@ def template_match(
         Trial points each side of the minimum in the Gaussian fit (2 → 5 points, ±120 km/s; chosen on simulations, see docs/rv.md).
     min_pixels : int
         Fewer usable window pixels → status 1 (no coverage).
+    engine : {"numba", "torch"}
+        ``"torch"`` computes the χ² sums with :mod:`mspec.rv.chi2_torch` (GPU when
+        available; same results to rounding).
+    device : str, optional
+        torch device for ``engine="torch"`` (default CUDA if available, else CPU).
 
     Returns
     -------
@@ -271,6 +285,8 @@ def template_match(
         pix_chunks = ds["flux"].chunksizes.get("pixels", ())
         if len(pix_chunks) > 1:
             raise ValueError("ds: the 'pixels' dimension must be a single chunk (rechunk it)")
+    if engine not in ("numba", "torch"):
+        raise ValueError(f"engine={engine!r} must be 'numba' or 'torch'")
     if templates is None:
         templates = default_templates("real")
     check_library(templates, "templates")
@@ -318,7 +334,7 @@ def template_match(
             np.int8,
         ],
         dask_gufunc_kwargs={"output_sizes": {"velocities": 2 * cfg.n_trial + 1}},
-        kwargs=dict(wave1a=wave1a, cfg=cfg, token=token),
+        kwargs=dict(wave1a=wave1a, cfg=cfg, token=token, engine=engine, device=device),
     )
     rv, err, err_stat, tidx, chi2min, curve, status = outs
     names = np.asarray(templates["template_name"].values).astype(str)
