@@ -146,10 +146,14 @@ def _compare(ref, got, k):
         assert got["chi2_min"][k] == pytest.approx(ref["chi2_min"], rel=1e-8)
 
 
-@pytest.mark.parametrize("weighting", ["none", "ivar"])
-def test_kernel_matches_reference_fake(lib, weighting):
+@pytest.mark.parametrize(
+    ("weighting", "tellurics"), [("none", False), ("ivar", False), ("none", True)]
+)
+def test_kernel_matches_reference_fake(lib, weighting, tellurics):
     flux, ivar, ormask = fake_spectra(lib, [37.2, -143.9, 311.0], snr=30, seed=1)
-    cfg = make_config(LOGLAM, weighting=weighting, shifts=np.arange(-500, 501, 125))
+    cfg = make_config(
+        LOGLAM, weighting=weighting, shifts=np.arange(-500, 501, 125), mask_tellurics=tellurics
+    )
     w, f1 = lib.template_wavelength.values, lib.template_flux.values
     got = match_arrays(flux, ivar, ormask, f1, w, cfg)
     for k in range(3):
@@ -258,6 +262,10 @@ def test_wrapper_lazy_chunked_equals_unchunked(lib):
     assert eager["tm_template"].values[0] == lib.template_name.values[0]
     assert (eager["tm_status"] == 0).all()
     assert eager["velocities"].attrs["units"] == "km/s"
+    masked = template_match(ds, lib, shifts=shifts, mask_tellurics=True)
+    assert masked.attrs["tm_mask_tellurics"] == 1
+    assert (masked["tm_status"] == 0).all()
+    assert not np.array_equal(masked["rv_tm"].values, eager["rv_tm"].values)
 
 
 def test_templates_enter_graph_once(lib):

@@ -74,6 +74,9 @@ STATUS_MEANINGS = {
 }
 
 WEIGHTINGS = ("none", "ivar")
+#: Observed-frame (vacuum Å) telluric absorption bands masked with ``mask_tellurics=True``:
+#: O2 B band, H2O 7160-7340, O2 A band, H2O 8130-8360 (margins for the heliocentric shift).
+TELLURIC_BANDS = ((6860.0, 6960.0), (7160.0, 7340.0), (7590.0, 7700.0), (8130.0, 8360.0))
 # on-disk numba cache is opt-in (as in mspec.preprocess): MSPEC_NUMBA_CACHE=1
 _CACHE = os.environ.get("MSPEC_NUMBA_CACHE") == "1"
 
@@ -104,6 +107,8 @@ class TMConfig:
         Pixel weights in χ²: ``"none"`` is the paper's eq. 2.
     min_pixels : int
         Fewer usable pixels in the window gives status "no coverage".
+    mask_tellurics : bool
+        Also drop the pixels of :data:`TELLURIC_BANDS` (observed frame). Not in the paper.
     """
 
     loglam0: float
@@ -118,6 +123,7 @@ class TMConfig:
     fit_halfwidth: int = 2
     weighting: str = "none"
     min_pixels: int = 200
+    mask_tellurics: bool = False
 
     def __post_init__(self):
         if self.weighting not in WEIGHTINGS:
@@ -189,6 +195,23 @@ class TMConfig:
                 f"the templates ({template_lo:.0f}-{template_hi:.0f} A)"
             )
         return int(idx[0]), int(idx[-1] - idx[0] + 1)
+
+    def extra_mask(self) -> np.ndarray | None:
+        """Native pixels dropped besides ``ormask`` (telluric bands), or None."""
+        if not self.mask_tellurics:
+            return None
+        lam = 10.0 ** (self.loglam0 + self.dloglam * np.arange(self.npix))
+        bad = np.zeros(self.npix, dtype=bool)
+        for lo, hi in TELLURIC_BANDS:
+            bad |= (lam >= lo) & (lam <= hi)
+        return bad
+
+    def apply_mask(self, ormask: np.ndarray) -> np.ndarray:
+        """``ormask`` with the extra masked pixels set (a copy), or ``ormask`` itself."""
+        bad = self.extra_mask()
+        if bad is None:
+            return ormask
+        return np.where(bad, 1, ormask)
 
     def x(self, i0: int, n: int) -> np.ndarray:
         """Polynomial abscissa: λ mapped linearly from the nominal window onto [-1, 1]."""

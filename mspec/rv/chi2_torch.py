@@ -181,7 +181,7 @@ def match_arrays_torch(
     p = prepared(flux1a, wave1a, cfg, token)
     flux = np.ascontiguousarray(np.atleast_2d(flux), dtype=np.float64)
     ivar = np.ascontiguousarray(np.atleast_2d(ivar), dtype=np.float64)
-    ormask = np.ascontiguousarray(np.atleast_2d(ormask), dtype=np.int64)
+    ormask = np.ascontiguousarray(cfg.apply_mask(np.atleast_2d(ormask)), dtype=np.int64)
     ns = flux.shape[0]
     i0, n, k, h = p["i0"], p["n"], cfg.oversample, cfg.h
     mt, vt, ms, vs = p["mt"], p["vt"], p["ms"], p["vs"]

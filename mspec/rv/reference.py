@@ -88,6 +88,10 @@ def tm_spectrum_ref(flux, ivar, ormask, loglam, wave1a, flux1a, cfg: K.TMConfig)
     iv = np.asarray(ivar, np.float64)[sl]
     # step 1 of the preprocessing: drop ormask != 0 (and pixels without data)
     good = (np.asarray(ormask)[sl] == 0) & (iv > 0) & np.isfinite(o) & np.isfinite(iv)
+    if cfg.mask_tellurics:  # optional, not in the paper
+        lam = 10.0**ll
+        for lo, hi in K.TELLURIC_BANDS:
+            good &= ~((lam >= lo) & (lam <= hi))
     w = np.where(good, iv if cfg.weighting == "ivar" else 1.0, 0.0)
     o = np.where(good, o, 0.0)
     nan = math.nan

@@ -37,6 +37,7 @@ def make_config(
     oversample=69,
     fit_halfwidth=2,
     min_pixels=200,
+    mask_tellurics=False,
 ) -> K.TMConfig:
     """Build the :class:`~mspec.rv.chi2_kernels.TMConfig` for a native ``loglam`` grid.
 
@@ -66,6 +67,7 @@ def make_config(
         fit_halfwidth=int(fit_halfwidth),
         weighting=weighting,
         min_pixels=int(min_pixels),
+        mask_tellurics=bool(mask_tellurics),
     )
 
 
@@ -129,7 +131,7 @@ def match_arrays(flux, ivar, ormask, flux1a, wave1a, cfg: K.TMConfig, token=None
     p = prepared(flux1a, wave1a, cfg, token)
     flux = np.atleast_2d(np.asarray(flux))
     ivar = np.atleast_2d(np.asarray(ivar))
-    ormask = np.atleast_2d(np.asarray(ormask))
+    ormask = cfg.apply_mask(np.atleast_2d(np.asarray(ormask)))
     ns = flux.shape[0]
     out = dict(
         rv=np.empty(ns),
@@ -224,6 +226,7 @@ def template_match(
     oversample: int = 69,
     fit_halfwidth: int = 2,
     min_pixels: int = 200,
+    mask_tellurics: bool = False,
     engine: str = "numba",
     device: str | None = None,
 ) -> xr.Dataset:
@@ -257,6 +260,9 @@ def template_match(
         Trial points each side of the minimum in the Gaussian fit (2 → 5 points, ±120 km/s; chosen on simulations, see docs/rv.md).
     min_pixels : int
         Fewer usable window pixels → status 1 (no coverage).
+    mask_tellurics : bool
+        Also drop the telluric bands (:data:`~mspec.rv.chi2_kernels.TELLURIC_BANDS`); not in
+        the paper, off by default (see ``docs/accuracy.md``).
     engine : {"numba", "torch"}
         ``"torch"`` computes the χ² sums with :mod:`mspec.rv.chi2_torch` (GPU when
         available; same results to rounding).
@@ -298,6 +304,7 @@ def template_match(
         oversample=oversample,
         fit_halfwidth=fit_halfwidth,
         min_pixels=min_pixels,
+        mask_tellurics=mask_tellurics,
     )
     prefix = "tm" if wave_max is None else "tml7500"
     wave1a = np.asarray(templates["template_wavelength"].values, dtype=np.float64)
@@ -365,6 +372,7 @@ def template_match(
         {
             f"{prefix}_wave_window_A": [cfg.wave_min, cfg.wave_max],
             f"{prefix}_weighting": cfg.weighting,
+            f"{prefix}_mask_tellurics": int(cfg.mask_tellurics),
             f"{prefix}_templates": int(templates.sizes["templates"]),
             f"{prefix}_normalisation": str(templates.attrs.get("normalisation", "")),
         }
