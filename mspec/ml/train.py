@@ -354,7 +354,7 @@ def _plot_curves(histories: list[dict], path: Path, title: str) -> None:
     ax = fig.subplots()
     for i, h in enumerate(histories):
         ep = np.arange(1, len(h["train_loss"]) + 1)
-        lab = f" ({i})" if len(histories) > 1 else ""
+        lab = f" ({len(histories)} members)" if len(histories) > 1 else ""
         ax.plot(ep, h["train_loss"], color="C0", alpha=0.7, label="train" + lab if i == 0 else None)
         ax.plot(
             ep, h["val_loss"], color="C1", alpha=0.7, label="validation" + lab if i == 0 else None
