@@ -244,12 +244,17 @@ def _stage_catalog(rep, out: Path, ds):
     # One compute for every stage: the per-spectrum results go to a Zarr group chunk by chunk
     # (building the DataFrame straight from the lazy graph would recompute it per column).
     results = out / "results.zarr"
-    ds[cols].reset_coords().to_zarr(str(results), mode="w")
+    table = ds[cols].reset_coords()
+    # variable-length strings: fixed-width unicode has no Zarr v3 specification yet
+    table = table.assign(
+        {v: table[v].astype(object) for v in table.variables if table[v].dtype.kind == "U"}
+    )
+    table.to_zarr(str(results), mode="w", consolidated=False)
     rep.stage(
         "compute",
         f"all stages computed on the cluster; {len(cols)} per-spectrum results in {results}",
     )
-    df = xr.open_zarr(str(results)).to_dask_dataframe()
+    df = xr.open_zarr(str(results), consolidated=False).to_dask_dataframe()
     path = out / "catalog.parquet"
     df.to_parquet(str(path), write_index=False, overwrite=True)
     rep.stage("catalog", f"{len(cols)} columns written to {path} (dask DataFrame)")
