@@ -26,7 +26,7 @@ from mspec.ml.io import (
     read_metadata,
     sha256_bytes,
 )
-from mspec.ml.models import CLASSES, TLMA_LABELS
+from mspec.ml.models import CLASSES, TLMA_LABELS, network_input
 from mspec.variables import annotate
 
 __all__ = ["ModelRef", "load_ref", "predict", "predict_array", "clear_cache"]
@@ -200,16 +200,7 @@ def _gpu_annotations(gpu) -> dict:
 
 
 def _flux_input(ds: xr.Dataset, n_in: int, meta: dict) -> xr.DataArray:
-    if not isinstance(ds, xr.Dataset):
-        raise TypeError(f"ds must be an xarray.Dataset, got {type(ds).__name__}")
-    if "flux_grid" not in ds:
-        raise ValueError(
-            "ds has no 'flux_grid': run mspec.preprocess(ds, 'cnn') (classifiers) or "
-            "preprocess(ds, 'tlma', rv=...) (CNN-TLMA) first"
-        )
-    fg = ds["flux_grid"]
-    if fg.dims != ("spectra", "grid"):
-        raise ValueError(f"flux_grid must have dims ('spectra', 'grid'), got {fg.dims}")
+    fg = network_input(ds)
     if fg.sizes["grid"] != n_in:
         raise ValueError(
             f"flux_grid has {fg.sizes['grid']} grid pixels but the model expects {n_in}"

@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import xarray as xr
 from torch import nn
 
 __all__ = [
@@ -165,3 +166,24 @@ def build_model(kind: str, **arch) -> SpectrumCNN:
 def count_parameters(model: nn.Module) -> int:
     """Number of trainable parameters of ``model``."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def network_input(ds) -> xr.DataArray:
+    """Return ``ds["flux_grid"]`` after checking it is a (spectra, grid) input for the CNNs.
+
+    Raises
+    ------
+    TypeError, ValueError
+        If ``ds`` is not a Dataset or lacks a ``flux_grid`` with dims (spectra, grid).
+    """
+    if not isinstance(ds, xr.Dataset):
+        raise TypeError(f"ds must be an xarray.Dataset, got {type(ds).__name__}")
+    if "flux_grid" not in ds:
+        raise ValueError(
+            "ds has no 'flux_grid': preprocess it first (mspec.preprocess(ds, 'cnn') for the "
+            "classifiers, mspec.preprocess(ds, 'tlma', rv=...) for CNN-TLMA)"
+        )
+    fg = ds["flux_grid"]
+    if fg.dims != ("spectra", "grid"):
+        raise ValueError(f"flux_grid must have dims ('spectra', 'grid'), got {fg.dims}")
+    return fg

@@ -28,6 +28,7 @@ import xarray as xr
 
 from mspec.ml.io import write_model, write_pair
 from mspec.ml.models import CLASSES, TLMA_LABELS, build_model, count_parameters
+from mspec.ml.models import network_input as _flux_grid
 
 __all__ = [
     "PAPER_CLASS_WEIGHTS",
@@ -76,20 +77,6 @@ def _deterministic(seed: int, threads: int | None):
     finally:
         torch.use_deterministic_algorithms(prev_det)
         torch.set_num_threads(prev_threads)
-
-
-def _flux_grid(ds) -> xr.DataArray:
-    if not isinstance(ds, xr.Dataset):
-        raise TypeError(f"ds must be an xarray.Dataset, got {type(ds).__name__}")
-    if "flux_grid" not in ds:
-        raise ValueError(
-            "ds has no 'flux_grid': preprocess it first (mspec.preprocess(ds, 'cnn') for the "
-            "classifiers, mspec.preprocess(ds, 'tlma', rv=...) for CNN-TLMA)"
-        )
-    fg = ds["flux_grid"]
-    if fg.dims != ("spectra", "grid"):
-        raise ValueError(f"flux_grid must have dims ('spectra', 'grid'), got {fg.dims}")
-    return fg
 
 
 def _as_1d(values, n: int, name: str) -> np.ndarray:
