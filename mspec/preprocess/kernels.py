@@ -289,6 +289,27 @@ def cut(wave: np.ndarray, flux: np.ndarray, lo: float, hi: float):
 
 
 @njit(nogil=True, cache=_CACHE)
+def _finite_sum(x):
+    """Number and float64 sum of the finite values of ``x``."""
+    n = 0
+    s = 0.0
+    for j in range(x.shape[0]):
+        v = x[j]
+        if math.isfinite(v):
+            s += v
+            n += 1
+    return n, s
+
+
+@njit(nogil=True, cache=_CACHE)
+def _fail(x, status):
+    """Set every value of ``x`` to NaN and return ``status`` (a failed normalisation)."""
+    for j in range(x.shape[0]):
+        x[j] = np.nan
+    return status
+
+
+@njit(nogil=True, cache=_CACHE)
 def zscore(x):
     """Step 5 in place: ``(x - mean) / std`` over the finite values (float64 sums, ddof=0).
 
@@ -303,17 +324,9 @@ def zscore(x):
         ``STATUS_OK``, ``STATUS_NO_COVERAGE`` (no finite value) or ``STATUS_ZERO_VARIANCE``
         (fewer than 2 values, or std <= 1e-10 |mean|); on failure every value is set to NaN.
     """
-    n = 0
-    s = 0.0
-    for j in range(x.shape[0]):
-        v = x[j]
-        if math.isfinite(v):
-            s += v
-            n += 1
+    n, s = _finite_sum(x)
     if n == 0:
-        for j in range(x.shape[0]):
-            x[j] = np.nan
-        return STATUS_NO_COVERAGE
+        return _fail(x, STATUS_NO_COVERAGE)
     mean = s / n
     ss = 0.0
     for j in range(x.shape[0]):
@@ -323,9 +336,7 @@ def zscore(x):
             ss += d * d
     std = math.sqrt(ss / n)
     if n < 2 or not math.isfinite(std) or std <= _ZERO_VAR_RTOL * abs(mean) or std == 0.0:
-        for j in range(x.shape[0]):
-            x[j] = np.nan
-        return STATUS_ZERO_VARIANCE
+        return _fail(x, STATUS_ZERO_VARIANCE)
     for j in range(x.shape[0]):
         x[j] = (x[j] - mean) / std
     return STATUS_OK
@@ -346,22 +357,11 @@ def mean_normalise(x):
         ``STATUS_OK``, ``STATUS_NO_COVERAGE`` (no finite value) or ``STATUS_ZERO_VARIANCE``
         (mean not positive); on failure every value is set to NaN.
     """
-    n = 0
-    s = 0.0
-    for j in range(x.shape[0]):
-        v = x[j]
-        if math.isfinite(v):
-            s += v
-            n += 1
-    status = STATUS_OK
+    n, s = _finite_sum(x)
     if n == 0:
-        status = STATUS_NO_COVERAGE
-    elif not s / n > 0.0:
-        status = STATUS_ZERO_VARIANCE
-    if status != STATUS_OK:
-        for j in range(x.shape[0]):
-            x[j] = np.nan
-        return status
+        return _fail(x, STATUS_NO_COVERAGE)
+    if not s / n > 0.0:
+        return _fail(x, STATUS_ZERO_VARIANCE)
     mean = s / n
     for j in range(x.shape[0]):
         x[j] = x[j] / mean
