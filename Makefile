@@ -1,7 +1,5 @@
 # Two commands on a fresh machine: `make demo` (main job) and `make test` (ruff + pytest).
 # Both create .venv/ and install mspec (editable, with dev extras) when needed.
-# MSPEC_NUMBA_CACHE=1 keeps compiled numba kernels on disk, so worker processes and reruns
-# do not recompile them.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -22,10 +20,10 @@ lint: $(STAMP)
 	$(BIN)/ruff check mspec tests benchmarks examples
 
 test: $(STAMP) lint
-	MSPEC_NUMBA_CACHE=1 $(BIN)/python -m pytest
+	$(BIN)/python -m pytest
 
 demo: $(STAMP)
-	MSPEC_NUMBA_CACHE=1 $(BIN)/mspec --log $(DEMO_DIR)/demo.log demo --out $(DEMO_DIR)
+	$(BIN)/mspec --log $(DEMO_DIR)/demo.log demo --out $(DEMO_DIR)
 
 bench: $(STAMP)
 	cd benchmarks && ../$(BIN)/asv run --python=same --quick --show-stderr

@@ -8,8 +8,10 @@ import math
 import numba
 import numpy as np
 
+from mspec._numba import jit
 
-@numba.njit(nogil=True, parallel=True, cache=False)
+
+@jit(parallel=True)
 def evaluate_bank(flat, nf, g0, dg, idx, weights, shift, loglam, fid, taper, feat_coef, env_coef):
     """Flux ``(n, npix)`` of weighted template combinations with line-strength scaling.
 

@@ -81,6 +81,7 @@ def run_demo(
     n_workers: int = 2,
     n_train: int | None = None,
     epochs: int = 8,
+    chunk_size: int = 500,
 ) -> Path:
     """Run the demo and return the path of its report.
 
@@ -98,6 +99,8 @@ def run_demo(
         Size of the simulated CNN training set (default ``2 * n_spectra``).
     epochs : int
         Maximum training epochs per CNN.
+    chunk_size : int
+        Spectra per store chunk.
 
     Returns
     -------
@@ -125,7 +128,7 @@ def run_demo(
         rep.stage(
             "cluster", f"LocalCluster with {n_workers} workers, dashboard {client.dashboard_link}"
         )
-        ds = _stage_survey(rep, out, n_spectra, seed, client)
+        ds = _stage_survey(rep, out, n_spectra, seed, client, chunk_size)
         ds = _stage_preprocess(rep, ds)
         ds = _stage_cnn(rep, out, ds, n_train, seed, epochs)
         ds = _stage_rv(rep, ds)
@@ -136,7 +139,7 @@ def run_demo(
     return path
 
 
-def _stage_survey(rep: _Report, out: Path, n: int, seed: int, client):
+def _stage_survey(rep: _Report, out: Path, n: int, seed: int, client, chunk_size: int):
     import mspec
     from mspec.io import write_lamost_fits
 
@@ -156,7 +159,7 @@ def _stage_survey(rep: _Report, out: Path, n: int, seed: int, client):
     summary = mspec.ingest(
         [str(fits_dir / lay / "catalog.parquet") for lay in layouts],
         str(store),
-        chunk_size=500,
+        chunk_size=chunk_size,
         client=client,
     )
     rep.stage(
@@ -238,23 +241,19 @@ def _stage_rv(rep, ds):
 
 def _stage_catalog(rep, out: Path, ds):
     import dask.dataframe as dd
-    import xarray as xr
+
+    from mspec.io.zarrio import read_results, write_results
 
     cols = [c for c in CATALOG_COLUMNS if c in ds.variables and ds[c].dims == ("spectra",)]
     # One compute for every stage: the per-spectrum results go to a Zarr group chunk by chunk
     # (building the DataFrame straight from the lazy graph would recompute it per column).
     results = out / "results.zarr"
-    table = ds[cols].reset_coords()
-    # variable-length strings: fixed-width unicode has no Zarr v3 specification yet
-    table = table.assign(
-        {v: table[v].astype(object) for v in table.variables if table[v].dtype.kind == "U"}
-    )
-    table.to_zarr(str(results), mode="w", consolidated=False)
+    write_results(ds[cols].reset_coords(), results)
     rep.stage(
         "compute",
         f"all stages computed on the cluster; {len(cols)} per-spectrum results in {results}",
     )
-    df = xr.open_zarr(str(results), consolidated=False).to_dask_dataframe()
+    df = read_results(results).to_dask_dataframe()
     path = out / "catalog.parquet"
     df.to_parquet(str(path), write_index=False, overwrite=True)
     rep.stage("catalog", f"{len(cols)} columns written to {path} (dask DataFrame)")

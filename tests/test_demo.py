@@ -13,7 +13,10 @@ from mspec.demo import run_demo
 @pytest.mark.distributed
 @pytest.mark.realdata
 def test_demo_end_to_end(tmp_path):
-    report = run_demo(tmp_path, n_spectra=60, n_train=240, epochs=1, n_workers=1, seed=3)
+    # several chunks per variable (the crash of issue 11 needed more than one chunk)
+    report = run_demo(
+        tmp_path, n_spectra=60, n_train=240, epochs=1, n_workers=1, seed=3, chunk_size=16
+    )
     text = report.read_text()
     for stage in ("simulate", "write FITS", "ingest", "train CNNs", "RV", "CNN-TLMA", "catalog"):
         assert f"**{stage}**" in text
@@ -28,6 +31,12 @@ def test_demo_end_to_end(tmp_path):
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["n_spectra"] == 60 and "training" in metrics
     assert (tmp_path / "accuracy.png").stat().st_size > 0
+    # every store the demo wrote has one chunking along spectra, and no object dtypes
+    from mspec.io.zarrio import check_uniform_chunks
+
+    for store in ("spectra.zarr", "results.zarr"):
+        chunks = check_uniform_chunks(tmp_path / store)
+        assert len(chunks) == 4, (store, chunks)
 
 
 def test_demo_bad_argument(tmp_path):

@@ -20,18 +20,17 @@ loop over a 2-D block of spectra and are what the xarray wrappers in
 numpy-facing entry points that allocate the outputs. Every kernel has a plain-numpy
 reference in :mod:`mspec.preprocess.reference`.
 
-Set ``MSPEC_NUMBA_CACHE=1`` to cache compiled kernels on disk.
+Compiled kernels are cached on disk (see :mod:`mspec._numba`).
 """
 
 from __future__ import annotations
 
 import math
-import os
 from typing import NamedTuple
 
 import numpy as np
-from numba import njit
 
+from mspec._numba import jit
 from mspec.variables import C_KMS, SDSS_BANDS
 
 __all__ = [
@@ -61,7 +60,6 @@ __all__ = [
     "MaskResult",
 ]
 
-_CACHE = os.environ.get("MSPEC_NUMBA_CACHE") == "1"
 
 #: ``preprocess_status`` codes (int8). A spectrum with a nonzero code has an all-NaN
 #: ``flux_grid``; the first failing check (in this order) sets the code.
@@ -145,7 +143,7 @@ def band_index(wave: np.ndarray, bands=None) -> np.ndarray:
 # --- 1-D kernels (one spectrum) -------------------------------------------------------------
 
 
-@njit(nogil=True, cache=_CACHE)
+@jit
 def good_pixels(flux, ivar, ormask, good):
     """Step 1: flag the usable pixels of one spectrum.
 
@@ -175,7 +173,7 @@ def good_pixels(flux, ivar, ormask, good):
     return n
 
 
-@njit(nogil=True, cache=_CACHE)
+@jit
 def doppler_shift(wave_obs, rv, out):
     """Step 2: shift wavelengths to the rest frame, ``out = wave_obs / (1 + rv / c)``.
 
@@ -193,7 +191,7 @@ def doppler_shift(wave_obs, rv, out):
         out[i] = wave_obs[i] / fac
 
 
-@njit(nogil=True, cache=_CACHE)
+@jit
 def interp_to_grid(wave, flux, good, start, step, max_gap, out):
     """Steps 3+4: linear interpolation of the good pixels onto ``start + step * j``.
 
@@ -288,7 +286,7 @@ def cut(wave: np.ndarray, flux: np.ndarray, lo: float, hi: float):
     return wave[sl], np.asarray(flux)[..., sl]
 
 
-@njit(nogil=True, cache=_CACHE)
+@jit
 def _finite_sum(x):
     """Number and float64 sum of the finite values of ``x``."""
     n = 0
@@ -301,7 +299,7 @@ def _finite_sum(x):
     return n, s
 
 
-@njit(nogil=True, cache=_CACHE)
+@jit
 def _fail(x, status):
     """Set every value of ``x`` to NaN and return ``status`` (a failed normalisation)."""
     for j in range(x.shape[0]):
@@ -309,7 +307,7 @@ def _fail(x, status):
     return status
 
 
-@njit(nogil=True, cache=_CACHE)
+@jit
 def zscore(x):
     """Step 5 in place: ``(x - mean) / std`` over the finite values (float64 sums, ddof=0).
 
@@ -342,7 +340,7 @@ def zscore(x):
     return STATUS_OK
 
 
-@njit(nogil=True, cache=_CACHE)
+@jit
 def mean_normalise(x):
     """Template normalisation in place: ``x / mean`` over the finite values (float64 sum).
 
@@ -368,7 +366,7 @@ def mean_normalise(x):
     return STATUS_OK
 
 
-@njit(nogil=True, cache=_CACHE)
+@jit
 def band_fractions(flux, ormask, band, out):
     """``orp``: fraction of ``ormask != 0`` pixels per band, over the pixels the spectrum has.
 
@@ -402,7 +400,7 @@ def band_fractions(flux, ormask, band, out):
 # --- block drivers (2-D blocks of spectra) --------------------------------------------------
 
 
-@njit(nogil=True, cache=_CACHE)
+@jit
 def grid_block(
     flux,
     ivar,
@@ -497,7 +495,7 @@ def grid_block(
                 row[j] = np.nan
 
 
-@njit(nogil=True, cache=_CACHE)
+@jit
 def mask_block(flux, ivar, ormask, band, out_flux, out_ivar, orp, status, ngood):
     """Step 1 only (template-matching recipe) for a block of spectra.
 

@@ -31,13 +31,12 @@ numpy version of the same algorithm is :mod:`mspec.rv.reference`; the xarray/das
 from __future__ import annotations
 
 import math
-import os
 import types
 from dataclasses import dataclass, field
 
 import numpy as np
-from numba import njit
 
+from mspec._numba import jit
 from mspec.variables import C_KMS
 
 __all__ = [
@@ -77,8 +76,6 @@ WEIGHTINGS = ("none", "ivar")
 #: Observed-frame (vacuum Å) telluric absorption bands masked with ``mask_tellurics=True``:
 #: O2 B band, H2O 7160-7340, O2 A band, H2O 8130-8360 (margins for the heliocentric shift).
 TELLURIC_BANDS = ((6860.0, 6960.0), (7160.0, 7340.0), (7590.0, 7700.0), (8130.0, 8360.0))
-# on-disk numba cache is opt-in (as in mspec.preprocess): MSPEC_NUMBA_CACHE=1
-_CACHE = os.environ.get("MSPEC_NUMBA_CACHE") == "1"
 
 
 @dataclass(frozen=True)
@@ -257,7 +254,7 @@ def solve_small(mat, rhs, out):
     return True
 
 
-solve_small_nb = njit(nogil=True, cache=_CACHE)(solve_small)
+solve_small_nb = jit(solve_small)
 # gauss_fit calls ``_solve``: the plain function in Python, the numba one in the jitted copy
 _solve = solve_small
 
@@ -396,10 +393,11 @@ def _with_globals(func, **repl):
     return types.FunctionType(func.__code__, g, func.__name__, func.__defaults__)
 
 
-gauss_fit_nb = njit(nogil=True)(_with_globals(gauss_fit, _solve=solve_small_nb))
+# rebound globals make a new function object that numba cannot cache on disk
+gauss_fit_nb = jit(_with_globals(gauss_fit, _solve=solve_small_nb), cache=False)
 
 
-@njit(nogil=True, cache=_CACHE)
+@jit
 def _fit_curve(v, y, halfwidth):
     """Argmin + Gaussian fit of one χ² curve; returns (mu, ymin, code)."""
     n = y.size
@@ -436,7 +434,7 @@ def lattice_lambda(cfg: TMConfig, i0: int, n: int) -> tuple[np.ndarray, int]:
     return 10.0 ** (cfg.loglam0 + j * cfg.h), jlo
 
 
-@njit(nogil=True, cache=_CACHE)
+@jit
 def _interp_uniform(lam, g0, flux):
     """Linear interpolation of ``flux`` on the uniform 1 Å grid starting at ``g0``."""
     u = lam - g0
@@ -449,14 +447,14 @@ def _interp_uniform(lam, g0, flux):
     return flux[k] * (1.0 - f) + flux[k + 1] * f
 
 
-@njit(nogil=True, cache=_CACHE)
+@jit
 def _shifted(flux, g0, lam_lat, jlo, i0, n, k, m, out):
     """Template shifted by lattice index ``m`` at the window pixels."""
     for i in range(n):
         out[i] = _interp_uniform(lam_lat[(i0 + i) * k - m - jlo], g0, flux)
 
 
-@njit(nogil=True, cache=_CACHE)
+@jit
 def _polyphase(flux, g0, lam_lat, jlo, jbase, k, npoly):
     """``out[r, p]`` = template at lattice point ``jbase + p k + r`` (0 outside ``lam_lat``)."""
     out = np.zeros((k, npoly))
@@ -477,7 +475,7 @@ def trial_arrays(cfg: TMConfig, flux1a: np.ndarray, g0: float, i0: int, n: int):
     return out, lam_lat, jlo
 
 
-@njit(nogil=True, cache=_CACHE)
+@jit
 def _trial_fill(flux1a, g0, lam_lat, jlo, i0, n, k, mt, out):
     for t in range(flux1a.shape[0]):
         for q in range(mt.size):
@@ -487,7 +485,7 @@ def _trial_fill(flux1a, g0, lam_lat, jlo, i0, n, k, mt, out):
 # --- χ² from moment sums ---------------------------------------------------------------------
 
 
-@njit(nogil=True, cache=_CACHE)
+@jit
 def _prep_obs(flux, ivar, ormask, x, i0, n, use_ivar, pw, qw):
     """Per-spectrum moment weights: pw[i, k] = w x^k O, qw[i, p] = w x^p; returns ΣwO², N."""
     sumo2 = 0.0
@@ -512,7 +510,7 @@ def _prep_obs(flux, ivar, ormask, x, i0, n, use_ivar, pw, qw):
     return sumo2, nval
 
 
-@njit(nogil=True, cache=_CACHE)
+@jit
 def _solve_chi2(b, a, sumo2, nval, coef):
     """χ² = (ΣwO² - bᵀA⁻¹b)/N with A the 5×5 Hankel matrix of a; Cholesky, float64."""
     mat = np.empty((5, 5))
@@ -550,7 +548,7 @@ def _solve_chi2(b, a, sumo2, nval, coef):
     return (sumo2 - btc) / nval
 
 
-@njit(nogil=True, cache=_CACHE)
+@jit
 def _chi2_slice(s, off, n, pw, qw, sumo2, nval, b, a, coef):
     """χ² of the observed spectrum against template values ``s[off:off+n]``."""
     b0 = b1 = b2 = b3 = b4 = 0.0
@@ -589,7 +587,7 @@ def _chi2_slice(s, off, n, pw, qw, sumo2, nval, b, a, coef):
     return _solve_chi2(b, a, sumo2, nval, coef)
 
 
-@njit(nogil=True, cache=_CACHE)
+@jit
 def trial_moments(trials, x, out):
     """``out[t, q, p]`` = Σ_i x_i^p S_tq,i² over every window pixel (p = 0..8)."""
     n = x.size
@@ -622,7 +620,7 @@ def trial_moments(trials, x, out):
             out[t, q, 8] = a8
 
 
-@njit(nogil=True, cache=_CACHE)
+@jit
 def _fill_dense_moments(flux, g0, lam_lat, jlo, i0, n, k, x, out):
     """``out[m + mm, p]`` = Σ_i x_i^p S_m,i² for every lattice shift |m| <= mm, over all
     window pixels (``mm = (len(out) - 1) // 2``)."""
@@ -645,7 +643,7 @@ def _fill_dense_moments(flux, g0, lam_lat, jlo, i0, n, k, x, out):
     out[:, :] = tmp
 
 
-@njit(nogil=True, cache=_CACHE)
+@jit
 def _chi2_premoments(s, n, pw, x, midx, nmask, ta, sumo2, nval, b, a, coef):
     """χ² for unit weights from precomputed template moments ``ta`` (all window pixels):
     only the 5 data sums run over the pixels; the masked pixels' S² moments are subtracted.
@@ -675,7 +673,7 @@ def _chi2_premoments(s, n, pw, x, midx, nmask, ta, sumo2, nval, b, a, coef):
     return _solve_chi2(b, a, sumo2, nval, coef)
 
 
-@njit(nogil=True, cache=_CACHE)
+@jit
 def _stat_error(flux, i0, n, x, qw, smid, slo, shi, dv, coef):
     """Statistical RV error (km/s) from the χ² curvature, with residual (sandwich) variance.
 
@@ -729,7 +727,7 @@ def _stat_error(flux, i0, n, x, qw, smid, slo, shi, dv, coef):
     return math.sqrt(num) / den
 
 
-@njit(nogil=True, cache=_CACHE)
+@jit
 def _one_spectrum(
     flux,
     ivar,
@@ -908,7 +906,7 @@ def _one_spectrum(
     return rv, err, err_stat, best, best_chi, STATUS_OK
 
 
-@njit(nogil=True, cache=_CACHE)
+@jit
 def tm_block(
     flux,
     ivar,
