@@ -127,9 +127,9 @@ def check_uniform_chunks(target, dim: str = "spectra") -> tuple[int, ...]:
         Naming the variables whose chunking differs.
     """
     if isinstance(target, str | os.PathLike):
-        import zarr
-
         import warnings
+
+        import zarr
 
         found: dict[str, tuple[int, ...]] = {}
         with warnings.catch_warnings():
