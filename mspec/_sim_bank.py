@@ -1,6 +1,7 @@
 """Processed template bank for the survey simulator (private; see ``docs/simulator.md``).
 
-The real PyHammer templates (SDSS/BOSS co-adds, vacuum, rest frame, R~2000) are put once on a
+The real PyHammer templates (SDSS/BOSS co-adds, vacuum, rest frame, R~2000; by default the
+library packaged with mspec, :func:`mspec.data.packaged_templates`) are put once on a
 fine uniform log10-wavelength grid (``DG = 1e-5`` dex), smoothed to LAMOST resolution
 (R~1800) and box-averaged over one native LAMOST pixel (1e-4 dex). A bank value at ``x`` is
 then the flux a native pixel centred on ``x`` records, so an observed pixel of a star with
@@ -162,17 +163,36 @@ def feature_weights() -> tuple[np.ndarray, np.ndarray]:
     return fid, wt
 
 
-def _processed(name: str, directory: str | None) -> np.ndarray:
-    """One template on the fine grid, smoothed, unit mean over 5000-9000 A."""
+def _read_template(name: str, directory: str | None) -> tuple[np.ndarray, np.ndarray]:
+    """One template's (loglam, flux): the packaged library (default) or ``directory``'s FITS."""
     from pathlib import Path
 
-    from mspec.data import pyhammer_dir, read_pyhammer
+    from mspec.data import packaged_templates, read_pyhammer
 
-    d = pyhammer_dir() if directory is None else directory
-    p = Path(d) / f"{name}.fits.gz"
+    if directory is None:
+        loglam, flux, info = packaged_templates("*")
+        names = [i["name"] for i in info]
+        if name not in names:
+            raise FileNotFoundError(f"no packaged PyHammer template named {name!r}")
+        return loglam, np.asarray(flux[names.index(name)], dtype=np.float64)
+    p = Path(directory) / f"{name}.fits.gz"
     if not p.is_file():
-        p = Path(d) / f"{name}.fits"
-    loglam, flux = read_pyhammer(p)
+        p = Path(directory) / f"{name}.fits"
+    return read_pyhammer(p)
+
+
+def _m_templates(directory: str | None) -> list[dict]:
+    """Name info (:func:`mspec.data.parse_pyhammer_name`) of the M templates available."""
+    from mspec.data import packaged_templates, parse_pyhammer_name, pyhammer_files
+
+    if directory is None:
+        return packaged_templates("M*")[2]
+    return [parse_pyhammer_name(p) for p in pyhammer_files("M*", directory=directory)]
+
+
+def _processed(name: str, directory: str | None) -> np.ndarray:
+    """One template on the fine grid, smoothed, unit mean over 5000-9000 A."""
+    loglam, flux = _read_template(name, directory)
     t = _onto_fine(loglam, flux)
     lam = 10.0 ** fine_grid()
     t = t / _window_mean(lam, t, 5000.0, 9000.0)
@@ -183,17 +203,16 @@ def _processed(name: str, directory: str | None) -> np.ndarray:
 
 class Bank:
     """Template bank: ``data[j, k, q]`` for template ``j``, fine pixel ``k``; ``q`` = 0: flux,
-    1: feature log-depth, 2: envelope log-depth. Built once per process (see :func:`bank`)."""
+    1: feature log-depth, 2: envelope log-depth. Built once per process (see :func:`bank`).
+
+    ``directory=None`` (default) uses the PyHammer library packaged with mspec
+    (:func:`mspec.data.packaged_templates`); a directory reads the original FITS files."""
 
     def __init__(self, directory: str | None = None):
-        from mspec.data import parse_pyhammer_name, pyhammer_dir, pyhammer_files
-
-        d = pyhammer_dir() if directory is None else directory
+        directory = None if directory is None else str(directory)
         names: list[str] = []
-        mfiles = pyhammer_files("M*", directory=d)
         avail: dict[int, dict[float, str]] = {}
-        for p in mfiles:
-            info = parse_pyhammer_name(p)
+        for info in _m_templates(directory):
             feh = info["feh"]
             avail.setdefault(int(info["subtype"]), {})[0.0 if np.isnan(feh) else feh] = info["name"]
         avail[-1] = {0.0: "K7_+0.0_Dwarf"}
@@ -226,7 +245,7 @@ class Bank:
         data = np.empty((len(names), NF, 3), dtype=np.float64)
         cont_ha = np.empty(len(names))
         for j, n in enumerate(names):
-            t = _processed(n, None if directory is None else str(directory))
+            t = _processed(n, directory)
             data[j, :, 0] = t
             data[j, :, 1] = _feature_depths(lam, t)
             data[j, :, 2] = _envelope_depth(t)

@@ -1,12 +1,20 @@
-"""Locating and reading the real reference data shipped beside the project.
+"""Locating and reading the real reference data: packaged with mspec, or beside the project.
 
-The PyHammer templates (Kesseli et al. 2017; SDSS/BOSS co-adds, vacuum, rest frame, R~2000)
-and the real LAMOST files live in ``../shared/data`` next to the repository, or wherever
-``$MSPEC_SHARED_DATA`` points.
+The PyHammer templates (Kesseli et al. 2017; SDSS/BOSS co-adds, vacuum, rest frame, R~2000,
+MIT) ship with mspec as a compact library, ``mspec/templates/pyhammer.npz`` (all 47 templates
+resampled flux-conservingly onto one log10-λ grid of step 2.5e-5 dex; derived once by
+``scripts/build_template_library.py``, see ``mspec/templates/README.md``), read by
+:func:`packaged_templates`. It is the default of every template user, so results never
+depend on whether ``../shared`` exists.
+
+The original template FITS files and the real LAMOST files live in ``../shared/data`` next
+to the repository, or wherever ``$MSPEC_SHARED_DATA`` points (:func:`pyhammer_files`,
+:func:`read_pyhammer`).
 """
 
 from __future__ import annotations
 
+import fnmatch
 import functools
 import os
 import re
@@ -20,7 +28,12 @@ __all__ = [
     "pyhammer_files",
     "parse_pyhammer_name",
     "read_pyhammer",
+    "packaged_templates_path",
+    "packaged_templates",
 ]
+
+#: Layout version of ``mspec/templates/pyhammer.npz`` (checked on reading).
+PACKAGED_FORMAT = "mspec-pyhammer-v1"
 
 _TEMPLATE_RE = re.compile(
     r"^(?P<spt>[OBAFGKML])(?P<sub>\d+(?:\.\d+)?)?(?:_(?P<feh>[+-]\d+\.\d+))?(?:_(?P<lum>Dwarf|Giant))?$"
@@ -175,3 +188,99 @@ def read_pyhammer(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     if not p.is_file():
         raise FileNotFoundError(f"template file {str(p)!r} does not exist")
     return _read_cached(str(p.resolve()))
+
+
+def packaged_templates_path():
+    """Return the packaged template library file (``mspec/templates/pyhammer.npz``).
+
+    Returns
+    -------
+    importlib.resources.abc.Traversable
+        The resource (a :class:`pathlib.Path` for a normal install); open it with ``.open("rb")``.
+    """
+    from importlib.resources import files
+
+    return files("mspec").joinpath("templates", "pyhammer.npz")
+
+
+@functools.lru_cache(maxsize=1)
+def _packaged_cached() -> tuple[np.ndarray, np.ndarray, tuple[dict, ...]]:
+    res = packaged_templates_path()
+    if not res.is_file():
+        raise FileNotFoundError(
+            f"packaged template library {str(res)!r} is missing: reinstall mspec, or rebuild it "
+            "with scripts/build_template_library.py"
+        )
+    with res.open("rb") as fh, np.load(fh, allow_pickle=False) as z:
+        fmt = str(z["format"])
+        if fmt != PACKAGED_FORMAT:
+            raise ValueError(f"{str(res)!r} has format {fmt!r}, expected {PACKAGED_FORMAT!r}")
+        npix = int(z["npix"])
+        loglam = float(z["loglam0"]) + float(z["dloglam"]) * np.arange(npix, dtype=np.float64)
+        planes = z["flux_shuffled"]  # (4, n, npix) little-endian byte planes of float32
+        flux = np.ascontiguousarray(np.moveaxis(planes, 0, -1)).view("<f4")[..., 0]
+        flux = flux.astype(np.float32, copy=False)
+        info = tuple(
+            {
+                "name": str(n),
+                "spt": str(s),
+                "subtype": float(sub),
+                "feh": float(feh),
+                "lumclass": str(lc),
+            }
+            for n, s, sub, feh, lc in zip(
+                z["name"], z["spt"], z["subtype"], z["feh"], z["lumclass"]
+            )
+        )
+    if flux.shape != (len(info), npix):
+        raise ValueError(f"{str(res)!r}: flux shape {flux.shape} != ({len(info)}, {npix})")
+    loglam.setflags(write=False)
+    flux.setflags(write=False)
+    return loglam, flux, info
+
+
+def packaged_templates(pattern: str = "*") -> tuple[np.ndarray, np.ndarray, list[dict]]:
+    """Read the PyHammer templates packaged with mspec (no ``../shared`` needed).
+
+    All 47 templates of ``../shared/data/templates_pyhammer`` (Kesseli et al. 2017; MIT,
+    licence and attribution in ``mspec/templates/``), resampled flux-conservingly onto one
+    shared log10-λ grid (step 2.5e-5 dex, 3650.2-10199.1 Å) by
+    ``scripts/build_template_library.py``.
+
+    Parameters
+    ----------
+    pattern : str
+        Shell-style glob on the template name, like :func:`pyhammer_files` (``"*"``: all 47,
+        ``"M*"``: the 33 M templates, ``"K7_*"``...).
+
+    Returns
+    -------
+    loglam : numpy.ndarray, shape (npix,)
+        log10(vacuum rest wavelength / Å), float64, uniform step 2.5e-5 dex (pixel centres).
+    flux : numpy.ndarray, shape (n, npix)
+        Mean flux density over each pixel (arbitrary normalisation as in the source files),
+        float32.
+    info : list of dict
+        Per template, as :func:`parse_pyhammer_name` gives: ``name``, ``spt``, ``subtype``,
+        ``feh`` (dex, NaN when unstated), ``lumclass``. Ordered like :func:`pyhammer_files`.
+
+    The arrays are read-only and shared between calls (cached).
+
+    Raises
+    ------
+    TypeError
+        If ``pattern`` is not a string.
+    FileNotFoundError
+        If no packaged template matches ``pattern`` (or the package data is missing).
+    """
+    if not isinstance(pattern, str):
+        raise TypeError(f"pattern must be a string glob such as 'M*', got {type(pattern).__name__}")
+    loglam, flux, info = _packaged_cached()
+    idx = [j for j, i in enumerate(info) if fnmatch.fnmatchcase(i["name"], pattern)]
+    if not idx:
+        raise FileNotFoundError(f"no packaged PyHammer template matches pattern={pattern!r}")
+    if len(idx) == len(info):
+        return loglam, flux, [dict(i) for i in info]
+    sub = flux[idx]
+    sub.setflags(write=False)
+    return loglam, sub, [dict(info[j]) for j in idx]

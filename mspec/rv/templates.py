@@ -204,23 +204,56 @@ def pyhammer_templates(
 ) -> xr.Dataset:
     """The real SDSS/BOSS empirical templates of PyHammer (Kesseli et al. 2017).
 
+    By default the library packaged with mspec (:func:`mspec.data.packaged_templates`: all
+    47 templates on one log10-λ grid of step 2.5e-5 dex), so the result does not depend on
+    whether ``../shared/data`` exists; ``directory`` reads the original FITS files instead.
+
     Parameters
     ----------
     pattern : str
-        File-name glob (``"M*"``: the 33 M dwarf templates, the default for real data).
+        Glob on the template name (``"M*"``: the 33 M dwarf templates, the default for real
+        data; ``"*"``: all 47).
     normalise : {"mean", "zscore"}
         See :func:`make_library`.
     directory : path-like, optional
-        Template directory (default ``../shared/data/templates_pyhammer``).
+        Directory of the original ``*.fits[.gz]`` files (e.g.
+        ``../shared/data/templates_pyhammer``). Default: the packaged library.
 
     Returns
     -------
     xarray.Dataset
         Library with spectral type, [Fe/H] (as ``template_m_h``) and luminosity class from
-        the file names; Teff/logg unknown (NaN).
-    """
-    from mspec.data import parse_pyhammer_name, pyhammer_files, read_pyhammer
+        the names; Teff/logg unknown (NaN).
 
+    Raises
+    ------
+    FileNotFoundError
+        No template matches ``pattern``, or ``directory`` does not exist.
+    ValueError
+        Bad ``normalise``.
+    """
+    from mspec.data import (
+        packaged_templates,
+        parse_pyhammer_name,
+        pyhammer_files,
+        read_pyhammer,
+    )
+
+    if normalise not in NORMALISATIONS:
+        raise ValueError(f"normalise={normalise!r} must be one of {NORMALISATIONS}")
+    source = "PyHammer (Kesseli et al. 2017)"
+    if directory is None:
+        loglam, flux, info = packaged_templates(pattern)
+        return make_library(
+            loglam,
+            flux,
+            [i["name"] for i in info],
+            spt=[i["spt"] for i in info],
+            m_h=[i["feh"] for i in info],
+            lumclass=[i["lumclass"] for i in info],
+            source=source,
+            normalise=normalise,
+        )
     files = pyhammer_files(pattern, directory)
     loglam, flux, info = [], [], []
     for f in files:
@@ -237,7 +270,7 @@ def pyhammer_templates(
             spt=[i["spt"] for i in info],
             m_h=[i["feh"] for i in info],
             lumclass=[i["lumclass"] for i in info],
-            source="PyHammer (Kesseli et al. 2017)",
+            source=source,
             normalise=normalise,
         )
     libs = [
@@ -248,7 +281,7 @@ def pyhammer_templates(
             spt=[i["spt"]],
             m_h=[i["feh"]],
             lumclass=[i["lumclass"]],
-            source="PyHammer (Kesseli et al. 2017)",
+            source=source,
             normalise=normalise,
         )
         for ll, fl, i in zip(loglam, flux, info)
@@ -534,7 +567,25 @@ def replicate_templates(lib: xr.Dataset, n: int) -> xr.Dataset:
 
 
 def default_templates(kind: str = "real") -> xr.Dataset:
-    """Default library: ``"real"`` = PyHammer M templates, ``"demo"`` = simulator grid."""
+    """Default template library.
+
+    Parameters
+    ----------
+    kind : {"real", "demo"}
+        ``"real"``: the 33 PyHammer M templates packaged with mspec
+        (:func:`pyhammer_templates`; needs no ``../shared`` data); ``"demo"``: the simulator
+        grid (:func:`simulated_templates`).
+
+    Returns
+    -------
+    xarray.Dataset
+        The library.
+
+    Raises
+    ------
+    ValueError
+        Unknown ``kind``.
+    """
     if kind == "real":
         return pyhammer_templates("M*")
     if kind == "demo":
