@@ -6,30 +6,44 @@ Three layouts exist; the reader tells them apart from the file's *content*, neve
     Primary HDU holds a 5 x N image: flux, ivar, wavelength (A, vacuum), andmask, ormask.
     float32, or float64 in the DR2 (pipeline 2.7.5) files.
 ``"oldest"`` (DR1, pipeline v2.6.4)
-    Same 5 x N image, but row 2 is a normalised flux ("Subcontinuum"), not a wavelength.
-    Recognised because row 2 does not look like wavelengths (values are not all in
-    1000-100000 A) while the header has ``COEFF0``/``COEFF1``; the wavelengths are then
-    ``10**(COEFF0 + COEFF1 * i)``. These files have no ``OBSID``: see :func:`derived_obsid`.
+    Same 5 x N image, but row 2 is a normalised flux ("Subcontinuum"), not a wavelength; the
+    wavelengths are ``10**(COEFF0 + COEFF1 * i)``. Recognised positively, never as "anything
+    else with COEFF keys": exactly 5 rows, N from 1000 to 2 ``NPIX`` (real files: 3904-3909),
+    COEFF1 within 1 % of 1e-4, COEFF0 within 0.02 dex (200 pixels) of 3.5682, ``EXTEN0`` (when
+    present) naming the Subcontinuum row, finite ivar >= 0, finite mask values non-negative
+    integers. Anything else is quarantined as ``unknown_layout``. These files have no
+    ``OBSID``: see :func:`derived_obsid`.
 ``"table"`` (DR9+)
     Header-only primary HDU (stale NAXISn cards ignored) and a binary table (``COADD``) with
     one row of array columns FLUX, IVAR, WAVELENGTH, ANDMASK, ORMASK (masks stored as floats),
     NORMALIZATION.
 
-Gzipped files are recognised by their magic bytes. Each spectrum is placed on the shared
-native grid :func:`mspec.variables.loglam_grid` (``NPIX`` pixels from log10 lambda = 3.5682,
-step 1e-4): by an integer pixel offset when the file's wavelengths lie on the grid (within
-:data:`ON_GRID_TOL` pixels), otherwise by linear interpolation with propagated inverse
+Gzipped files are recognised by their magic bytes and decompressed as a stream, never past
+:data:`MAX_FILE_BYTES` (a LAMOST spectrum is < 1 MB; larger files, plain or decompressed, are
+quarantined as ``too_large`` without being held in memory). Each spectrum is placed on the
+shared native grid :func:`mspec.variables.loglam_grid` (``NPIX`` pixels from log10 lambda =
+3.5682, step 1e-4): by an integer pixel offset when the file's wavelengths lie on the grid
+(within :data:`ON_GRID_TOL` pixels), otherwise by linear interpolation with propagated inverse
 variance (never by snapping), flagged with ``resampled = True`` and ``loglam_offset``.
 Grid pixels the file does not cover are padded with NaN flux, ivar 0 and the
 :data:`MASK_NODATA` bit in both masks.
+
+Values are cleaned, never silently dropped: non-finite flux (or flux beyond float32) is stored
+as NaN with ivar 0; NaN, infinite or negative ivar as 0; a mask value that is not a
+non-negative integer below 2**31 (NaN, inf, 1e20, -1, 0.5) as :data:`MASK_NODATA`, so the
+pixel counts as masked. A header card that cannot be parsed (``SNRI = 12.5.3``, non-ASCII
+bytes) or a non-finite number gives the missing value of its field (NaN, -1, "" or a derived
+obsid) and a message in ``read_warnings``; the spectrum is kept. Finite S/N, RA, Dec and Z
+values are kept as given (negative or huge S/N included): judging them is left to later
+stages.
 """
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import io
 import os
+import stat
 import warnings
 import zlib
 from collections.abc import Mapping, Sequence
@@ -42,6 +56,7 @@ from mspec.variables import C_KMS, DLOGLAM, LOGLAM0, NPIX, VARIABLES, annotate, 
 __all__ = [
     "LAYOUTS",
     "MASK_NODATA",
+    "MAX_FILE_BYTES",
     "ON_GRID_TOL",
     "QUARANTINE_CODES",
     "META_VARIABLES",
@@ -67,11 +82,22 @@ MASK_NODATA = np.int32(32)
 ON_GRID_TOL = 0.002
 _STEP_TOL = 0.005
 
+#: Largest file (after gunzip) the reader accepts, in bytes. A LAMOST spectrum is < 1 MB; the
+#: cap stops a small ``.fits.gz`` from expanding to gigabytes. Read at call time, so it can be
+#: changed here (per process) or per call with ``max_bytes=``.
+MAX_FILE_BYTES = 16 * 2**20
+
+# Positive checks of the DR1 ("oldest") layout, which has no wavelength row to check.
+_OLDEST_NPIX = (1000, 2 * NPIX)  # real files: 3904-3909 pixels
+_OLDEST_COEFF0_TOL = 0.02  # dex (200 pixels): real files start at 3.5682, written ones trimmed
+_OLDEST_COEFF1_RTOL = 0.01
+
 #: Reasons a file is quarantined by :func:`mspec.io.store.ingest` (code -> meaning).
 QUARANTINE_CODES = {
     "not_found": "file does not exist or cannot be opened",
     "not_fits": "not a FITS file",
     "truncated": "file is shorter than its headers say (or a broken gzip stream)",
+    "too_large": "file (after gunzip) larger than MAX_FILE_BYTES",
     "unknown_layout": "no LAMOST spectrum layout recognised",
     "wavelength_not_increasing": "wavelengths not finite, positive and strictly increasing",
     "no_grid_overlap": "wavelengths do not overlap the shared grid",
@@ -134,23 +160,66 @@ class _View:
         self.n_hdus = n_hdus
 
 
-def _read_bytes(path) -> bytes:
-    """Whole file in memory (gunzipped); classify missing, empty, broken gzip, not FITS."""
+_CHUNK = 1 << 16
+
+
+def _read_bytes(path, max_bytes: int | None = None) -> bytes:
+    """Whole file in memory (gunzipped, at most ``max_bytes``); classify missing, empty, too
+    large, broken gzip, not FITS."""
+    limit = MAX_FILE_BYTES if max_bytes is None else max_bytes
     try:
         with open(path, "rb") as fh:
-            raw = fh.read()
+            head = fh.read(2)
+            if head == b"\x1f\x8b":
+                raw = _gunzip_capped(fh, head, limit)
+            else:
+                st = os.fstat(fh.fileno())
+                if stat.S_ISREG(st.st_mode) and st.st_size > limit:
+                    raise BadFileError("too_large", f"{st.st_size} bytes (limit {limit})")
+                # a pipe has no size: read one byte past the cap instead
+                rest = fh.read() if stat.S_ISREG(st.st_mode) else fh.read(limit - len(head) + 1)
+                raw = head + rest
+                if len(raw) > limit:
+                    raise BadFileError("too_large", f"more than {limit} bytes")
     except OSError as exc:
         raise BadFileError("not_found", f"cannot open: {exc}") from None
     if not raw:
         raise BadFileError("truncated", "empty file")
-    if raw[:2] == b"\x1f\x8b":
-        try:
-            raw = gzip.decompress(raw)
-        except (EOFError, OSError, zlib.error) as exc:
-            raise BadFileError("truncated", f"broken gzip stream: {exc}") from None
     if not raw.startswith(b"SIMPLE  ="):
         raise BadFileError("not_fits", "no SIMPLE card at the start of the file")
     return raw
+
+
+def _gunzip_capped(fh, pending: bytes, limit: int) -> bytes:
+    """Decompress a (multi-member) gzip stream chunk by chunk, never holding more than
+    ``limit + 1`` output bytes: a gzip bomb is rejected after ``limit`` bytes (and a stream of
+    empty members after ``2 * limit`` compressed bytes)."""
+    out = bytearray()
+    dec = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)  # gzip header and CRC checked by zlib
+    n_in = len(pending)
+    try:
+        while True:
+            if not pending:
+                pending = fh.read(_CHUNK)
+                if not pending:
+                    break
+                n_in += len(pending)
+                if n_in > 2 * limit:
+                    raise BadFileError("too_large", f"more than {2 * limit} compressed bytes")
+            if dec.eof:  # another member follows (trailing NUL padding is allowed, as gzip does)
+                pending = pending.lstrip(b"\0")
+                if not pending:
+                    continue
+                dec = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
+            out += dec.decompress(pending, limit + 1 - len(out))
+            if len(out) > limit:
+                raise BadFileError("too_large", f"decompresses to more than {limit} bytes")
+            pending = dec.unused_data if dec.eof else dec.unconsumed_tail
+    except zlib.error as exc:
+        raise BadFileError("truncated", f"broken gzip stream: {exc}") from None
+    if not dec.eof:
+        raise BadFileError("truncated", "broken gzip stream: ends before the end-of-stream marker")
+    return bytes(out)
 
 
 # ---- fast path: the plain FITS LAMOST writes (no scaling, no heap); anything else -> astropy
@@ -192,13 +261,24 @@ def _card_value(text: str):
         raise _NotPlain(f"value {v!r}") from None
 
 
+class _BadCard(str):
+    """The raw text of a header card whose value cannot be parsed (``12.5.3``, non-ASCII
+    bytes): the metadata treats it as missing and records a warning, instead of losing the
+    whole spectrum to one card."""
+
+
 class _LazyHeader(dict):
     """Header cards parsed on first access (most of LAMOST's ~120 cards are never read)."""
 
     def __getitem__(self, key):
         v = dict.__getitem__(self, key)
         if isinstance(v, bytes):
-            v = _card_value(v.decode("ascii", "replace"))
+            # non-ASCII bytes become "?", as astropy reads them
+            text = v.decode("ascii", "replace").replace("\ufffd", "?")
+            try:
+                v = _card_value(text)
+            except _NotPlain:
+                v = _BadCard(text.split("/", 1)[0].strip())
             dict.__setitem__(self, key, v)
         return v
 
@@ -309,7 +389,7 @@ def _astropy_view(raw: bytes) -> _View:
                     "truncated", f"HDU {k} needs {end} bytes but the file has {len(raw)}"
                 )
         try:
-            header = {k: v for k, v in reversed(list(hdul[0].header.items()))}
+            header = _astropy_header(hdul[0].header)
             image = hdul[0].data
             table = None
             for hdu in hdul[1:]:
@@ -330,8 +410,25 @@ def _astropy_view(raw: bytes) -> _View:
             raise BadFileError("truncated", f"cannot read the data: {exc}") from None
 
 
-def _view(path) -> _View:
-    raw = _read_bytes(path)
+def _astropy_header(hdr) -> dict:
+    """First occurrence of each key; an unparsable card (astropy's VerifyError on access)
+    becomes a :class:`_BadCard`, as in the fast path."""
+    out = {}
+    for card in hdr.cards:
+        key = card.keyword
+        if key in out:
+            continue
+        try:
+            out[key] = card.value
+        except Exception:  # astropy raises VerifyError (not a ValueError) for these cards
+            # the raw text: ``card.image`` would "fix" the card and warn once per file
+            text = getattr(card, "_image", None) or ""
+            out[key] = _BadCard(text[10:].split("/", 1)[0].strip())
+    return out
+
+
+def _view(path, max_bytes: int | None = None) -> _View:
+    raw = _read_bytes(path, max_bytes)
     try:
         return _fast_view(raw)
     except (_NotPlain, KeyError, ValueError, TypeError, IndexError):
@@ -343,8 +440,42 @@ def _looks_like_wavelength(row: np.ndarray) -> bool:
     return finite.size > 0.9 * row.size and bool(np.all((finite > 1e3) & (finite < 1e5)))
 
 
+def _mostly_wavelength(row: np.ndarray) -> bool:
+    """A broken wavelength row (some NaN or junk): at least half its values look like A."""
+    with np.errstate(invalid="ignore"):
+        return int(np.count_nonzero((row > 1e3) & (row < 1e5))) >= 0.5 * row.size
+
+
+def _oldest_problem(rows: np.ndarray, hdr, exten: str) -> str:
+    """Why a 5 x N image is not the DR1 layout ("" if it is); see the module docstring."""
+    n = rows.shape[1]
+    if not _OLDEST_NPIX[0] <= n <= _OLDEST_NPIX[1]:
+        return f"{n} pixels (DR1 files have {_OLDEST_NPIX[0]}-{_OLDEST_NPIX[1]})"
+    c0, c1 = _float(hdr.get("COEFF0")), _float(hdr.get("COEFF1"))
+    if np.isnan(c0) or np.isnan(c1):
+        return "no numeric COEFF0/COEFF1"
+    if abs(c1 / DLOGLAM - 1.0) > _OLDEST_COEFF1_RTOL:
+        return f"COEFF1 = {c1:g} (DR1: {DLOGLAM:g})"
+    if abs(c0 - LOGLAM0) > _OLDEST_COEFF0_TOL:
+        return f"COEFF0 = {c0:g} (DR1: {LOGLAM0})"
+    if exten and "subcontinuum" not in exten:
+        return f"EXTEN0 = {exten!r} does not describe the DR1 rows"
+    ivar = rows[1][np.isfinite(rows[1])]
+    if ivar.size and float(ivar.min()) < 0:
+        return "negative inverse variances"
+    for k, name in ((3, "andmask"), (4, "ormask")):
+        m = rows[k][np.isfinite(rows[k])]  # NaN/inf masks are read as masked, not as junk
+        if m.size and (float(m.min()) < 0 or not np.array_equal(m, np.floor(m))):
+            return f"{name} values that are not non-negative integers"
+    return ""
+
+
 def detect_layout(hdul) -> str:
     """Return the layout (``"image"``, ``"oldest"``, ``"table"``) of an open file.
+
+    A 5 x N image whose row 2 is (mostly) wavelengths, or whose ``EXTEN0`` names a wavelength
+    row, is ``"image"`` (a broken wavelength row is then rejected by the wavelength check); it
+    is ``"oldest"`` only if it passes the positive DR1 checks of the module docstring.
 
     Parameters
     ----------
@@ -359,7 +490,7 @@ def detect_layout(hdul) -> str:
     Raises
     ------
     BadFileError
-        ``unknown_layout`` if no layout fits.
+        ``unknown_layout`` if no layout fits (the reason names the failed check).
     """
     if not isinstance(hdul, _View):
         table = None
@@ -373,28 +504,33 @@ def detect_layout(hdul) -> str:
     view = hdul
     data = view.image
     hdr = view.header
-    if data is not None and data.ndim == 2 and data.shape[0] >= 5 and data.shape[1] >= 2:
-        if _looks_like_wavelength(np.asarray(data[2], dtype=np.float64)):
+    if data is not None and data.size:
+        if data.ndim != 2 or data.shape[0] != 5 or data.shape[1] < 2:
+            raise BadFileError("unknown_layout", f"primary image of shape {data.shape}, not 5 x N")
+        row2 = np.asarray(data[2], dtype=np.float64)
+        if _looks_like_wavelength(row2):
             return "image"
-        if "COEFF0" in hdr and "COEFF1" in hdr:
-            return "oldest"
-        exten = str(hdr.get("EXTEN0", ""))
-        if "wavelength" in exten.lower():
+        exten = str(hdr.get("EXTEN0", "") or "").lower()
+        if "wavelength" in exten or _mostly_wavelength(row2):
             return "image"  # a broken wavelength row: rejected by the wavelength check
-        raise BadFileError(
-            "unknown_layout", "5-row image whose row 2 is not wavelengths and no COEFF0/COEFF1"
-        )
-    if data is None or data.size == 0:
-        if view.table is not None:
-            return "table"
-        if view.n_hdus == 1:
-            raise BadFileError("unknown_layout", "header-only file without extensions")
-    shape = None if data is None else data.shape
-    raise BadFileError("unknown_layout", f"primary data shape {shape}, no FLUX/WAVELENGTH table")
+        problem = _oldest_problem(np.asarray(data, dtype=np.float64), hdr, exten)
+        if problem:
+            raise BadFileError(
+                "unknown_layout", f"5 x N image, row 2 not wavelengths and not DR1: {problem}"
+            )
+        return "oldest"
+    if view.table is not None:
+        return "table"
+    if view.n_hdus == 1:
+        raise BadFileError("unknown_layout", "header-only file without extensions")
+    raise BadFileError("unknown_layout", "no primary image and no FLUX/IVAR/WAVELENGTH table")
 
 
-def _rows(view: _View, layout: str):
-    """Return (loglam float64, flux, ivar, andmask, ormask) in the file's native pixels."""
+def _rows(view: _View, layout: str, notes: list[str] | None = None):
+    """Return (loglam float64, flux, ivar, andmask, ormask) in the file's native pixels.
+
+    Messages about cleaned values (invalid mask values) are appended to ``notes``.
+    """
     hdr = view.header
     if layout == "table":
         tab = view.table
@@ -434,13 +570,33 @@ def _rows(view: _View, layout: str):
         loglam = np.log10(wave)
     if n < 2 or not np.all(np.isfinite(loglam)) or np.any(np.diff(loglam) <= 0):
         raise BadFileError("wavelength_not_increasing", "wavelengths not strictly increasing")
-    return loglam, flux, ivar, _mask(andm), _mask(orm)
+    masks = []
+    for name, values in (("andmask", andm), ("ormask", orm)):
+        m, n_bad = _mask(values)
+        if n_bad and notes is not None:
+            notes.append(
+                f"{name}: {n_bad} values not bit masks (NaN, inf, < 0, >= 2**31 or "
+                "fractional) read as MASK_NODATA"
+            )
+        masks.append(m)
+    return loglam, flux, ivar, masks[0], masks[1]
 
 
-def _mask(values: np.ndarray) -> np.ndarray:
-    """Masks are stored as floats in most layouts; return them as int32 bit masks."""
-    v = np.where(np.isfinite(values), values, 0.0)
-    return v.astype(np.int64).astype(np.int32)
+def _mask(values: np.ndarray) -> tuple[np.ndarray, int]:
+    """Masks are stored as floats in most layouts; return them as int32 bit masks.
+
+    A value that is no int32 bit mask (NaN, inf, negative, >= 2**31, fractional) cannot be
+    trusted to say "good": it becomes :data:`MASK_NODATA` (never 0, which a plain cast gives
+    for 1e20 or 2**32). Returns the masks and the number of such values.
+    """
+    with np.errstate(invalid="ignore"):
+        ok = np.isfinite(values) & (values >= 0) & (values < 2.0**31)
+        ok &= values == np.floor(values)
+    out = np.where(ok, values, 0.0).astype(np.int32)
+    n_bad = int(ok.size - np.count_nonzero(ok))
+    if n_bad:
+        out[~ok] = MASK_NODATA
+    return out, n_bad
 
 
 # --------------------------------------------------------------------------- grid placement
@@ -532,14 +688,20 @@ def _float(v) -> float:
 
 
 def _int(v) -> int | None:
+    """An int64 value, or None (missing, unparsable, fractional or outside int64)."""
+    if isinstance(v, bool | np.bool_):
+        return None
     try:
-        return int(str(v).strip()) if not isinstance(v, int | np.integer) else int(v)
+        x = int(str(v).strip()) if not isinstance(v, int | np.integer) else int(v)
     except (TypeError, ValueError):
         try:
-            x = float(v)
-            return int(x) if np.isfinite(x) and x == int(x) else None
+            f = float(v)
         except (TypeError, ValueError):
             return None
+        if not (np.isfinite(f) and f == int(f)):
+            return None
+        x = int(f)
+    return x if -(1 << 63) <= x < (1 << 63) else None
 
 
 def derived_obsid(header: Mapping, path: str | os.PathLike) -> int:
@@ -575,47 +737,68 @@ def derived_obsid(header: Mapping, path: str | os.PathLike) -> int:
     return -(h % (1 << 62)) - 1
 
 
-def _metadata(hdr, path, defaults: Mapping | None) -> dict:
+def _metadata(hdr, path, defaults: Mapping | None, notes: list[str] | None = None) -> dict:
+    """Per-spectrum values from the header (and ``defaults``); a card that is present but
+    unusable gives the field's missing value and a message in ``notes``."""
     d = dict(defaults or {})
     meta: dict[str, object] = {}
-    obsid = _int(_card(hdr, "OBSID"))
+    notes = [] if notes is None else notes
+
+    def card(kind, *cards):
+        """Parsed value of the first present card, or None; bad values noted, not raised."""
+        name = next((k for k in cards if _card(hdr, k) is not None), None)
+        if name is None:
+            return None
+        v = hdr[name]
+        if isinstance(v, _BadCard):
+            notes.append(f"{name}: unparsable value {str(v)[:30]!r} read as missing")
+            return None
+        if kind == "float" and np.isnan(_float(v)):
+            notes.append(f"{name}: {str(v)[:30]!r} is not a finite number; read as NaN")
+            return None
+        if kind == "int" and _int(v) is None:
+            notes.append(f"{name}: {str(v)[:30]!r} is not a 64-bit integer; read as missing")
+            return None
+        return v
+
+    obsid = _int(card("int", "OBSID"))
     if obsid is None:
         obsid = _int(d.get("obsid"))
-        if obsid is None or obsid < -(1 << 63):
+        if obsid is None:
             obsid = derived_obsid(hdr, path)
     meta["obsid"] = int(obsid)
 
     def num(key, *cards):
-        v = _float(_card(hdr, *cards))
+        v = _float(card("float", *cards))
         if np.isnan(v) and key in d:
             v = _float(d[key])
         meta[key] = v
 
     num("ra", "RA")
     num("dec", "DEC")
-    mjd = _int(_card(hdr, "MJD"))
+    mjd = _int(card("int", "MJD"))
     if mjd is None:
         mjd = _int(d.get("mjd"))
     meta["mjd"] = -1 if mjd is None else mjd
     for b in "ugriz":
         num(f"snr_{b}", f"SNR{b.upper()}", f"SN_{b.upper()}")
-    for key, card in (("lamost_class", "CLASS"), ("lamost_subclass", "SUBCLASS")):
-        v = _card(hdr, card)
+    for key, name in (("lamost_class", "CLASS"), ("lamost_subclass", "SUBCLASS")):
+        v = card("str", name)
         meta[key] = str(v).strip() if v is not None else str(d.get(key, "") or "")
-    for key, card in (("lamost_z", "Z"), ("lamost_z_err", "Z_ERR")):
-        v = _float(_card(hdr, card))
+    for key, name in (("lamost_z", "Z"), ("lamost_z_err", "Z_ERR")):
+        v = _float(card("float", name))
         if np.isnan(v) and key in d:
             v = _float(d[key])
         meta[key] = np.nan if (np.isnan(v) or v <= _Z_MISSING + 0.5) else v
     meta["lamost_rv"] = meta["lamost_z"] * C_KMS
     meta["file"] = os.path.basename(os.fspath(path))
-    rel = _card(hdr, "DATA_V")
+    rel = card("str", "DATA_V")
     if rel is not None:
         rel = str(rel).strip()
     elif str(d.get("release", "") or ""):
         rel = str(d["release"])
     else:
-        ver = str(_card(hdr, "VERSPIPE") or "").strip().lstrip("vV")
+        ver = str(card("str", "VERSPIPE") or "").strip().lstrip("vV")
         rel = _VERSPIPE_RELEASE.get(".".join(ver.split(".")[:2]), "")
     meta["release"] = rel
     # other registered per-spectrum variables (e.g. Gaia, truth) from a catalogue
@@ -629,7 +812,11 @@ def _metadata(hdr, path, defaults: Mapping | None) -> dict:
 
 
 def read_spectrum(
-    path: str | os.PathLike, defaults: Mapping | None = None, *, with_meta: bool = True
+    path: str | os.PathLike,
+    defaults: Mapping | None = None,
+    *,
+    with_meta: bool = True,
+    max_bytes: int | None = None,
 ):
     """Read one LAMOST file into plain numpy arrays on the shared grid (the fast path).
 
@@ -643,11 +830,15 @@ def read_spectrum(
         lacks, and any other registered per-spectrum variable (Gaia, truth, ...).
     with_meta : bool
         Also build the metadata (False returns ``None`` for it: faster).
+    max_bytes : int, optional
+        Largest file size (after gunzip) accepted, in bytes; default :data:`MAX_FILE_BYTES`.
 
     Returns
     -------
     meta : dict
-        Per-spectrum values (``obsid`` and :data:`META_VARIABLES`, plus extra defaults).
+        Per-spectrum values (``obsid`` and :data:`META_VARIABLES`, plus extra defaults), and
+        ``read_warnings``: a ``"; "``-joined string of what was read as missing or cleaned
+        (unparsable header cards, invalid mask values), ``""`` when nothing was.
     arrays : tuple of numpy.ndarray
         ``flux`` (float32), ``ivar`` (float32, 1/flux**2), ``andmask``, ``ormask`` (int32),
         each of length ``NPIX``.
@@ -663,32 +854,46 @@ def read_spectrum(
         raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
     if defaults is not None and not isinstance(defaults, Mapping):
         raise TypeError(f"defaults must be a mapping, got {type(defaults).__name__}")
-    view = _view(path)
+    if max_bytes is not None:
+        if not isinstance(max_bytes, int | np.integer) or isinstance(max_bytes, bool):
+            raise TypeError(f"max_bytes must be an int, got {type(max_bytes).__name__}")
+        if max_bytes < 1:
+            raise ValueError(f"max_bytes must be positive, got {max_bytes}")
+    view = _view(path, max_bytes)
     layout = detect_layout(view)
+    notes: list[str] = []
     try:
-        loglam, flux, ivar, andm, orm = _rows(view, layout)
+        loglam, flux, ivar, andm, orm = _rows(view, layout, notes)
     except (ValueError, TypeError, IndexError) as exc:
         if isinstance(exc, BadFileError):
             raise
         raise BadFileError("truncated", f"cannot read the data: {exc}") from None
     hdr = view.header
-    if not np.any(np.isfinite(flux)):
+    # flux that is not finite (or overflows float32 storage) is stored as NaN with ivar 0;
+    # NaN/negative/overflowing inverse variances carry no information: stored as 0 (= masked)
+    big = float(np.finfo(np.float32).max)
+    with np.errstate(invalid="ignore"):
+        bad_flux = ~(np.abs(flux) <= big)
+        ivar = np.where(~bad_flux & (ivar > 0) & (ivar <= big), ivar, 0.0)
+    flux = np.where(bad_flux, np.nan, flux)
+    if bad_flux.all():
         raise BadFileError("no_finite_flux", "no finite flux value")
-    # NaN/negative inverse variances carry no information: store them as 0 (= masked)
-    ivar = np.where(np.isfinite(ivar) & (ivar > 0), ivar, 0.0)
     good = np.isfinite(flux) & (ivar > 0) & (andm == 0)
     if not np.any(good):
         raise BadFileError("all_masked", "every pixel has ivar 0, andmask set or no flux")
     arrays, offset, resampled = _place(loglam, flux, ivar, andm, orm)
     if not with_meta:
         return None, arrays, layout
-    meta = _metadata(hdr, path, defaults)
+    meta = _metadata(hdr, path, defaults, notes)
     meta["loglam_offset"] = offset
     meta["resampled"] = resampled
+    meta["read_warnings"] = "; ".join(notes)
     return meta, arrays, layout
 
 
-def read_lamost(path: str | os.PathLike, *, defaults: Mapping | None = None):
+def read_lamost(
+    path: str | os.PathLike, *, defaults: Mapping | None = None, max_bytes: int | None = None
+):
     """Read one LAMOST low-resolution spectrum (any layout, optionally gzipped).
 
     Parameters
@@ -697,6 +902,8 @@ def read_lamost(path: str | os.PathLike, *, defaults: Mapping | None = None):
         The FITS file. The layout is detected from its content (see the module docstring).
     defaults : Mapping, optional
         Values for what the file lacks (see :func:`read_spectrum`).
+    max_bytes : int, optional
+        Largest file size (after gunzip) accepted; default :data:`MAX_FILE_BYTES`.
 
     Returns
     -------
@@ -705,17 +912,20 @@ def read_lamost(path: str | os.PathLike, *, defaults: Mapping | None = None):
         ``loglam`` (dex, the shared grid); ``flux``, ``ivar`` (float32), ``andmask``,
         ``ormask`` (int32) and the per-spectrum metadata of :data:`META_VARIABLES`
         (NaN / -1 / "" where the file lacks a value; ``lamost_z`` NaN where Z = -9999;
-        ``lamost_rv`` = Z c in km/s). ``attrs["layout"]`` names the detected layout.
+        ``lamost_rv`` = Z c in km/s). ``attrs["layout"]`` names the detected layout and
+        ``attrs["read_warnings"]`` what was read as missing or cleaned (see
+        :func:`read_spectrum`; ``""`` when nothing was).
 
     Raises
     ------
     BadFileError
-        If the file cannot be used (missing, not FITS, truncated, unknown layout, bad
-        wavelengths, no finite flux, every pixel masked); ``.code`` says which.
+        If the file cannot be used (missing, too large, not FITS, truncated, unknown layout,
+        bad wavelengths, no finite flux, every pixel masked); ``.code`` says which.
     """
-    meta, arrays, layout = read_spectrum(path, defaults)
+    meta, arrays, layout = read_spectrum(path, defaults, max_bytes=max_bytes)
     ds = spectra_dataset([meta], [arrays])
     ds.attrs["layout"] = layout
+    ds.attrs["read_warnings"] = str(meta.get("read_warnings", ""))
     return ds
 
 
@@ -737,8 +947,8 @@ def spectra_dataset(metas: Sequence[Mapping], arrays: Sequence[tuple]):
         for name, arr in zip(("flux", "ivar", "andmask", "ormask"), stacked)
     }
     keys = list(META_VARIABLES)
-    for m in metas:
-        keys += [k for k in m if k not in keys and k != "obsid"]
+    for m in metas:  # registered variables only (``read_warnings`` once it is registered)
+        keys += [k for k in m if k not in keys and k != "obsid" and k in VARIABLES]
     for key in keys:
         kind, missing = META_VARIABLES.get(key, (None, None))
         vals = [m.get(key, missing) for m in metas]
