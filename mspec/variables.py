@@ -471,3 +471,24 @@ def validate(ds, names: Iterable[str] | None = None, *, check_units: bool = Fals
     if problems:
         raise VariableError("invalid dataset: " + "; ".join(problems))
     return ds
+
+
+# --- CMD and spectral indices (issue 14) ---
+register("M_G_0", S, "f", "mag", "extinction-corrected absolute G: G - 5 log10 r_med_geo + 5 - A_G")
+register("bp_rp_0", S, "f", "mag", "extinction-corrected Gaia colour (BP - RP)_0")
+register("W1_W2_0", S, "f", "mag", "extinction-corrected AllWISE colour (W1 - W2)_0")
+register(
+    "CMD_flag", S, "i", "", "1: the five Gaia quality cuts pass (paper Sect. 3.4.1); 0 otherwise"
+)
+register(
+    "CMD_pos", S, "S", "", "Gaia CMD position: dM, gM, other; '' where not placed (CMD_flag 0)"
+)
+register("gaia_match_sep", S, "f", "arcsec", "separation of the positional Gaia match; NaN if none")
+register("idx_cah2", S, "f", "", "CaH2 band index (Reid et al. 1995), rest frame")
+register("idx_cah3", S, "f", "", "CaH3 band index (Reid et al. 1995), rest frame")
+register("idx_tio5", S, "f", "", "TiO5 band index (Reid et al. 1995), rest frame")
+register("idx_zeta", S, "f", "", "zeta_TiO/CaH metallicity index (Lepine et al. 2007)")
+register("ew_ki", S, "f", "Angstrom", "K I 7665/7699 doublet equivalent width (absorption > 0)")
+register("ew_nai", S, "f", "Angstrom", "Na I 8183/8195 doublet equivalent width (absorption > 0)")
+register("ew_caii", S, "f", "Angstrom", "Ca II triplet equivalent width (absorption > 0)")
+register("idx_status", S, "int8", "", "spectral_indices status (CF flag_values/flag_meanings)")
