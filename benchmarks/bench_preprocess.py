@@ -104,10 +104,10 @@ class PreprocessDask:
         self.n = n
         self.ds = ds.chunk({"spectra": size(1000, 8), "pixels": -1})
         self.rv = "rv" if recipe == "tlma" else None
-        preprocess(ds.isel(spectra=slice(0, 2)), recipe, rv=self.rv)  # compile
+        preprocess(ds.isel(spectra=slice(0, 2)), recipe=recipe, rv=self.rv)  # compile
 
     def _compute(self, recipe):
-        out = preprocess(self.ds, recipe, rv=self.rv, merge=False)
+        out = preprocess(self.ds, recipe=recipe, rv=self.rv, merge=False)
         return out.compute(scheduler="sync")
 
     def time_wrapper(self, recipe):

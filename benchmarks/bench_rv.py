@@ -18,9 +18,10 @@ import numpy as np
 import xarray as xr
 
 from benchmarks._common import SMOKE, size
+from mspec.rv import template_match
 from mspec.rv.reference import tm_spectrum_ref
-from mspec.rv.template_match import make_config, match_arrays, template_match
 from mspec.rv.templates import pyhammer_templates, replicate_templates
+from mspec.rv.tm_engine import make_config, match_arrays
 from mspec.variables import C_KMS, NPIX, loglam_grid
 
 LOGLAM = loglam_grid()
@@ -111,12 +112,12 @@ class TMDask:
         self.ds = _lazy_survey(n_spectra, self.chunk, self.lib)
 
     def peakmem_template_match(self, n_spectra):
-        out = template_match(self.ds, self.lib, shifts=[0.0])
+        out = template_match(self.ds, templates=self.lib, merge=False, shifts=[0.0])
         with dask.config.set(scheduler="threads"):
             out["rv_tm"].mean().compute()
 
     def track_num_tasks_per_chunk(self, n_spectra):
-        out = template_match(self.ds, self.lib, shifts=[0.0])
+        out = template_match(self.ds, templates=self.lib, merge=False, shifts=[0.0])
         graph = out["rv_tm"].data.__dask_graph__()
         return len(graph) / len(self.ds.chunks["spectra"])
 

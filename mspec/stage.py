@@ -228,7 +228,7 @@ def get_stage(name: str) -> StageSpec:
     """
     import mspec.ml.infer  # noqa: F401  (declares the CNN stages)
     import mspec.preprocess  # noqa: F401
-    import mspec.rv.template_match  # noqa: F401
+    import mspec.rv.matching  # noqa: F401  (declares template_match)
 
     try:
         return STAGES[name]

@@ -109,7 +109,7 @@ def test_rv_defaults_match_template_match():
     """The [rv] defaults are those of mspec.template_match."""
     import inspect
 
-    from mspec.rv.template_match import template_match
+    from mspec.rv import template_match
 
     sig = inspect.signature(template_match).parameters
     rv = Config().rv

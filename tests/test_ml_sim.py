@@ -35,7 +35,7 @@ def wdm_survey():
 @pytest.fixture(scope="module")
 def wdm_model(wdm_survey, tmp_path_factory):
     out = tmp_path_factory.mktemp("wdm")
-    ds = preprocess(wdm_survey.chunk({"spectra": 120}), "cnn")
+    ds = preprocess(wdm_survey.chunk({"spectra": 120}), recipe="cnn")
     m = train_classifier(
         ds, ds["true_class"], "wdm", out, epochs=8, seed=0, arch=TINY, lr=3e-3, batch_size=32
     )
@@ -65,7 +65,7 @@ def test_predict_on_real_lamost_files(wdm_model):
         pytest.skip("no real data in ../shared/data")
     ds = xr.concat([read_lamost(f) for f in files], dim="spectra", coords="minimal",
                    compat="override")  # fmt: skip
-    res = predict(preprocess(ds.chunk({"spectra": 16}), "cnn"), wdm_model[0]).compute()
+    res = predict(preprocess(ds.chunk({"spectra": 16}), recipe="cnn"), wdm_model[0]).compute()
     prob = res["wdm_prob"].values
     assert prob.shape == (len(files), 2)
     assert np.isfinite(prob).all()
@@ -77,7 +77,7 @@ def test_predict_on_real_lamost_files(wdm_model):
 
 def test_regressor_learns_on_simulated_dwarfs(tmp_path):
     sim = mspec.simulate_survey(300, seed=12, mix={"dM": 1.0}, snr=(30, 100))
-    ds = preprocess(sim, "tlma", rv="true_rv")
+    ds = preprocess(sim, recipe="tlma", rv="true_rv")
     lab = {k: sim[f"true_{k}"].values for k in ("teff", "logg", "m_h", "alpha_m")}
     m = train_regressor(
         ds, lab, tmp_path / "t", folds=2, epochs=10, seed=0, arch=TINY, lr=1e-2, batch_size=32
@@ -111,7 +111,7 @@ def test_cli_train_and_predict_from_store(store, tmp_path):
     assert rc == 0
     meta = read_metadata(tmp_path / "m")
     assert meta["metrics"]["n_train"] + meta["metrics"]["n_val"] == 180
-    ds = preprocess(mspec.open_store(path), "cnn")
+    ds = preprocess(mspec.open_store(path), recipe="cnn")
     res = predict(ds, tmp_path / "m")
     assert res["wdm_prob"].chunks[0][0] == 64  # one task per store chunk
     assert res["wdm_class"].compute().shape == (200,)

@@ -10,6 +10,7 @@ import xarray as xr
 from mspec.preprocess import kernels as K
 from mspec.preprocess import reference as R
 from mspec.preprocess.steps import prepare_templates, preprocess
+from mspec.stage import MergeWarning
 from mspec.variables import C_KMS, NPIX, SDSS_BANDS, VariableError, loglam_grid, validate
 
 WAVE = 10.0 ** loglam_grid()
@@ -305,7 +306,7 @@ def _boom(*args, **kwargs):
 @pytest.mark.parametrize("recipe", ["cnn", "tlma", "tm"])
 def test_wrapper_matches_kernels(dataset, recipe):
     rv = "lamost_rv" if recipe == "tlma" else None
-    out = preprocess(dataset, recipe, rv=rv, merge=False)
+    out = preprocess(dataset, recipe=recipe, rv=rv, merge=False)
     args = (dataset.flux.values, dataset.ivar.values, dataset.ormask.values, WAVE)
     if recipe == "tm":
         ref = R.mask_spectra(*args)
@@ -340,10 +341,10 @@ def test_wrapper_matches_kernels(dataset, recipe):
 @pytest.mark.parametrize("chunks", [-1, 7, 1000])
 def test_chunked_identical_and_lazy(dataset, recipe, chunks):
     rv = "lamost_rv" if recipe == "tlma" else None
-    eager = preprocess(dataset, recipe, rv=rv, merge=False)
+    eager = preprocess(dataset, recipe=recipe, rv=rv, merge=False)
     lazy_in = dataset.chunk({"spectra": chunks, "pixels": -1})
     with dask.config.set(scheduler=_boom):
-        lazy = preprocess(lazy_in, recipe, rv=rv)
+        lazy = preprocess(lazy_in, recipe=recipe, rv=rv)
     main = "flux_masked" if recipe == "tm" else "flux_grid"
     assert lazy[main].chunks is not None
     assert lazy[main].chunks[0] == lazy_in.flux.chunks[0]
@@ -354,49 +355,49 @@ def test_chunked_identical_and_lazy(dataset, recipe, chunks):
 
 
 def test_rv_as_dataarray_and_array(dataset):
-    a = preprocess(dataset, "tlma", rv="lamost_rv", merge=False)
-    b = preprocess(dataset, "tlma", rv=dataset.lamost_rv, merge=False)
-    c = preprocess(dataset, "tlma", rv=dataset.lamost_rv.values, merge=False)
+    a = preprocess(dataset, recipe="tlma", rv="lamost_rv", merge=False)
+    b = preprocess(dataset, recipe="tlma", rv=dataset.lamost_rv, merge=False)
+    c = preprocess(dataset, recipe="tlma", rv=dataset.lamost_rv.values, merge=False)
     xr.testing.assert_identical(a, b)
     xr.testing.assert_identical(a, c)
     # the rest frame moves lines: tlma differs from cnn for a spectrum with rv != 0
-    cnn = preprocess(dataset, "cnn", merge=False)
+    cnn = preprocess(dataset, recipe="cnn", merge=False)
     assert not np.allclose(cnn.flux_grid[0], a.flux_grid[0], equal_nan=True)
-    zero = preprocess(dataset, "tlma", rv=np.zeros(dataset.sizes["spectra"]), merge=False)
+    zero = preprocess(dataset, recipe="tlma", rv=np.zeros(dataset.sizes["spectra"]), merge=False)
     xr.testing.assert_allclose(zero.flux_grid, cnn.flux_grid)
 
 
 def test_wrapper_argument_errors(dataset):
     with pytest.raises(ValueError, match="recipe"):
-        preprocess(dataset, "cnnn")
+        preprocess(dataset, recipe="cnnn")
     with pytest.raises(ValueError, match="rv"):
-        preprocess(dataset, "tlma")
+        preprocess(dataset, recipe="tlma")
     with pytest.raises(ValueError, match="rv"):
-        preprocess(dataset, "tlma", rv="nope")
+        preprocess(dataset, recipe="tlma", rv="nope")
     with pytest.raises(ValueError, match="rv"):
-        preprocess(dataset, "tlma", rv=np.zeros(3))
+        preprocess(dataset, recipe="tlma", rv=np.zeros(3))
     with pytest.raises(ValueError, match="rv"):
-        preprocess(dataset, "tlma", rv=dataset.flux)
+        preprocess(dataset, recipe="tlma", rv=dataset.flux)
     with pytest.raises(ValueError, match="rv"):
-        preprocess(dataset, "cnn", rv="lamost_rv")
+        preprocess(dataset, recipe="cnn", rv="lamost_rv")
     with pytest.raises(ValueError, match="max_gap"):
-        preprocess(dataset, "cnn", max_gap=0)
+        preprocess(dataset, recipe="cnn", max_gap=0)
     with pytest.raises(ValueError, match="fill_value"):
-        preprocess(dataset, "cnn", fill_value="zero")
+        preprocess(dataset, recipe="cnn", fill_value="zero")
     # an rv for other spectra (ids in another order) is refused, not silently misapplied
     shuffled = dataset.lamost_rv.assign_coords(obsid=("spectra", dataset.obsid.values[::-1]))
     with pytest.raises(ValueError, match="rv coordinate 'obsid'"):
-        preprocess(dataset, "tlma", rv=shuffled)
+        preprocess(dataset, recipe="tlma", rv=shuffled)
     with pytest.raises(ValueError, match="pixels"):
-        preprocess(dataset.chunk({"pixels": 1000}), "cnn")
+        preprocess(dataset.chunk({"pixels": 1000}), recipe="cnn")
     with pytest.raises(VariableError, match="ormask"):
-        preprocess(dataset.drop_vars("ormask"), "cnn")
+        preprocess(dataset.drop_vars("ormask"), recipe="cnn")
     with pytest.raises(VariableError, match="flux"):
-        preprocess(dataset.assign(flux=dataset.flux.astype("f8")), "cnn")
+        preprocess(dataset.assign(flux=dataset.flux.astype("f8")), recipe="cnn")
     with pytest.raises(ValueError, match="loglam"):
-        preprocess(dataset.assign_coords(loglam=dataset.loglam[::-1].values), "cnn")
+        preprocess(dataset.assign_coords(loglam=dataset.loglam[::-1].values), recipe="cnn")
     with pytest.raises(TypeError, match="ds"):
-        preprocess(dataset.flux, "cnn")
+        preprocess(dataset.flux, recipe="cnn")
 
 
 # --- templates ------------------------------------------------------------------------------
@@ -447,7 +448,7 @@ def test_empty_dataset(dataset):
     empty = dataset.isel(spectra=slice(0, 0))
     for recipe in ("cnn", "tlma", "tm"):
         rv = "lamost_rv" if recipe == "tlma" else None
-        out = preprocess(empty.chunk(), recipe, rv=rv, merge=False).compute()
+        out = preprocess(empty.chunk(), recipe=recipe, rv=rv, merge=False).compute()
         assert out.sizes["spectra"] == 0
 
 
@@ -457,7 +458,7 @@ def test_distributed_process_workers_equal_local(dataset):
     """The kernels ship to a separate worker process and give the same numbers."""
     from distributed import Client, LocalCluster
 
-    lazy = preprocess(dataset.chunk({"spectra": 7}), "tlma", rv="lamost_rv", merge=False)
+    lazy = preprocess(dataset.chunk({"spectra": 7}), recipe="tlma", rv="lamost_rv", merge=False)
     local = lazy.compute(scheduler="sync")
     with (
         LocalCluster(
@@ -470,13 +471,15 @@ def test_distributed_process_workers_equal_local(dataset):
 
 
 def test_merge_and_fill_value_in_wrapper(dataset):
-    cnn = preprocess(dataset, "cnn")
+    cnn = preprocess(dataset, recipe="cnn")
     assert set(dataset.data_vars) < set(cnn.data_vars)
-    again = preprocess(cnn, "tlma", rv="lamost_rv")  # replaces flux_grid, keeps the rest
-    alone = preprocess(dataset, "tlma", rv="lamost_rv", merge=False)
+    with pytest.warns(MergeWarning, match="flux_grid"):  # replaces flux_grid, keeps the rest
+        again = preprocess(cnn, recipe="tlma", rv="lamost_rv")
+    assert again.wavelength_grid.attrs["frame"] == "rest"
+    alone = preprocess(dataset, recipe="tlma", rv="lamost_rv", merge=False)
     xr.testing.assert_identical(again.flux_grid, alone.flux_grid)
     xr.testing.assert_identical(again.flux, dataset.flux)
-    filled = preprocess(dataset, "cnn", fill_value=0.0, merge=False)
+    filled = preprocess(dataset, recipe="cnn", fill_value=0.0, merge=False)
     ok = filled.preprocess_status.values == K.STATUS_OK
     assert np.isfinite(filled.flux_grid.values[ok]).all()
     np.testing.assert_array_equal(

@@ -133,7 +133,7 @@ def test_odd_full_spectra_never_raise(case, recipe):
         },
         coords={"obsid": ("spectra", [1]), "loglam": ("pixels", loglam_grid())},
     )
-    out = preprocess(ds, recipe, rv="rv" if recipe == "tlma" else None, merge=False)
+    out = preprocess(ds, recipe=recipe, rv="rv" if recipe == "tlma" else None, merge=False)
     status = int(out.preprocess_status.values[0])
     good = R.good_pixels(flux, ivar, ormask)
     assert int(out.npix_good.values[0]) == good.sum()

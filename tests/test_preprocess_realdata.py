@@ -66,7 +66,7 @@ def real():
 def test_real_spectra_match_reference(real, recipe):
     ds, _ = real
     rv = ds.lamost_rv.values if recipe == "tlma" else None
-    out = preprocess(ds.chunk({"spectra": 7}), recipe, rv=rv, merge=False).compute()
+    out = preprocess(ds.chunk({"spectra": 7}), recipe=recipe, rv=rv, merge=False).compute()
     ref = R.preprocess_grid(
         ds.flux.values, ds.ivar.values, ds.ormask.values, 10.0 ** loglam_grid(), rv
     )
@@ -91,7 +91,7 @@ def test_real_spectra_match_reference(real, recipe):
 def test_real_orp_direct_count(real):
     """orp from the raw file rows (its own wavelengths), independent of the grid placement."""
     ds, raws = real
-    out = preprocess(ds, "tm", merge=False)
+    out = preprocess(ds, recipe="tm", merge=False)
     for s, data in enumerate(raws):
         wave, ormask = data[2], data[4]
         for b, (lo, hi) in SDSS_BANDS.items():
@@ -105,7 +105,7 @@ def test_real_orp_direct_count(real):
 
 def test_real_tm_drops_only_bad_pixels(real):
     ds, _ = real
-    out = preprocess(ds, "tm", merge=False)
+    out = preprocess(ds, recipe="tm", merge=False)
     ref = R.mask_spectra(ds.flux.values, ds.ivar.values, ds.ormask.values, 10.0 ** loglam_grid())
     np.testing.assert_array_equal(out.flux_masked.values, ref.flux)
     np.testing.assert_array_equal(out.ivar_masked.values, ref.ivar)
@@ -155,7 +155,7 @@ def test_every_release_and_layout_via_read_lamost():
     wave = 10.0 ** loglam_grid()
     for recipe in ("cnn", "tlma", "tm"):
         rv = "lamost_rv" if recipe == "tlma" else None
-        out = preprocess(ds.chunk({"spectra": 10}), recipe, rv=rv, merge=False).compute()
+        out = preprocess(ds.chunk({"spectra": 10}), recipe=recipe, rv=rv, merge=False).compute()
         args = (ds.flux.values, ds.ivar.values, ds.ormask.values, wave)
         if recipe == "tm":
             ref = R.mask_spectra(*args)
@@ -187,7 +187,7 @@ def test_lazy_on_zarr_store(tmp_path):
 
     for recipe in ("cnn", "tm"):
         with dask.config.set(scheduler=boom):
-            lazy = preprocess(ds, recipe, merge=False)
+            lazy = preprocess(ds, recipe=recipe, merge=False)
         got = lazy.compute(scheduler="sync")
-        eager = preprocess(ds.load(), recipe, merge=False)
+        eager = preprocess(ds.load(), recipe=recipe, merge=False)
         xr.testing.assert_identical(got, eager)

@@ -29,9 +29,9 @@ def _boom(*args, **kwargs):
 def test_simulated_survey_matches_reference(survey, recipe):
     rv = "true_rv" if recipe == "tlma" else None
     with dask.config.set(scheduler=_boom):
-        lazy = preprocess(survey.chunk({"spectra": 7}), recipe, rv=rv, merge=False)
+        lazy = preprocess(survey.chunk({"spectra": 7}), recipe=recipe, rv=rv, merge=False)
     out = lazy.compute(scheduler="sync")
-    xr.testing.assert_identical(out, preprocess(survey, recipe, rv=rv, merge=False))
+    xr.testing.assert_identical(out, preprocess(survey, recipe=recipe, rv=rv, merge=False))
     args = (survey.flux.values, survey.ivar.values, survey.ormask.values, WAVE)
     if recipe == "tm":
         ref = R.mask_spectra(*args)
@@ -52,7 +52,7 @@ def test_simulated_survey_matches_reference(survey, recipe):
 
 
 def test_simulated_orp_direct_count(survey):
-    out = preprocess(survey, "cnn", merge=False)
+    out = preprocess(survey, recipe="cnn", merge=False)
     flux, ormask = survey.flux.values, survey.ormask.values
     for b, (lo, hi) in SDSS_BANDS.items():
         band = (WAVE >= lo) & (WAVE < hi)

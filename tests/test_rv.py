@@ -9,8 +9,8 @@ import xarray as xr
 from scipy.optimize import curve_fit
 
 from mspec.rv import chi2_kernels as K
+from mspec.rv import template_match
 from mspec.rv.reference import chi2_ref, tm_spectrum_ref
-from mspec.rv.template_match import make_config, match_arrays, template_match
 from mspec.rv.templates import (
     load_templates,
     make_library,
@@ -18,6 +18,7 @@ from mspec.rv.templates import (
     replicate_templates,
     save_templates,
 )
+from mspec.rv.tm_engine import make_config, match_arrays
 from mspec.variables import C_KMS, NPIX, loglam_grid, validate
 
 LOGLAM = loglam_grid()
@@ -217,17 +218,17 @@ def test_featureless_spectra_fail_cleanly(lib):
 def test_bad_arguments(lib):
     ds = as_dataset(*fake_spectra(lib, [0.0], snr=20))
     with pytest.raises(ValueError, match="weighting"):
-        template_match(ds, lib, weighting="chi")
+        template_match(ds, templates=lib, weighting="chi")
     with pytest.raises(ValueError, match="wave_max"):
-        template_match(ds, lib, wave_max=3000)
+        template_match(ds, templates=lib, wave_max=3000)
     with pytest.raises(ValueError, match="ivar"):
-        template_match(ds.drop_vars("ivar"), lib)
+        template_match(ds.drop_vars("ivar"), templates=lib)
     with pytest.raises(ValueError, match="templates"):
-        template_match(ds, ds)
+        template_match(ds, templates=ds)
     with pytest.raises(ValueError, match="pixels"):
-        template_match(ds.chunk({"pixels": 1000}), lib)
+        template_match(ds.chunk({"pixels": 1000}), templates=lib)
     with pytest.raises(ValueError, match="fit_halfwidth"):
-        template_match(ds, lib, fit_halfwidth=1)
+        template_match(ds, templates=lib, fit_halfwidth=1)
 
 
 # --- wrapper ------------------------------------------------------------------------------------
@@ -240,10 +241,12 @@ def _boom(*args, **kwargs):
 def test_wrapper_lazy_chunked_equals_unchunked(lib):
     ds = as_dataset(*fake_spectra(lib, [5.0, -60.0, 120.0, 33.0, -7.0], snr=25, seed=5))
     shifts = np.arange(-500, 501, 250)
-    eager = template_match(ds, lib, shifts=shifts)
+    eager = template_match(ds, templates=lib, merge=False, shifts=shifts)
     with dask.config.set(scheduler=_boom):
-        lazy = template_match(ds.chunk({"spectra": 2}), lib, shifts=shifts)
-        lazy7 = template_match(ds.chunk({"spectra": -1}), lib, wave_max=7500, shifts=shifts)
+        lazy = template_match(ds.chunk({"spectra": 2}), templates=lib, merge=False, shifts=shifts)
+        lazy7 = template_match(
+            ds.chunk({"spectra": -1}), templates=lib, merge=False, wave_max=7500, shifts=shifts
+        )
     assert lazy["rv_tm"].chunks is not None
     validate(eager)
     validate(lazy7)
@@ -262,7 +265,7 @@ def test_wrapper_lazy_chunked_equals_unchunked(lib):
     assert eager["tm_template"].values[0] == lib.template_name.values[0]
     assert (eager["tm_status"] == 0).all()
     assert eager["velocities"].attrs["units"] == "km/s"
-    masked = template_match(ds, lib, shifts=shifts, mask_tellurics=True)
+    masked = template_match(ds, templates=lib, merge=False, shifts=shifts, mask_tellurics=True)
     assert masked.attrs["tm_mask_tellurics"] == 1
     assert (masked["tm_status"] == 0).all()
     assert not np.array_equal(masked["rv_tm"].values, eager["rv_tm"].values)
@@ -270,7 +273,7 @@ def test_wrapper_lazy_chunked_equals_unchunked(lib):
 
 def test_templates_enter_graph_once(lib):
     ds = as_dataset(*fake_spectra(lib, [5.0] * 6, snr=25)).chunk({"spectra": 2})
-    out = template_match(ds, lib, shifts=[0.0])
+    out = template_match(ds, templates=lib, merge=False, shifts=[0.0])
     graph = dict(out["rv_tm"].data.__dask_graph__())
     keys = [k for k in graph if "tm-templates" in str(k)]
     assert len(keys) == 1  # one key, a dependency of every chunk's task
@@ -348,14 +351,16 @@ def test_template_match_on_distributed_cluster(lib):
 
     ds = as_dataset(*fake_spectra(lib, [12.0, -40.0, 250.0, 3.0], snr=25, seed=9))
     shifts = np.arange(-500, 501, 250)
-    eager = template_match(ds, lib, shifts=shifts)
+    eager = template_match(ds, templates=lib, merge=False, shifts=shifts)
     with (
         LocalCluster(
             n_workers=2, threads_per_worker=1, processes=False, dashboard_address=":0"
         ) as cluster,
         Client(cluster),
     ):
-        got = template_match(ds.chunk({"spectra": 1}), lib, shifts=shifts).compute()
+        got = template_match(
+            ds.chunk({"spectra": 1}), templates=lib, merge=False, shifts=shifts
+        ).compute()
     for v in eager.data_vars:
         xr.testing.assert_identical(eager[v], got[v])
 
@@ -363,14 +368,12 @@ def test_template_match_on_distributed_cluster(lib):
 def test_threaded_chunks_identical(lib):
     """Worker threads share the per-library caches: results must not depend on timing."""
     ds = as_dataset(*fake_spectra(lib, [3.0, -77.0, 150.0, 20.0, -5.0, 61.0], snr=40, seed=12))
-    eager = template_match(ds, lib)
-    import importlib
+    eager = template_match(ds, templates=lib, merge=False)
+    from mspec.rv import tm_engine
 
-    importlib.import_module(
-        "mspec.rv.template_match"
-    )._CACHE.clear()  # threads race to build the caches again
+    tm_engine._CACHE.clear()  # threads race to build the caches again
     with dask.config.set(scheduler="threads", num_workers=4):
-        got = template_match(ds.chunk({"spectra": 1}), lib).compute()
+        got = template_match(ds.chunk({"spectra": 1}), templates=lib, merge=False).compute()
     for v in eager.data_vars:
         xr.testing.assert_identical(eager[v], got[v])
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mspec.rv.template_match import make_config, match_arrays
 from mspec.rv.templates import pyhammer_templates
+from mspec.rv.tm_engine import make_config, match_arrays
 
 torch = pytest.importorskip("torch")
 
@@ -53,16 +53,23 @@ def test_torch_cuda_equals_numba(case):
 def test_template_match_torch_engine(case):
     from test_rv import as_dataset
 
-    from mspec.rv.template_match import template_match
+    from mspec.rv import template_match
 
     lib, flux, ivar, ormask = case
     ds = as_dataset(flux, ivar, ormask)
     shifts = np.arange(-500, 501, 250)
-    a = template_match(ds, lib, shifts=shifts)
-    b = template_match(ds.chunk({"spectra": 2}), lib, shifts=shifts, engine="torch", device="cpu")
+    a = template_match(ds, templates=lib, merge=False, shifts=shifts)
+    b = template_match(
+        ds.chunk({"spectra": 2}),
+        templates=lib,
+        merge=False,
+        shifts=shifts,
+        engine="torch",
+        device="cpu",
+    )
     b = b.compute()
     for v in ("tm_status", "tm_template"):
         np.testing.assert_array_equal(a[v].values, b[v].values)
     np.testing.assert_allclose(b.rv_tm.values, a.rv_tm.values, rtol=1e-6, equal_nan=True)
     with pytest.raises(ValueError, match="engine"):
-        template_match(ds, lib, engine="jax")
+        template_match(ds, templates=lib, engine="jax")

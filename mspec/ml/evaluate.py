@@ -43,7 +43,7 @@ def _predict_all(ds: xr.Dataset, models: Path, rv, lumclass=None) -> xr.Dataset:
     from mspec.ml.infer import predict
     from mspec.preprocess.steps import preprocess
 
-    cnn = preprocess(ds, "cnn", merge=False)
+    cnn = preprocess(ds, recipe="cnn", merge=False)
     out = xr.Dataset(coords=ds.coords)
     for kind in ("spt", "wdm", "dmgm"):
         if (models / kind / "model.json").exists():
@@ -51,7 +51,7 @@ def _predict_all(ds: xr.Dataset, models: Path, rv, lumclass=None) -> xr.Dataset:
             out[f"{kind}_prob"] = res[f"{kind}_prob"]
             out[f"{kind}_class"] = res[f"{kind}_class"]
     if (models / "tlma" / "model.json").exists():
-        tl = preprocess(ds.assign(_rv=("spectra", np.asarray(rv, float))), "tlma", rv="_rv")
+        tl = preprocess(ds.assign(_rv=("spectra", np.asarray(rv, float))), recipe="tlma", rv="_rv")
         lum = lumclass if lumclass is not None else out.get("dmgm_class")
         res = predict(tl, models / "tlma", lumclass=lum)
         for k in ("teff", "logg", "m_h", "alpha_m"):
@@ -194,7 +194,7 @@ def _tlma_part(ds, models, rv, part) -> np.ndarray:
     from mspec.ml.infer import predict_array
     from mspec.preprocess.steps import preprocess
 
-    tl = preprocess(ds.assign(_rv=("spectra", rv)), "tlma", rv="_rv", merge=False)
+    tl = preprocess(ds.assign(_rv=("spectra", rv)), recipe="tlma", rv="_rv", merge=False)
     return predict_array(tl["flux_grid"].values, Path(models) / "tlma" / part)
 
 

@@ -873,14 +873,14 @@ def train_from_store(
     if kind in CLASSES:
         names = (kind, "label", "class") + (("lumclass",) if kind == "dmgm" else ())
         col = _first_col(table, names, f"{kind} class")
-        prep = preprocess(ds, "cnn")
+        prep = preprocess(ds, recipe="cnn")
         return train_classifier(
             prep, t[col].to_numpy(dtype=object), kind, out_dir, epochs=epochs, seed=seed, **kwargs
         )
     rv = None
     if "rv" in table.columns:
         rv = xr.DataArray(t["rv"].to_numpy(np.float64), dims="spectra")
-    prep = preprocess(ds, "tlma", rv=rv)
+    prep = preprocess(ds, recipe="tlma", rv=rv)
     lab = {k: t[k].to_numpy(np.float64) for k in TLMA_LABELS if k in t.columns}
     if "lumclass" in table.columns:
         return train_tlma_pair(
@@ -942,7 +942,7 @@ def train_all_demo(
     common = {"epochs": epochs, "seed": seed, "progress": progress, "threads": threads}
     res, secs = {}, {}
     if only in ("all", "classifiers"):
-        cnn = preprocess(ds, "cnn")
+        cnn = preprocess(ds, recipe="cnn")
         true_class = ds["true_class"].values
         for kind, lab in (
             ("spt", true_class),
@@ -954,7 +954,7 @@ def train_all_demo(
             secs[kind] = round(time.perf_counter() - t0, 1)
     if only in ("all", "tlma"):
         t0 = time.perf_counter()
-        tl = preprocess(ds, "tlma", rv=ds["true_rv"])
+        tl = preprocess(ds, recipe="tlma", rv=ds["true_rv"])
         lab = {k: ds[f"true_{k}"].values for k in TLMA_LABELS}
         res["tlma"] = train_tlma_pair(
             tl, lab, ds["true_lumclass"].values, out / "tlma", folds=folds, **common

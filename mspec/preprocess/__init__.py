@@ -1,11 +1,9 @@
 """Preprocessing (paper steps 1-5): numba kernels and lazy xarray wrappers.
 
-See ``docs/preprocessing.md``. Public entry points: :func:`preprocess` (recipes ``"cnn"``,
-``"tlma"``, ``"tm"``) and :func:`prepare_templates`.
+See ``docs/preprocessing.md``. Public entry points: :func:`preprocess` (a stage, recipes
+``"cnn"``, ``"tlma"``, ``"tm"``; ``from mspec.preprocess import preprocess``) and
+:func:`prepare_templates`. ``mspec.preprocess`` is this package, never the function.
 """
-
-import sys
-import types
 
 from mspec.preprocess.kernels import GRID_4A, GRID_4B, STATUS_MEANINGS, Grid, wavelength_grid
 from mspec.preprocess.steps import RECIPES, prepare_templates, preprocess
@@ -20,17 +18,3 @@ __all__ = [
     "preprocess",
     "wavelength_grid",
 ]
-
-
-class _CallablePackage(types.ModuleType):
-    """``mspec.preprocess`` is both this package and the public function of the flat API.
-
-    Importing any submodule rebinds the attribute ``mspec.preprocess`` to the package, so the
-    package itself forwards calls: ``mspec.preprocess(ds, "cnn")`` always works.
-    """
-
-    def __call__(self, *args, **kwargs):
-        return preprocess(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallablePackage

@@ -25,7 +25,8 @@ import numpy as np
 import xarray as xr
 
 from mspec.preprocess import kernels as K
-from mspec.variables import SDSS_BANDS, annotate, validate
+from mspec.stage import flag_attrs, stage
+from mspec.variables import SDSS_BANDS, annotate
 
 __all__ = ["RECIPES", "preprocess", "prepare_templates", "status_attrs"]
 
@@ -34,15 +35,22 @@ RECIPES = {"cnn": (1, 3, "4a", 5), "tlma": (1, 2, 3, "4a", 5), "tm": (1,)}
 
 _INPUTS = ("flux", "ivar", "ormask")
 _BAND = "_sdss_band"
+#: Every variable some recipe writes (the ``wavelength_grid`` coordinate comes with
+#: ``flux_grid``).
+_OUTPUTS = (
+    "flux_grid",
+    "grid_coverage",
+    "flux_masked",
+    "ivar_masked",
+    *(f"orp_{b}" for b in SDSS_BANDS),
+    "npix_good",
+    "preprocess_status",
+)
 
 
 def status_attrs() -> dict:
     """CF ``flag_values`` / ``flag_meanings`` attrs for ``preprocess_status``."""
-    codes = sorted(K.STATUS_MEANINGS)
-    return {
-        "flag_values": np.array(codes, dtype=np.int8),
-        "flag_meanings": " ".join(K.STATUS_MEANINGS[c] for c in codes),
-    }
+    return flag_attrs(K.STATUS_MEANINGS, np.int8)
 
 
 def _check_pixels_unchunked(ds: xr.Dataset) -> None:
@@ -111,16 +119,29 @@ def _rv_array(ds: xr.Dataset, rv) -> xr.DataArray:
     return rv.reset_coords(drop=True).drop_indexes(list(rv.xindexes)).astype(np.float64)
 
 
+@stage(
+    "preprocess",
+    module="preprocess",
+    inputs=[*_INPUTS, "loglam"],
+    outputs=_OUTPUTS,
+    version="1",
+    description="paper steps 1-5: flux_grid for the CNNs, or flux_masked for TM",
+)
 def preprocess(
     ds: xr.Dataset,
+    *,
     recipe: str = "cnn",
     rv=None,
-    *,
     max_gap: float | None = None,
     fill_value: float = np.nan,
-    merge: bool = True,
 ) -> xr.Dataset:
     """Preprocess spectra for the CNNs or template matching (lazy).
+
+    A stage (:mod:`mspec.stage`): the inputs are checked against the registry, nothing is
+    computed for dask-backed inputs, and the outputs are merged into ``ds`` (``merge=True``,
+    a :class:`~mspec.stage.MergeWarning` when they replace variables; the
+    ``wavelength_grid`` coordinate is replaced silently, its frame may differ) or returned
+    alone (``merge=False``).
 
     Parameters
     ----------
@@ -134,8 +155,8 @@ def preprocess(
     rv : xarray.DataArray, str or array_like, optional
         Radial velocity in km/s on ``spectra`` (or the name of such a variable of ``ds``);
         an ``obsid`` coordinate on it must match the dataset's (checked when both are in
-        memory). Required by ``"tlma"``, refused by the other recipes. NaN (or ``|rv| >= c``) gives
-        status 4 and NaN output for that spectrum.
+        memory). Required by ``"tlma"``, refused by the other recipes. NaN (or
+        ``|rv| >= c``) gives status 4 and NaN output for that spectrum.
     max_gap : float, optional
         Widest run of dropped pixels (Angstrom) that the interpolation bridges; grid points in
         wider gaps become NaN. Default: every gap is bridged (the paper's step 1 then 3).
@@ -143,8 +164,8 @@ def preprocess(
         Value of grid points outside a spectrum's good-pixel range (default NaN; 0, the mean
         after z-scoring, is a natural choice for CNN input). Failed spectra stay all-NaN.
     merge : bool
-        True: return ``ds`` with the outputs added (existing variables of the same name are
-        replaced). False: return only the outputs (with the ``spectra`` coordinates).
+        True (default): ``ds`` with the outputs added. False: only the outputs (with the
+        ``spectra`` coordinates).
 
     Returns
     -------
@@ -152,8 +173,8 @@ def preprocess(
         ``"cnn"``/``"tlma"``: ``flux_grid`` (spectra, grid) float32 with coordinate
         ``wavelength_grid`` (Angstrom) and ``grid_coverage``; ``"tm"``: ``flux_masked``,
         ``ivar_masked`` (spectra, pixels); all: ``orp_u`` ... ``orp_z``, ``npix_good``,
-        ``preprocess_status`` (codes in :data:`mspec.preprocess.kernels.STATUS_MEANINGS`).
-        Lazy when the inputs are dask arrays.
+        ``preprocess_status`` (codes in :data:`mspec.preprocess.kernels.STATUS_MEANINGS`,
+        CF ``flag_values``/``flag_meanings``). Lazy when the inputs are dask arrays.
 
     Raises
     ------
@@ -165,9 +186,6 @@ def preprocess(
     """
     if recipe not in RECIPES:
         raise ValueError(f"recipe must be one of {sorted(RECIPES)}, got {recipe!r}")
-    if not isinstance(ds, xr.Dataset):
-        raise TypeError(f"ds must be an xarray.Dataset, got {type(ds).__name__}")
-    validate(ds, [*_INPUTS, "loglam"])
     _check_pixels_unchunked(ds)
     if max_gap is not None and not (np.isscalar(max_gap) and max_gap > 0):
         raise ValueError(f"max_gap must be a positive number (Angstrom), got {max_gap!r}")
@@ -200,13 +218,7 @@ def preprocess(
         if np.isfinite(fill_value):
             out[main].attrs["fill_value_uncovered"] = fill_value
     out.attrs["preprocess_recipe"] = recipe
-    if not merge:
-        return out
-    # replace earlier outputs, including the wavelength_grid coordinate (its frame may differ)
-    own = [*out.data_vars, *(["wavelength_grid"] if "wavelength_grid" in out.coords else [])]
-    merged = ds.drop_vars([v for v in own if v in ds.variables]).assign(out.data_vars)
-    merged.attrs["preprocess_recipe"] = recipe
-    return merged
+    return out
 
 
 def _grid(inputs, rv_da, nb, max_gap, fill_value) -> xr.Dataset:

@@ -2,11 +2,15 @@
 
 * :mod:`mspec.rv.templates` — template libraries (xarray Datasets) and their loaders;
 * :mod:`mspec.rv.chi2_kernels` — numba kernels (no xarray);
-* :mod:`mspec.rv.reference` — the plain numpy reference of the same algorithm;
-* :mod:`mspec.rv.template_match` — :func:`template_match`, the lazy xarray/dask wrapper.
+* :mod:`mspec.rv.tm_engine` — numpy level: configuration, template preparation, the numba
+  and torch (:mod:`mspec.rv.chi2_torch`) engines;
+* :mod:`mspec.rv.matching` — :func:`template_match`, the lazy xarray/dask wrapper (a stage);
+* :mod:`mspec.rv.reference` — the plain numpy reference of the same algorithm.
+
+``mspec.rv.template_match`` is the function; no submodule has that name.
 """
 
-from mspec.rv.template_match import template_match
+from mspec.rv.matching import template_match
 from mspec.rv.templates import (
     default_templates,
     load_templates,

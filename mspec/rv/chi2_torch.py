@@ -6,7 +6,7 @@ dense curve for the shift step: batched matrix products of the per-spectrum mome
 equations as the numba kernel, in float64. The cheap sequential parts (Gaussian fits,
 best-template choice, the 1001 re-measurements, the statistical error) run in the numba
 helpers of :mod:`mspec.rv.chi2_kernels` on the host, so the results equal
-:func:`mspec.rv.template_match.match_arrays` to rounding (tested on CPU torch; a CUDA test
+:func:`mspec.rv.tm_engine.match_arrays` to rounding (tested on CPU torch; a CUDA test
 runs when a GPU is present).
 """
 
@@ -18,6 +18,7 @@ import numpy as np
 from numba import njit
 
 from mspec.rv import chi2_kernels as K
+from mspec.rv.tm_engine import prepared
 
 __all__ = ["match_arrays_torch"]
 
@@ -161,7 +162,7 @@ def match_arrays_torch(
 ) -> dict:
     """Template matching with the χ² sums in torch (``device``: default CUDA if available).
 
-    Same arguments and outputs as :func:`mspec.rv.template_match.match_arrays`.
+    Same arguments and outputs as :func:`mspec.rv.tm_engine.match_arrays`.
 
     Parameters
     ----------
@@ -172,8 +173,6 @@ def match_arrays_torch(
     dense_batch : int
         Spectra per batch of the shift step (each needs ~0.4 GB of device memory).
     """
-    from mspec.rv.template_match import prepared
-
     torch = _torch()
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
