@@ -74,4 +74,4 @@ class CNNInference:
         import dask
 
         with dask.config.set(scheduler="synchronous"):
-            predict(self.ds, self.model, lumclass=None).compute()
+            predict(self.ds, self.model, lumclass=None, merge=False).compute()

@@ -11,6 +11,7 @@ cluster has workers that declare a ``GPU`` resource, the tasks are annotated to 
 
 from __future__ import annotations
 
+import numbers
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +28,7 @@ from mspec.ml.io import (
     sha256_bytes,
 )
 from mspec.ml.models import CLASSES, TLMA_LABELS, network_input
+from mspec.stage import stage
 from mspec.variables import annotate
 
 __all__ = ["ModelRef", "load_ref", "predict", "predict_array", "clear_cache"]
@@ -34,6 +36,13 @@ __all__ = ["ModelRef", "load_ref", "predict", "predict_array", "clear_cache"]
 _CACHE: dict[tuple[str, str], list[torch.nn.Module]] = {}
 _LOCK = threading.Lock()
 _CACHE_MAX = 32
+
+#: Every variable some model kind writes (``<k>_classes`` coordinates come with them).
+_OUTPUTS = (
+    *(f"{k}_{v}" for k in CLASSES for v in ("prob", "class")),
+    *TLMA_LABELS,
+    *(f"{k}_err" for k in TLMA_LABELS),
+)
 
 
 @dataclass(frozen=True, eq=False)
@@ -227,6 +236,47 @@ def _flux_input(ds: xr.Dataset, n_in: int, meta: dict) -> xr.DataArray:
     return fg
 
 
+def _check_batch_size(batch_size) -> int:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral):
+        raise TypeError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    return int(batch_size)
+
+
+def _check_device(device, gpu) -> None:
+    """Fail now, naming ``device``, if it is not a torch device of this process."""
+    if device is None or device == "auto":
+        return
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as e:
+        raise ValueError(f"device={device!r} is not a torch device: {e}") from None
+    if dev.type == "cpu":
+        return
+    if dev.type == "cuda":
+        if gpu is True:  # the tasks run on the cluster's GPU workers, not here
+            return
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0 or (dev.index is not None and dev.index >= n):
+            have = f"{n} CUDA device(s)" if n else "no CUDA device"
+            raise ValueError(f"device={device!r}: this process has {have}")
+        return
+    if dev.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ValueError(f"device={device!r}: MPS is not available")
+        return
+    raise ValueError(f"device={device!r}: only 'cpu', 'cuda[:i]' and 'mps' are supported")
+
+
+@stage(
+    "cnn_predict",
+    module="SCM",
+    inputs=["flux_grid"],
+    outputs=_OUTPUTS,
+    version="1",
+    description="CNN inference: CNN-SPT, CNN-WDM, CNN-dMgM classes or CNN-TLMA labels",
+)
 def predict(
     ds: xr.Dataset,
     model_dir,
@@ -237,6 +287,14 @@ def predict(
     gpu="auto",
 ) -> xr.Dataset:
     """Apply a trained CNN (or CNN-TLMA ensemble) to every spectrum, lazily.
+
+    One stage (:mod:`mspec.stage`), ``"cnn_predict"``, for every model kind: the kind, and so
+    the outputs, come from ``model_dir``; the declaration lists every output any kind
+    writes. It is filed under the SCM module although CNN-TLMA belongs to SPMM (one stage
+    name per function). The inputs are checked against the registry, the result is lazy,
+    and the outputs are merged into ``ds`` (``merge=True``, a
+    :class:`~mspec.stage.MergeWarning` when they replace variables) or returned alone
+    (``merge=False``).
 
     Parameters
     ----------
@@ -251,17 +309,21 @@ def predict(
         For a CNN-TLMA pair only: per-spectrum luminosity class (``"dM"``/``"gM"``; anything
         else gets NaN), as a variable name in ``ds`` or an array along ``spectra``.
     batch_size : int
-        Spectra per forward pass.
-    device : str, optional
-        torch device; default ``cuda`` when available on the worker, else ``cpu``.
+        Spectra per forward pass (a positive integer).
+    device : str or torch.device, optional
+        torch device; default ``cuda`` when available on the worker, else ``cpu``. An
+        explicit device must exist in the calling process (checked at call time), except a
+        CUDA device with ``gpu=True``, whose tasks run on the cluster's GPU workers.
     gpu : {"auto", True, False}
         Annotate the tasks with ``resources={"GPU": 1}``: ``"auto"`` does so when the default
         dask client's cluster has workers declaring a ``GPU`` resource.
+    merge : bool
+        True (default): ``ds`` with the outputs added; False: the outputs alone.
 
     Returns
     -------
     xarray.Dataset
-        ``ds`` with, for classifier kind ``k`` in {spt, wdm, dmgm}: ``k_prob`` (spectra,
+        For classifier kind ``k`` in {spt, wdm, dmgm}: ``k_prob`` (spectra,
         k_classes; softmax probabilities, mean over members) and ``k_class`` (most probable
         class); for CNN-TLMA: ``teff, logg, m_h, alpha_m`` (ensemble mean, K / dex) and
         ``teff_err, logg_err, m_h_err, alpha_m_err`` (ensemble std, ddof=1).
@@ -270,15 +332,18 @@ def predict(
     ------
     ModelFileError
         If ``model_dir`` or a weights file is missing, corrupt or inconsistent.
+    mspec.variables.VariableError
+        If ``ds`` lacks ``flux_grid`` or it has the wrong dims/dtype.
     ValueError
-        If ``ds`` lacks a suitable ``flux_grid`` or an argument is invalid.
+        If ``flux_grid`` does not suit the model or an argument is invalid (named).
+    TypeError
+        If ``batch_size`` is not an integer.
     """
-    if int(batch_size) < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    batch_size = int(batch_size)
+    batch_size = _check_batch_size(batch_size)
+    _check_device(device, gpu)
+    ann = _gpu_annotations(gpu)
     meta = read_metadata(model_dir)
     kind = meta["kind"]
-    ann = _gpu_annotations(gpu)
     import dask
 
     if kind in CLASSES:
@@ -306,7 +371,7 @@ def predict(
             output_dtypes=[np.dtype(f"<U{_width(classes)}")],
             kwargs={"classes": classes},
         )
-        out = ds.assign({f"{kind}_prob": prob, f"{kind}_class": cls})
+        out = xr.Dataset({f"{kind}_prob": prob, f"{kind}_class": cls})
         return annotate(out, [f"{kind}_prob", f"{kind}_class", cdim])
 
     if kind == "tlma_pair":
@@ -359,8 +424,7 @@ def predict(
     for i, name in enumerate(TLMA_LABELS):
         new[name] = res.isel(tlma_out=i, drop=True)
         new[f"{name}_err"] = res.isel(tlma_out=len(TLMA_LABELS) + i, drop=True)
-    out = ds.assign(new)
-    return annotate(out, list(new))
+    return annotate(xr.Dataset(new), list(new))
 
 
 def predict_array(x, model_dir, *, batch_size: int = 1024, device=None, members: bool = False):
