@@ -492,3 +492,73 @@ register("ew_ki", S, "f", "Angstrom", "K I 7665/7699 doublet equivalent width (a
 register("ew_nai", S, "f", "Angstrom", "Na I 8183/8195 doublet equivalent width (absorption > 0)")
 register("ew_caii", S, "f", "Angstrom", "Ca II triplet equivalent width (absorption > 0)")
 register("idx_status", S, "int8", "", "spectral_indices status (CF flag_values/flag_meanings)")
+
+
+# --- line-by-line RVs (issue 13) ---
+register("lines", ("lines",), "S", "", "spectral line name, e.g. 'KI_7667' (suffix _em: emission)")
+register("line_wavelength", ("lines",), "f", "Angstrom", "vacuum rest wavelength of the line")
+register("line_kind", ("lines",), "S", "", "'absorption' (DSAL lines) or 'emission' (DSEL lines)")
+register(
+    "rv_line",
+    ("spectra", "lines"),
+    "f",
+    "km/s",
+    "RV of one line: Gaussian-on-linear-continuum centre; NaN when line_status != 0",
+)
+register(
+    "rv_line_err",
+    ("spectra", "lines"),
+    "f",
+    "km/s",
+    "error of rv_line from the fit covariance (ivar), scaled by max(1, reduced chi2)",
+)
+register(
+    "line_status",
+    ("spectra", "lines"),
+    "i",
+    "",
+    "line fit status: 0 ok, 1 no rv_init, 2 no data, 3 too few pixels, 4 fit failed, "
+    "5 centre at window edge, 6 wrong sign of amplitude, 7 width out of range, 8 too weak",
+)
+register(
+    "ew_halpha",
+    S,
+    "f",
+    "Angstrom",
+    "H-alpha equivalent width, rest frame, negative = emission; NaN when not measurable",
+)
+register(
+    "rv_dsal1",
+    S,
+    "f",
+    "km/s",
+    "DSAL I RV: mean of >= 3 mutually consistent absorption-line RVs; NaN otherwise",
+)
+register("rv_dsal1_err", S, "f", "km/s", "DSAL I error: std (ddof=0) of the consistent lines")
+register("rv_dsal1_n", S, "i", "", "number of consistent absorption lines (DSAL I needs >= 3)")
+register(
+    "rv_dsal2", S, "f", "km/s", "DSAL II RV: mean after iterative 1-sigma clipping of line RVs"
+)
+register(
+    "rv_dsal2_err",
+    S,
+    "f",
+    "km/s",
+    "DSAL II error: std (ddof=0) of the lines left (one line: its fit error)",
+)
+register("rv_dsal2_n", S, "i", "", "number of absorption lines left by DSAL II clipping")
+register(
+    "rv_dsel",
+    S,
+    "f",
+    "km/s",
+    "DSEL RV: DSAL II rule on emission-line RVs, when H-alpha emission is detected; else NaN",
+)
+register(
+    "rv_dsel_err",
+    S,
+    "f",
+    "km/s",
+    "DSEL error: std (ddof=0) of the emission lines left (one line: its fit error)",
+)
+register("rv_dsel_n", S, "i", "", "number of emission lines left by DSEL clipping (0: none)")
