@@ -324,6 +324,16 @@ def test_chunked_equals_unchunked_and_lazy(mixed, chunks):
     xr.testing.assert_identical(eager.drop_attrs(), lazy2.compute().drop_attrs())
 
 
+def test_zarr_store_lazy(mixed, tmp_path):
+    """A Zarr store opened lazily (dask loglam too) gives the in-memory results."""
+    ds, _ = mixed
+    ds.chunk({"spectra": 3}).to_zarr(tmp_path / "s.zarr", zarr_format=3, consolidated=False)
+    store = xr.open_zarr(tmp_path / "s.zarr", consolidated=False)
+    with dask.config.set(scheduler=_boom):
+        lazy = line_rvs(store, merge=False)
+    xr.testing.assert_identical(line_rvs(ds, merge=False), lazy.compute())
+
+
 def test_outputs_registry_and_flags(mixed):
     ds, _ = mixed
     out = line_rvs(ds, merge=False)
@@ -388,6 +398,13 @@ def test_bad_arguments(mixed):
         line_rvs(ds.flux)
     with pytest.raises(ValueError, match="lines"):
         K.line_table([("a", 5000.0, "absorption"), ("a", 6000.0, "emission")])
+    f, iv, om = (ds[v].values for v in ("flux", "ivar", "ormask"))
+    with pytest.raises(ValueError, match="rv_init"):
+        lines_arrays(f, iv, om, LOGLAM, np.zeros(3))
+    with pytest.raises(ValueError, match="ivar"):
+        lines_arrays(f, iv[:2], om, LOGLAM, ds.rv_tm.values)
+    with pytest.raises(ValueError, match="loglam"):
+        lines_arrays(f, iv, om, LOGLAM[:-1], ds.rv_tm.values)
 
 
 # --- real LAMOST DR7 M dwarfs ------------------------------------------------------------------

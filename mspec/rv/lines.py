@@ -66,10 +66,26 @@ def lines_arrays(flux, ivar, ormask, loglam, rv_init, cfg: K.LineConfig | None =
     -------
     dict
         The :data:`OUTPUTS` as numpy arrays (per-line ones ``(n_spectra, n_lines)``).
+
+    Raises
+    ------
+    ValueError
+        Shapes that do not match (the message names the argument) or a bad ``loglam``.
     """
     cfg = K.LineConfig() if cfg is None else cfg
+    if not isinstance(cfg, K.LineConfig):
+        raise TypeError(f"cfg must be a LineConfig, got {type(cfg).__name__}")
     wave, dlam = _grid(loglam)
-    return _run(flux, ivar, ormask, np.asarray(rv_init), wave=wave, dlam=dlam, cfg=cfg, lines=lines)
+    flux = np.atleast_2d(np.asarray(flux))
+    for name, a in (("ivar", ivar), ("ormask", ormask)):
+        if np.shape(np.atleast_2d(a)) != flux.shape:
+            raise ValueError(f"{name} has shape {np.shape(a)}, flux {flux.shape}")
+    if flux.shape[1] != wave.size:
+        raise ValueError(f"loglam has {wave.size} pixels, flux {flux.shape[1]}")
+    rv_init = np.atleast_1d(np.asarray(rv_init, dtype=np.float64))
+    if rv_init.shape != (flux.shape[0],):
+        raise ValueError(f"rv_init has shape {rv_init.shape}, expected ({flux.shape[0]},)")
+    return _run(flux, ivar, ormask, rv_init, wave=wave, dlam=dlam, cfg=cfg, lines=lines)
 
 
 def _run(flux, ivar, ormask, rv_init, *, wave, dlam, cfg, lines):
