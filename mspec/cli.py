@@ -1,73 +1,108 @@
-"""The ``mspec`` command line.
+"""The mspec command line.
 
 Each subcommand parses its arguments here and calls the public Python API, so the CLI and
-the library cannot drift apart.
+the library cannot drift apart. Argument and input errors print one line and exit non-zero
+(``--debug`` shows the traceback). Exit codes: 0 success, 1 failure during the work,
+2 bad arguments, configuration or input, 3 the run directory is locked by a live run,
+4 a stage's version or configuration changed (rerun with ``--redo STAGE``).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from pathlib import Path
 
 log = logging.getLogger("mspec")
 
+DESCRIPTION = (
+    "mspec turns a LAMOST low-resolution survey into a refined M-star catalog "
+    "(Li et al. 2025): classification, radial velocities and stellar parameters."
+)
+EPILOG = (
+    "Start with 'mspec demo' (a simulated survey end to end) or 'mspec config --defaults > "
+    "run.toml' then 'mspec run run.toml'. 'mspec COMMAND --help' describes each command."
+)
 
-def _setup_logging(logfile: str | None) -> None:
-    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Shows defaults and keeps the description's line breaks."""
+
+
+class CLIError(Exception):
+    """An error to report in one line (exit code in ``code``)."""
+
+    def __init__(self, message: str, code: int = 2):
+        super().__init__(message)
+        self.code = code
+
+
+def _setup_logging(logfile: str | None, verbose: bool = False) -> None:
+    """INFO to the log file; only warnings (or INFO with -v) to the terminal."""
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    term = logging.StreamHandler(sys.stderr)
+    term.setLevel(logging.INFO if verbose else logging.WARNING)
+    term.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+    handlers: list[logging.Handler] = [term]
     if logfile:
         Path(logfile).parent.mkdir(parents=True, exist_ok=True)
-        handlers.append(logging.FileHandler(logfile))
-    logging.basicConfig(
-        level=logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        handlers=handlers,
-        force=True,
-    )
+        fh = logging.FileHandler(logfile)
+        fh.setFormatter(fmt)
+        fh.setLevel(logging.INFO)
+        handlers.append(fh)
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    for h in handlers:
+        root.addHandler(h)
+    root.setLevel(logging.INFO)
+    # distributed's INFO chatter goes to the log file only
+    for name in ("distributed", "tornado", "bokeh", "numba", "asyncio"):
+        logging.getLogger(name).setLevel(logging.INFO if logfile else logging.WARNING)
+    for h in handlers:
+        if h is term:
+            h.addFilter(lambda r: r.levelno >= logging.WARNING or r.name.startswith("mspec"))
 
 
-def _client(scheduler: str | None):
-    """Connect to ``scheduler`` if given; otherwise return None (callers start a LocalCluster)."""
-    if not scheduler:
-        return None
-    from distributed import Client
-
-    return Client(scheduler)
-
-
-def _cmd_ingest(args: argparse.Namespace) -> int:
-    """Ingest on ``--scheduler`` (an address, or threads/processes/sync), else a LocalCluster."""
-    import json
+def _local_or_client(scheduler: str | None, stack):
+    """``scheduler``: None (LocalCluster), a dask address, or threads/processes/sync."""
     import os
 
-    from mspec.io.store import ingest
-
     local = {"threads", "processes", "sync", "synchronous", "single-threaded"}
-    cluster = None
-    if args.scheduler in local:
-        client = args.scheduler
-    elif args.scheduler:
-        client = _client(args.scheduler)
-    else:
-        from distributed import Client, LocalCluster
+    if scheduler in local:
+        return scheduler
+    from distributed import Client
 
-        # one single-threaded worker process per core: FITS header parsing holds the GIL
-        cluster = LocalCluster(
+    if scheduler:
+        return stack.enter_context(Client(scheduler))
+    from distributed import LocalCluster
+
+    # one single-threaded worker process per core: FITS header parsing holds the GIL
+    cluster = stack.enter_context(
+        LocalCluster(
             n_workers=os.cpu_count() or 1,
             threads_per_worker=1,
             dashboard_address="127.0.0.1:0",
+            silence_logs=logging.WARNING,
         )
-        client = Client(cluster)
-    try:
+    )
+    return stack.enter_context(Client(cluster))
+
+
+def _cmd_ingest(args: argparse.Namespace) -> int:
+    from contextlib import ExitStack
+
+    from mspec.io.store import ingest, resolve_sources
+
+    if not resolve_sources(args.sources):
+        raise CLIError(f"sources: nothing to ingest in {args.sources} (no FITS files matched)")
+    with ExitStack() as stack:
+        client = _local_or_client(args.scheduler, stack)
         summary = ingest(
             args.sources, args.store, chunk_size=args.chunk_size, client=client, progress=True
         )
-    finally:
-        if not isinstance(client, str):
-            client.close()
-        if cluster is not None:
-            cluster.close()
     log.info("ingest summary: %s", summary)
     print(json.dumps(summary, indent=1))
     return 0
@@ -86,7 +121,6 @@ def _cmd_train(args: argparse.Namespace) -> int:
         folds=args.folds,
         progress=True,
     )
-    import json
 
     def _short(m):  # per-epoch histories stay in model.json; print the summary
         return {
@@ -108,17 +142,158 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         n_workers=args.workers,
         n_train=args.n_train,
         epochs=args.epochs,
+        chunk_size=args.chunk_size,
     )
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from mspec.config import load_config
+    from mspec.pipeline import run
+
+    cfg = load_config(args.config)
+    changes = {}
+    if args.scheduler:
+        changes["cluster"] = {"scheduler": args.scheduler}
+    if args.workers is not None:
+        changes.setdefault("cluster", {})["n_workers"] = args.workers
+    if changes:
+        cfg = cfg.replace(**changes)
+    cfg.check_complete(str(args.config))
+    Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
+    res = run(cfg, redo=args.redo or (), progress=not args.quiet)
+    print(f"run complete: {res.n_spectra} spectra in {res.seconds:.0f} s; catalog {res.catalog}")
+    for name, info in res.stages.items():
+        extra = ""
+        if "computed" in info:
+            extra = f" ({info['computed']} chunks computed, {info['skipped']} already done)"
+        print(f"  {name:<10} {info.get('seconds', 0):8.1f} s{extra}")
+    for line in res.not_available:
+        print(f"  not available: {line}")
+    return 0
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    path = Path(args.path)
+    if (path / "config.resolved.toml").is_file():
+        from mspec.pipeline import run_status
+
+        info = run_status(path)
+    else:
+        from mspec.io.store import open_store, store_state
+
+        st = store_state(path)
+        ds = open_store(path)
+        info = {
+            "store": str(path),
+            "n_spectra": int(ds.sizes["spectra"]),
+            "chunk_size": int(st["chunk_size"]),
+            "variables": sorted(ds.data_vars),
+            "quarantine": _quarantine_summary(path),
+        }
+    print(json.dumps(info, indent=1, default=str))
+    return 0
+
+
+def _quarantine_summary(store: Path) -> dict:
+    import pandas as pd
+
+    q = store / "_mspec" / "quarantine.parquet"
+    if not q.is_file():
+        return {"files": 0}
+    df = pd.read_parquet(q)
+    col = "code" if "code" in df else df.columns[0]
+    return {"files": int(len(df)), "by_reason": df[col].value_counts().to_dict()}
+
+
+def _cmd_config(args: argparse.Namespace) -> int:
+    from mspec.config import default_toml, load_config
+
+    if args.defaults or not args.check:
+        print(default_toml(commented=True), end="")
+        return 0
+    cfg = load_config(args.check)
+    print(cfg.to_toml(), end="")
+    return 0
+
+
+def _cmd_models(args: argparse.Namespace) -> int:
+    from mspec.pipeline.models import build_default_models, default_models_dir, list_models
+
+    if args.action == "path":
+        print(default_models_dir())
+    elif args.action == "list":
+        print(json.dumps(list_models(args.dir), indent=1, default=str))
+    else:
+        path = build_default_models(
+            args.dir, n_train=args.n_train, epochs=args.epochs, force=args.force, progress=True
+        )
+        print(path)
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     """Build the ``mspec`` argument parser."""
-    p = argparse.ArgumentParser(prog="mspec", description=__doc__.splitlines()[0])
-    p.add_argument("--log", default=None, help="also write the log to this file")
-    sub = p.add_subparsers(dest="command", required=True)
+    from mspec import __version__
 
-    q = sub.add_parser("ingest", help="ingest LAMOST FITS files into a Zarr store")
+    p = argparse.ArgumentParser(
+        prog="mspec", description=DESCRIPTION, epilog=EPILOG, formatter_class=_Formatter
+    )
+    p.add_argument("--version", action="version", version=f"mspec {__version__}")
+    p.add_argument("--log", default=None, help="also write the full log (INFO) to this file")
+    p.add_argument("--debug", action="store_true", help="show tracebacks of errors")
+    p.add_argument("-v", "--verbose", action="store_true", help="INFO messages in the terminal")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    q = sub.add_parser(
+        "run",
+        help="run the pipeline described by a TOML config (resumable)",
+        description="Run ingest -> preprocess -> SCM -> DGCM -> RVMM -> SPMM -> catalog. "
+        "Finished chunks are skipped on a rerun.",
+        formatter_class=_Formatter,
+    )
+    q.add_argument("config", help="TOML run configuration ('mspec config --defaults')")
+    q.add_argument("--scheduler", default=None, help="dask scheduler address (overrides config)")
+    q.add_argument("--workers", type=int, default=None, help="LocalCluster workers (overrides)")
+    q.add_argument(
+        "--redo",
+        action="append",
+        metavar="STAGE",
+        help="recompute STAGE and every stage after it (repeatable)",
+    )
+    q.add_argument("--quiet", action="store_true", help="no progress bars")
+    q.set_defaults(func=_cmd_run)
+
+    q = sub.add_parser(
+        "info",
+        help="what a store or run directory holds (spectra, stages done/pending)",
+        formatter_class=_Formatter,
+    )
+    q.add_argument("path", help="a Zarr spectra store or a run directory")
+    q.set_defaults(func=_cmd_info)
+
+    q = sub.add_parser(
+        "config",
+        help="print the commented default configuration, or check a file",
+        formatter_class=_Formatter,
+    )
+    q.add_argument("--defaults", action="store_true", help="print the default TOML (default)")
+    q.add_argument("--check", metavar="FILE", help="load FILE and print it resolved")
+    q.set_defaults(func=_cmd_config)
+
+    q = sub.add_parser(
+        "models", help="the default CNN models (build, list, path)", formatter_class=_Formatter
+    )
+    q.add_argument("action", choices=["build", "list", "path"])
+    q.add_argument("--dir", default=None, help="model directory (default: the user cache)")
+    q.add_argument("--n-train", type=int, default=6000, help="simulated training spectra")
+    q.add_argument("--epochs", type=int, default=8, help="maximum epochs per CNN")
+    q.add_argument("--force", action="store_true", help="rebuild even if present")
+    q.set_defaults(func=_cmd_models)
+
+    q = sub.add_parser(
+        "ingest", help="ingest LAMOST FITS files into a Zarr store", formatter_class=_Formatter
+    )
     q.add_argument(
         "sources", nargs="+", help="directories, globs, files, or a LAMOST catalogue (CSV/Parquet)"
     )
@@ -131,37 +306,102 @@ def build_parser() -> argparse.ArgumentParser:
     )
     q.set_defaults(func=_cmd_ingest)
 
-    q = sub.add_parser("train", help="train a CNN (spt, wdm, dmgm classifiers or tlma ensemble)")
+    q = sub.add_parser(
+        "train",
+        help="train a CNN (spt, wdm, dmgm classifiers or tlma ensemble)",
+        formatter_class=_Formatter,
+    )
     q.add_argument("kind", choices=["spt", "wdm", "dmgm", "tlma"])
     q.add_argument("--store", required=True, help="Zarr store with the spectra")
     q.add_argument("--labels", required=True, help="label table (CSV/Parquet) keyed by obsid")
     q.add_argument("--out", required=True, help="output model directory")
-    q.add_argument("--epochs", type=int, default=30)
+    q.add_argument("--epochs", type=int, default=30, help="maximum epochs")
     q.add_argument("--folds", type=int, default=10, help="k-fold ensemble size (tlma)")
-    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--seed", type=int, default=0, help="random seed")
     q.set_defaults(func=_cmd_train)
 
-    q = sub.add_parser("demo", help="simulate a survey and run everything that exists end to end")
+    q = sub.add_parser(
+        "demo",
+        help="simulate a survey with known truth and run the whole pipeline on it",
+        description="Simulate a LAMOST-like survey, write it as FITS, ingest it and run the "
+        "pipeline on a LocalCluster; writes a catalog, plots and an accuracy report.",
+        formatter_class=_Formatter,
+    )
     q.add_argument("--out", default="demo_output", help="output directory")
-    q.add_argument("--n-spectra", type=int, default=3000)
-    q.add_argument("--seed", type=int, default=42)
+    q.add_argument("--n-spectra", type=int, default=2000, help="spectra in the simulated survey")
+    q.add_argument("--seed", type=int, default=42, help="random seed")
     q.add_argument("--workers", type=int, default=2, help="LocalCluster workers")
     q.add_argument(
         "--n-train",
         type=int,
         default=None,
-        help="simulated CNN training spectra (default 2 x n-spectra)",
+        help="simulated CNN training spectra (default: 2 x n-spectra)",
     )
     q.add_argument("--epochs", type=int, default=8, help="maximum epochs per CNN")
+    q.add_argument("--chunk-size", type=int, default=250, help="spectra per chunk")
     q.set_defaults(func=_cmd_demo)
     return p
 
 
+def _one_line(exc: BaseException) -> str:
+    msg = str(exc).strip().splitlines()
+    text = msg[0] if msg else type(exc).__name__
+    if isinstance(exc, FileNotFoundError) and exc.filename and str(exc.filename) not in text:
+        text = f"{text}: {exc.filename}"
+    return f"mspec: error: {text}"
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``mspec`` command."""
-    args = build_parser().parse_args(argv)
-    _setup_logging(args.log)
-    return int(args.func(args) or 0)
+    """Entry point of the ``mspec`` command; returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logfile = args.log
+    if logfile is None and args.command == "demo":
+        logfile = str(Path(args.out) / "demo.log")
+    _setup_logging(logfile, args.verbose)
+    from mspec._exec import LockError
+    from mspec.io.store import StoreError
+    from mspec.pipeline.runner import RunError, StageChangedError
+
+    try:
+        return int(args.func(args) or 0)
+    except CLIError as exc:
+        if args.debug:
+            raise
+        print(_one_line(exc), file=sys.stderr)
+        return exc.code
+    except StageChangedError as exc:
+        if args.debug:
+            raise
+        print(_one_line(exc), file=sys.stderr)
+        return 4
+    except LockError as exc:
+        if args.debug:
+            raise
+        print(_one_line(exc), file=sys.stderr)
+        return 3
+    except (
+        ValueError,
+        TypeError,
+        FileNotFoundError,
+        NotADirectoryError,
+        RunError,
+        StoreError,
+    ) as exc:
+        if args.debug:
+            raise
+        print(_one_line(exc), file=sys.stderr)
+        log.debug("error", exc_info=True)
+        return 2
+    except KeyboardInterrupt:
+        print("mspec: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - one line for users; the log has the traceback
+        if args.debug:
+            raise
+        log.error("failed", exc_info=True)
+        print(_one_line(exc) + " (run with --debug for the traceback)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":  # pragma: no cover

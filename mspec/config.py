@@ -500,11 +500,11 @@ class RVConfig(_Section):
     tml_wave_max: float = _f(
         "float",
         7500.0,
-        "Upper end of the observed-frame window of TML7500.",
+        "Upper end of the observed-frame window of TML7500 (only the paper's 7500 is accepted: "
+        "the output names say what was computed).",
         units="Angstrom",
-        lo=4700.0,
-        hi=9100.0,
-        lo_open=True,
+        lo=7500.0,
+        hi=7500.0,
     )
 
 

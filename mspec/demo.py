@@ -1,18 +1,20 @@
-"""``make demo``: a simulated LAMOST-like survey with known truth, end to end on a LocalCluster.
+"""``make demo``: a simulated LAMOST-like survey with known truth through the whole pipeline.
 
-Steps: simulate a survey -> write it as LAMOST FITS files of every layout -> ingest them into
-a Zarr store on the cluster -> preprocess -> train the CNNs on a separate simulated training
-set -> classify and parametrise the survey -> measure RVs by template matching -> write a
-catalog (Parquet), plots and an accuracy report against the truth.
+Steps: simulate a survey → write it as LAMOST FITS files of every layout (with a catalogue
+carrying the truth and the Gaia/WISE cross-match) → train the CNNs on a separate simulated
+training set (``OUT/models``, reusable on real data) → :func:`mspec.run` on a LocalCluster
+(ingest, preprocess, SCM, DGCM, RVMM, SPMM, catalog; resumable) → accuracy against the
+truth: ``catalog.parquet``, ``accuracy.png``, ``report.md``, ``metrics.json``.
 
-Each stage reports what it did; a stage whose module is not available is reported as skipped,
-never faked.
+The demo only glues the public API together; stages not built yet are reported as not
+available, never faked.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from pathlib import Path
 
@@ -20,77 +22,41 @@ import numpy as np
 
 log = logging.getLogger("mspec.demo")
 
-#: Per-spectrum variables copied into the demo catalog when present.
-CATALOG_COLUMNS = [
-    "obsid", "ra", "dec", "mjd", "snr_u", "snr_g", "snr_r", "snr_i", "snr_z",
-    "orp_u", "orp_g", "orp_r", "orp_i", "orp_z", "lamost_class", "lamost_subclass",
-    "lamost_rv", "spt_class", "wdm_class", "dmgm_class", "rv_tm", "rv_tm_err",
-    "rv_tm_err_stat", "rv_tml7500", "rv_tml7500_err", "tm_template", "tm_status", "teff", "teff_err", "logg",
-    "logg_err", "m_h", "m_h_err", "alpha_m", "alpha_m_err",
-    "true_class", "true_lumclass", "true_teff", "true_logg", "true_m_h", "true_alpha_m",
-    "true_rv", "true_active",
-]  # fmt: skip
+__all__ = ["run_demo"]
 
 
-class _Report:
-    """Collects what each stage did, for the terminal and for report.md."""
+class _Timer:
+    """Each stage's own duration, printed as it finishes and kept for the report."""
 
-    def __init__(self, out: Path):
-        self.out = out
-        self.lines: list[str] = []
-        self.metrics: dict = {}
+    def __init__(self):
+        self.stages: list[dict] = []
         self.t0 = time.perf_counter()
 
-    def stage(self, name: str, text: str) -> None:
-        msg = f"[{time.perf_counter() - self.t0:7.1f} s] {name}: {text}"
-        print(msg, flush=True)
-        self.lines.append(f"- **{name}** ({time.perf_counter() - self.t0:.0f} s): {text}")
-
-    def write(self) -> Path:
-        path = self.out / "report.md"
-        body = [
-            "# mspec demo report",
-            "",
-            *self.lines,
-            "",
-            "## Metrics",
-            "",
-            "```json",
-            json.dumps(self.metrics, indent=2, default=float),
-            "```",
-            "",
-        ]
-        path.write_text("\n".join(body))
-        (self.out / "metrics.json").write_text(json.dumps(self.metrics, indent=2, default=float))
-        return path
-
-
-def _robust_sigma(x: np.ndarray) -> float:
-    x = np.asarray(x, float)
-    x = x[np.isfinite(x)]
-    if x.size == 0:
-        return float("nan")
-    return float(1.4826 * np.median(np.abs(x - np.median(x))))
+    def add(self, stage: str, seconds: float, text: str) -> None:
+        self.stages.append({"stage": stage, "seconds": round(float(seconds), 1), "text": text})
+        total = time.perf_counter() - self.t0
+        print(f"[{total:6.0f} s] {stage}: {seconds:.1f} s — {text}", flush=True)
+        log.info("%s (%.1f s): %s", stage, seconds, text)
 
 
 def run_demo(
     out: str | Path = "demo_output",
     *,
-    n_spectra: int = 3000,
+    n_spectra: int = 2000,
     seed: int = 42,
     n_workers: int = 2,
     n_train: int | None = None,
     epochs: int = 8,
-    chunk_size: int = 500,
+    chunk_size: int = 250,
 ) -> Path:
     """Run the demo and return the path of its report.
 
     Parameters
     ----------
     out : path-like
-        Output directory (created; an existing store in it is reused by ingest's resume).
+        Output directory (created; a rerun resumes the pipeline run in ``OUT/run``).
     n_spectra : int
-        Number of spectra in the simulated survey.
+        Spectra in the simulated survey.
     seed : int
         Random seed of the survey (the training set uses ``seed + 1``).
     n_workers : int
@@ -107,194 +73,138 @@ def run_demo(
     pathlib.Path
         The Markdown accuracy report.
     """
-    if n_spectra < 10:
-        raise ValueError(f"n_spectra must be at least 10, got {n_spectra}")
+    for name, value, lo in (
+        ("n_spectra", n_spectra, 10),
+        ("n_workers", n_workers, 1),
+        ("epochs", epochs, 1),
+        ("chunk_size", chunk_size, 1),
+    ):
+        if not isinstance(value, int | np.integer) or isinstance(value, bool) or value < lo:
+            raise ValueError(f"{name} must be an integer >= {lo}, got {value!r}")
+    if n_train is not None and (not isinstance(n_train, int) or n_train < 50):
+        raise ValueError(f"n_train must be an integer >= 50, got {n_train!r}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    rep = _Report(out)
+    timer = _Timer()
     n_train = n_train or 2 * n_spectra
 
-    from distributed import Client, LocalCluster
-
-    with (
-        LocalCluster(
-            n_workers=n_workers,
-            threads_per_worker=1,
-            dashboard_address="127.0.0.1:0",
-            processes=True,
-        ) as cluster,
-        Client(cluster) as client,
-    ):
-        rep.stage(
-            "cluster", f"LocalCluster with {n_workers} workers, dashboard {client.dashboard_link}"
-        )
-        ds = _stage_survey(rep, out, n_spectra, seed, client, chunk_size)
-        ds = _stage_preprocess(rep, ds)
-        ds = _stage_cnn(rep, out, ds, n_train, seed, epochs)
-        ds = _stage_rv(rep, ds)
-        ds = _stage_tlma(rep, out, ds)
-        _stage_catalog(rep, out, ds)
-    path = rep.write()
-    print(f"report: {path}")
-    return path
+    catalogs = _simulate(timer, out, n_spectra, seed)
+    models = _train(timer, out, n_train, seed, epochs)
+    result = _pipeline(timer, out, catalogs, models, n_workers, chunk_size)
+    return _evaluate(timer, out, result)
 
 
-def _stage_survey(rep: _Report, out: Path, n: int, seed: int, client, chunk_size: int):
+def _simulate(timer: _Timer, out: Path, n: int, seed: int) -> list[str]:
     import mspec
     from mspec.io import write_lamost_fits
 
+    t0 = time.perf_counter()
     truth = mspec.simulate_survey(n, seed=seed)
     classes, counts = np.unique(truth["true_class"].values, return_counts=True)
-    rep.stage("simulate", f"{n} spectra: " + ", ".join(f"{c} {k}" for c, k in zip(classes, counts)))
+    timer.add(
+        "simulate",
+        time.perf_counter() - t0,
+        f"{n} spectra: " + ", ".join(f"{c} {k}" for c, k in zip(classes, counts)),
+    )
+    t0 = time.perf_counter()
     fits_dir = out / "fits"
     layouts = ["image", "table", "oldest"]
     parts = np.array_split(np.arange(n), len(layouts))
     nfiles = 0
     for layout, idx in zip(layouts, parts):
-        nfiles += len(write_lamost_fits(truth.isel(spectra=idx), fits_dir / layout, layout=layout))
-    rep.stage("write FITS", f"{nfiles} LAMOST FITS files in layouts {layouts} under {fits_dir}")
-    store = out / "spectra.zarr"
-    # the catalogues written beside the FITS files carry obsids, truth and the Gaia/WISE
-    # cross-match into the store, like a LAMOST catalogue joined with external tables
-    summary = mspec.ingest(
-        [str(fits_dir / lay / "catalog.parquet") for lay in layouts],
-        str(store),
-        chunk_size=chunk_size,
-        client=client,
+        target = fits_dir / layout
+        if (target / "catalog.parquet").is_file():
+            nfiles += len(list(target.glob("*.fits*")))
+            continue  # a rerun reuses the files (same seed, same survey)
+        nfiles += len(write_lamost_fits(truth.isel(spectra=idx), target, layout=layout))
+    timer.add(
+        "write FITS",
+        time.perf_counter() - t0,
+        f"{nfiles} LAMOST FITS files in the layouts {layouts} under {fits_dir}",
     )
-    rep.stage(
-        "ingest",
-        ", ".join(
-            f"{k} {summary[k]}" for k in ("stored", "quarantined", "duplicates", "files_per_second")
-        ),
+    # the catalogues beside the FITS files carry obsids, truth and the Gaia/WISE cross-match
+    # into the store, like a LAMOST catalogue joined with external tables
+    return [str(fits_dir / lay / "catalog.parquet") for lay in layouts]
+
+
+def _train(timer: _Timer, out: Path, n_train: int, seed: int, epochs: int) -> Path:
+    from mspec.pipeline.models import build_default_models, models_ready
+
+    t0 = time.perf_counter()
+    models = out / "models"
+    reused = models_ready(models)
+    build_default_models(models, n_train=n_train, epochs=epochs, folds=5, seed=seed, threads=1)
+    info = json.loads((models / "models.json").read_text()) if not reused else {}
+    acc = info.get("val_accuracy", {})
+    text = (
+        f"reused the models in {models}"
+        if reused
+        else f"CNN-SPT/WDM/dMgM and the CNN-TLMA dM/gM ensembles on {n_train} separate "
+        f"simulated spectra into {models}; validation accuracy "
+        + ", ".join(f"{k} {v:.3f}" for k, v in acc.items() if v is not None)
     )
-    ds = mspec.open_store(str(store))
-    missing = [v for v in truth.data_vars if v.startswith("true_") and v not in ds]
-    if missing:
-        raise RuntimeError(f"truth columns {missing} did not reach the store")
-    rep.metrics["n_spectra"] = int(ds.sizes["spectra"])
-    return ds
+    timer.add("train CNNs", time.perf_counter() - t0, text)
+    return models
 
 
-def _stage_preprocess(rep, ds):
-    from mspec import preprocess
-
-    ds = preprocess(ds, recipe="cnn")
-    rep.stage("preprocess", "steps 1,3,4a,5 (cnn recipe) added lazily: flux_grid, orp_*, status")
-    return ds
-
-
-def _stage_cnn(rep, out: Path, ds, n_train: int, seed: int, epochs: int):
+def _pipeline(timer: _Timer, out: Path, catalogs, models: Path, n_workers: int, chunk: int):
     import mspec
-    from mspec import ml
-    from mspec.preprocess import preprocess  # noqa: F401  (callable package)
+    from mspec.config import Config
 
-    model_root = out / "models"
-    train = mspec.simulate_survey(n_train, seed=seed + 1)
-    # one torch thread per process: with 2 threads on 2 busy cores training crawls
-    metrics = ml.train_all_demo(train, model_root, epochs=epochs, folds=5, seed=seed, threads=1)
-    rep.metrics["training"] = metrics
-    summary = {k: v.get("val_accuracy") for k, v in metrics.items() if k in ("spt", "wdm", "dmgm")}
-    rep.stage(
-        "train CNNs",
-        f"on {n_train} separate simulated spectra in "
-        f"{sum(metrics['seconds'].values()):.0f} s; validation accuracy {summary}",
+    cfg = Config.from_dict(
+        {
+            "sources": catalogs,
+            "store": str(out / "spectra.zarr"),
+            "run_dir": str(out / "run"),
+            "chunk_size": chunk,
+            "cluster": {"n_workers": n_workers, "threads_per_worker": 1},
+            "models": {"dir": str(models)},
+            # the simulator's own template grid: TM on simulated spectra
+            "templates": {"set": "demo"},
+        }
     )
-    for kind in ("spt", "wdm", "dmgm"):
-        ds = ml.predict(ds, model_root / kind)
-    rep.stage(
-        "CNN inference", "spt/wdm/dmgm probabilities and classes (lazy, batched, map over chunks)"
-    )
-    return ds
-
-
-def _stage_tlma(rep, out: Path, ds):
-    from mspec import ml
-    from mspec.preprocess import preprocess  # noqa: F401  (callable package)
-
-    # rest frame from the TM radial velocity (paper step 2), then the dM/gM ensemble chosen
-    # by CNN-dMgM's class
-    rest = preprocess(ds[["flux", "ivar", "ormask", "andmask"]], recipe="tlma", rv=ds["rv_tm"])
-    res = ml.predict(rest, out / "models" / "tlma", lumclass=ds["dmgm_class"])
-    names = ("teff", "teff_err", "logg", "logg_err", "m_h", "m_h_err", "alpha_m", "alpha_m_err")
-    ds = ds.assign({v: res[v] for v in names})
-    rep.stage(
-        "CNN-TLMA", "Teff, logg, [M/H], [alpha/M] (ensemble mean and std) in the TM rest frame"
-    )
-    return ds
-
-
-def _stage_rv(rep, ds):
-    from mspec import template_match
-    from mspec.rv.templates import default_templates
-
-    tpl = default_templates("demo")
-    tm = template_match(ds, templates=tpl)
-    tml = template_match(ds, templates=tpl, wave_max=7500.0)
-    ds = ds.assign(
-        {k: tm[k] for k in ("rv_tm", "rv_tm_err", "rv_tm_err_stat", "tm_template", "tm_status")}
-    )
-    ds = ds.assign({k: tml[k] for k in tml.data_vars if k.startswith(("rv_tml7500", "tml7500"))})
-    rep.stage("RV", f"TM and TML7500 against {tpl.sizes['templates']} simulator templates (lazy)")
-    return ds
-
-
-def _stage_catalog(rep, out: Path, ds):
-    import dask.dataframe as dd
-
-    from mspec.io.zarrio import read_results, write_results
-
-    cols = [c for c in CATALOG_COLUMNS if c in ds.variables and ds[c].dims == ("spectra",)]
-    # One compute for every stage: the per-spectrum results go to a Zarr group chunk by chunk
-    # (building the DataFrame straight from the lazy graph would recompute it per column).
-    results = out / "results.zarr"
-    write_results(ds[cols].reset_coords(), results)
-    rep.stage(
-        "compute",
-        f"all stages computed on the cluster; {len(cols)} per-spectrum results in {results}",
-    )
-    df = read_results(results).to_dask_dataframe()
-    path = out / "catalog.parquet"
-    df.to_parquet(str(path), write_index=False, overwrite=True)
-    rep.stage("catalog", f"{len(cols)} columns written to {path} (dask DataFrame)")
-    cat = dd.read_parquet(str(path)).compute()
-    _accuracy(rep, out, cat)
-
-
-def _accuracy(rep, out: Path, cat) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    m = rep.metrics
-    if "spt_class" in cat:
-        spt_truth = cat["true_class"].replace({"WD": "OB"})  # SPT has no WD class
-        m["spt_accuracy"] = float((cat["spt_class"] == spt_truth).mean())
-    isM = cat["true_class"] == "M"
-    if "dmgm_class" in cat:
-        m["dmgm_accuracy_on_M"] = float(
-            (cat.loc[isM, "dmgm_class"] == cat.loc[isM, "true_lumclass"]).mean()
+    t0 = time.perf_counter()
+    try:
+        result = mspec.run(cfg, progress=True)
+    except mspec.StageChangedError:
+        # an older demo output: start the run over rather than refuse
+        log.warning("the run in %s is from another configuration; redoing it", out / "run")
+        result = mspec.run(cfg, progress=True, redo=["preprocess"])
+    for name, info in result.stages.items():
+        text = ", ".join(
+            f"{k} {info[k]}" for k in ("computed", "skipped", "stored", "quarantined") if k in info
         )
-    good = isM & (cat["snr_i"] > 20)
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
-    if "rv_tm" in cat:
-        d = (cat["rv_tm"] - cat["true_rv"])[good]
-        m["rv_tm_bias_kms"] = float(np.nanmedian(d))
-        m["rv_tm_robust_sigma_kms"] = _robust_sigma(d)
-        axes[0].scatter(cat.loc[good, "true_rv"], d, s=4)
-        axes[0].set(
-            xlabel="true RV (km/s)",
-            ylabel="rv_tm - true (km/s)",
-            title="TM RV, M stars, S/N_i > 20",
-        )
-    if "teff" in cat:
-        d = (cat["teff"] - cat["true_teff"])[good]
-        m["teff_bias_K"] = float(np.nanmedian(d))
-        m["teff_robust_sigma_K"] = _robust_sigma(d)
-        axes[1].scatter(cat.loc[good, "true_teff"], cat.loc[good, "teff"], s=4)
-        axes[1].set(xlabel="true Teff (K)", ylabel="CNN-TLMA Teff (K)", title="TLMA Teff")
-    fig.tight_layout()
-    fig.savefig(out / "accuracy.png", dpi=110)
-    plt.close(fig)
-    rep.stage("accuracy", ", ".join(f"{k} = {v:.3g}" for k, v in m.items() if isinstance(v, float)))
+        if info.get("core_seconds_per_spectrum"):
+            text += f", {info['core_seconds_per_spectrum'] * 1000:.1f} core-ms per spectrum"
+        timer.add(f"run: {name}", info.get("seconds", 0.0), text or info.get("status", ""))
+    log.info("pipeline run took %.1f s in all", time.perf_counter() - t0)
+    return result
+
+
+def _evaluate(timer: _Timer, out: Path, result) -> Path:
+    import pandas as pd
+
+    from mspec.plots import accuracy_figure, confusion_figure
+    from mspec.report import accuracy_metrics, write_report
+
+    t0 = time.perf_counter()
+    cat_path = out / "catalog.parquet"
+    src = Path(result.catalog)
+    if cat_path.exists():
+        shutil.rmtree(cat_path) if cat_path.is_dir() else cat_path.unlink()
+    shutil.copytree(src, cat_path) if src.is_dir() else shutil.copy(src, cat_path)
+    cat = pd.read_parquet(cat_path)
+    metrics = accuracy_metrics(cat)
+    accuracy_figure(cat, out / "accuracy.png")
+    spt = metrics.get("classification", {}).get("spt", {})
+    if spt.get("confusion"):
+        confusion_figure(spt["confusion"], None, out / "confusion_spt.png", title="CNN-SPT")
+    timer.add("evaluate", time.perf_counter() - t0, "metrics against the truth, figures")
+    notes = [
+        "Simulated survey with known truth; the CNNs are trained on a separate simulated set.",
+        *(f"not available: {x}" for x in result.not_available),
+        f"pipeline run directory: {result.run_dir} (resumable; `mspec info {result.run_dir}`)",
+    ]
+    report = write_report(out, cat, stages=timer.stages, metrics=metrics, notes=notes)
+    print(f"report: {report}")
+    return report

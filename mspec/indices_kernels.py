@@ -5,7 +5,7 @@ native (log-linear) spectrum, taken in the rest frame:
 
 * good pixels: ``ormask == 0``, ``ivar > 0`` and finite flux (preprocessing step 1);
 * rest-frame wavelength of pixel ``i``: ``10**loglam[i] / (1 + rv / c)`` (preprocessing
-  step 2, :func:`mspec.preprocess.kernels.doppler_shift`);
+  step 2, :func:`mspec.preprocessing.kernels.doppler_shift`);
 * the mean flux in a window ``[a, b]`` (Angstrom) is ``(1 / (b - a)) * integral_a^b F`` of
   the piecewise-linear interpolant ``F`` through consecutive good pixels, integrated exactly
   (window edges fall anywhere inside a pixel). A window is *covered* when good pixels

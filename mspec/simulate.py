@@ -131,6 +131,10 @@ SIMULATED_VARIABLES = (
     "true_ebv",
 )
 
+#: Version of the simulator's physics; models trained on it and runs using them record it.
+#: Bump it whenever simulated spectra change.
+SIMULATOR_VERSION = "1"
+
 #: MJD of 2012-01-14: LAMOST RVs before it are unreliable (Li et al. 2025 rv_flag).
 MJD_RV_RELIABLE = 55940
 #: Last MJD of each data release (the release holds observations up to then).

@@ -226,9 +226,12 @@ def get_stage(name: str) -> StageSpec:
     KeyError
         Unknown stage name (the message lists the known ones).
     """
-    import mspec.ml.infer  # noqa: F401  (declares the CNN stages)
-    import mspec.preprocess  # noqa: F401
-    import mspec.rv.matching  # noqa: F401  (declares template_match)
+    import mspec.cmd  # noqa: F401  (declares the stages they hold)
+    import mspec.indices  # noqa: F401
+    import mspec.ml.infer  # noqa: F401
+    import mspec.preprocessing  # noqa: F401
+    import mspec.rv.lines  # noqa: F401
+    import mspec.rv.matching  # noqa: F401
 
     try:
         return STAGES[name]

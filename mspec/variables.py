@@ -562,3 +562,12 @@ register(
     "DSEL error: std (ddof=0) of the emission lines left (one line: its fit error)",
 )
 register("rv_dsel_n", S, "i", "", "number of emission lines left by DSEL clipping (0: none)")
+# --- reader warnings (issue 17) ------------------------------------------------------------
+register(
+    "read_warnings",
+    ("spectra",),
+    "S",
+    "",
+    "what the reader read as missing or cleaned (unparsable header cards, invalid mask values); "
+    "'' if nothing",
+)

@@ -69,7 +69,7 @@ def custom() -> Config:
                 "mask_tellurics": True,
                 "engine": "torch",
                 "device": "cuda:1",
-                "tml_wave_max": 7400.0,
+                "tml_wave_max": 7500.0,
             },
             "ml": {"batch_size": 256, "device": "cpu"},
             "thresholds": {"tm_sigma": 2.5, "dsal_sigma": 1.5, "inspect_abs_rv": 200.0},
@@ -240,7 +240,7 @@ BAD = [
     ('[rv]\nengine = "cuda"\n', "rv.engine", "a str, one of 'numba', 'torch'"),
     ("[rv]\nmask_tellurics = 1\n", "rv.mask_tellurics", "a bool"),
     ('[rv]\nmask_tellurics = "false"\n', "rv.mask_tellurics", "a bool"),
-    ("[rv]\ntml_wave_max = 4000\n", "rv.tml_wave_max", "a float > 4700 and <= 9100"),
+    ("[rv]\ntml_wave_max = 4000\n", "rv.tml_wave_max", "a float in 7500..7500"),
     ('[rv]\ntml_wave_max = "7500"\n', "rv.tml_wave_max", "a float"),
     ('[rv]\ndevice = "cuda 0"\n', "rv.device", "a str (empty or like"),
     ('[ml]\ndevice = "gpu!"\n', "ml.device", "a str (empty or like"),
@@ -335,8 +335,8 @@ def test_from_dict_errors_name_source():
 
 
 def test_int_for_float_ok(tmp_path):
-    c = load_config(write(tmp_path, "[rv]\ntml_wave_max = 7000\n[thresholds]\ntm_sigma = 4\n"))
-    assert c.rv.tml_wave_max == 7000.0 and isinstance(c.rv.tml_wave_max, float)
+    c = load_config(write(tmp_path, "[rv]\ntml_wave_max = 7500\n[thresholds]\ntm_sigma = 4\n"))
+    assert c.rv.tml_wave_max == 7500.0 and isinstance(c.rv.tml_wave_max, float)
     assert c.thresholds.tm_sigma == 4.0 and isinstance(c.thresholds.tm_sigma, float)
 
 

@@ -18,8 +18,22 @@ def test_demo_end_to_end(tmp_path):
         tmp_path, n_spectra=60, n_train=240, epochs=1, n_workers=1, seed=3, chunk_size=16
     )
     text = report.read_text()
-    for stage in ("simulate", "write FITS", "ingest", "train CNNs", "RV", "CNN-TLMA", "catalog"):
-        assert f"**{stage}**" in text
+    lines = text.splitlines()
+    # a summary table first, then every stage with its own duration
+    assert lines[0].startswith("# ") and lines[2].startswith("| metric | value | paper")
+    for stage in (
+        "simulate",
+        "write FITS",
+        "train CNNs",
+        "run: ingest",
+        "run: preprocess",
+        "run: scm",
+        "run: dgcm",
+        "run: rvmm",
+        "run: spmm",
+        "run: catalog",
+    ):
+        assert f"| {stage} |" in text, stage
     cat = pd.read_parquet(tmp_path / "catalog.parquet")
     assert len(cat) == 60 and cat["obsid"].is_unique
     for col in ("rv_tm", "rv_tml7500", "spt_class", "dmgm_class", "teff", "true_rv"):
@@ -29,13 +43,29 @@ def test_demo_end_to_end(tmp_path):
     d = (cat.loc[m, "rv_tm"] - cat.loc[m, "true_rv"]).to_numpy()
     assert np.nanmedian(np.abs(d)) < 5
     metrics = json.loads((tmp_path / "metrics.json").read_text())
-    assert metrics["n_spectra"] == 60 and "training" in metrics
+    assert metrics["metrics"]["n_spectra"] == 60
+    assert {s["stage"] for s in metrics["stages"]} >= {"simulate", "train CNNs", "run: rvmm"}
+    # the catalog: documented order, no index artefacts, TLMA only for spectra classified M
+    from mspec.pipeline.runner import CATALOG_ORDER
+
+    assert list(cat.columns[:3]) == ["obsid", "ra", "dec"] and "spectra" not in cat
+    head = [c for c in cat.columns if c in CATALOG_ORDER]
+    assert head == [c for c in CATALOG_ORDER if c in cat.columns]
+    assert cat.loc[cat["spt_class"] != "M", "teff"].isna().all()
+    import pyarrow.parquet as pq
+
+    units = json.loads(pq.read_schema(tmp_path / "catalog.parquet" / "part.0.parquet")
+                       .metadata[b"mspec_units"])  # fmt: skip
+    assert units["rv_tm"] == "km/s" and units["teff"] == "K"
+    assert (tmp_path / "models" / "tlma").is_dir()
     assert (tmp_path / "accuracy.png").stat().st_size > 0
     # every store the demo wrote has one chunking along spectra, and no object dtypes
     from mspec.io.zarrio import check_uniform_chunks
 
-    for store in ("spectra.zarr", "results.zarr"):
-        chunks = check_uniform_chunks(tmp_path / store)
+    stores = [tmp_path / "spectra.zarr", *(tmp_path / "run" / "stages").glob("*.zarr")]
+    assert len(stores) == 6
+    for store in stores:
+        chunks = check_uniform_chunks(store)
         assert len(chunks) == 4, (store, chunks)
 
 

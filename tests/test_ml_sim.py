@@ -10,7 +10,7 @@ import mspec
 from mspec.ml.infer import predict
 from mspec.ml.io import read_metadata
 from mspec.ml.train import train_classifier, train_regressor
-from mspec.preprocess.steps import preprocess
+from mspec.preprocessing.steps import preprocess
 
 TINY = {"channels": (4, 8, 8, 8), "kernels": (5, 5, 3, 3)}
 

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from mspec.preprocess import kernels as K
-from mspec.preprocess import reference as R
-from mspec.preprocess.steps import prepare_templates, preprocess
+from mspec.preprocessing import kernels as K
+from mspec.preprocessing import reference as R
+from mspec.preprocessing.steps import prepare_templates, preprocess
 from mspec.stage import MergeWarning
 from mspec.variables import C_KMS, NPIX, SDSS_BANDS, VariableError, loglam_grid, validate
 

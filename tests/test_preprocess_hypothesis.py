@@ -9,9 +9,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from mspec.preprocess import kernels as K
-from mspec.preprocess import reference as R
-from mspec.preprocess.steps import preprocess
+from mspec.preprocessing import kernels as K
+from mspec.preprocessing import reference as R
+from mspec.preprocessing.steps import preprocess
 from mspec.variables import NPIX, loglam_grid
 
 SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -9,9 +9,9 @@ import pytest
 import xarray as xr
 from astropy.io import fits
 
-from mspec.preprocess import kernels as K
-from mspec.preprocess import reference as R
-from mspec.preprocess.steps import prepare_templates, preprocess
+from mspec.preprocessing import kernels as K
+from mspec.preprocessing import reference as R
+from mspec.preprocessing.steps import prepare_templates, preprocess
 from mspec.variables import C_KMS, DLOGLAM, LOGLAM0, NPIX, SDSS_BANDS, loglam_grid
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from mspec.preprocess import kernels as K
-from mspec.preprocess import reference as R
-from mspec.preprocess.steps import preprocess
+from mspec.preprocessing import kernels as K
+from mspec.preprocessing import reference as R
+from mspec.preprocessing.steps import preprocess
 from mspec.simulate import model_spectrum, simulate_survey
 from mspec.variables import SDSS_BANDS, loglam_grid
 

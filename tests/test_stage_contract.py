@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from mspec.preprocess import preprocess
+from mspec.preprocessing import preprocess
 from mspec.rv import template_match
 from mspec.rv.templates import default_templates
 from mspec.simulate import simulate_survey
@@ -202,9 +202,12 @@ def test_stage_functions_are_the_public_ones():
     assert STAGES["cnn_predict"].func is mspec.ml.infer.predict
     # no module/function shadowing
     assert isinstance(mspec.rv.template_match, types.FunctionType)
-    package = sys.modules["mspec.preprocess"]
+    package = sys.modules["mspec.preprocessing"]
     assert isinstance(package, types.ModuleType) and not callable(package)
     assert package.preprocess is preprocess
+    import mspec
+
+    assert mspec.preprocess is preprocess and mspec.template_match is mspec.rv.template_match
 
 
 def test_positional_options_are_refused(survey, lib):

@@ -41,7 +41,7 @@ def simulate_training_survey(n: int, seed: int = 0, snr=(5.0, 150.0), mix=None) 
 
 def _predict_all(ds: xr.Dataset, models: Path, rv, lumclass=None) -> xr.Dataset:
     from mspec.ml.infer import predict
-    from mspec.preprocess.steps import preprocess
+    from mspec.preprocessing.steps import preprocess
 
     cnn = preprocess(ds, recipe="cnn", merge=False)
     out = xr.Dataset(coords=ds.coords)
@@ -192,7 +192,7 @@ def evaluate_real(models) -> dict:
 
 def _tlma_part(ds, models, rv, part) -> np.ndarray:
     from mspec.ml.infer import predict_array
-    from mspec.preprocess.steps import preprocess
+    from mspec.preprocessing.steps import preprocess
 
     tl = preprocess(ds.assign(_rv=("spectra", rv)), recipe="tlma", rv="_rv", merge=False)
     return predict_array(tl["flux_grid"].values, Path(models) / "tlma" / part)

@@ -180,8 +180,8 @@ def network_input(ds) -> xr.DataArray:
         raise TypeError(f"ds must be an xarray.Dataset, got {type(ds).__name__}")
     if "flux_grid" not in ds:
         raise ValueError(
-            "ds has no 'flux_grid': preprocess it first (mspec.preprocess(ds, 'cnn') for the "
-            "classifiers, mspec.preprocess(ds, 'tlma', rv=...) for CNN-TLMA)"
+            "ds has no 'flux_grid': preprocess it first (mspec.preprocess(ds, recipe='cnn') for the "
+            "classifiers, mspec.preprocess(ds, recipe='tlma', rv=...) for CNN-TLMA)"
         )
     fg = ds["flux_grid"]
     if fg.dims != ("spectra", "grid"):

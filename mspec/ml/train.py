@@ -860,7 +860,7 @@ def train_from_store(
         The training metrics.
     """
     from mspec.io.store import open_store
-    from mspec.preprocess.steps import preprocess
+    from mspec.preprocessing.steps import preprocess
 
     if kind not in (*CLASSES, "tlma"):
         raise ValueError(f"kind must be one of {(*CLASSES, 'tlma')}, got {kind!r}")
@@ -931,7 +931,7 @@ def train_all_demo(
         ``{"spt": metrics, "wdm": ..., "dmgm": ..., "tlma": {"dM": ..., "gM": ...},
         "seconds": {...}}``.
     """
-    from mspec.preprocess.steps import preprocess
+    from mspec.preprocessing.steps import preprocess
 
     out = Path(out_dir)
     for v in ("true_class", "true_lumclass", "true_rv", "true_teff"):

@@ -5,11 +5,14 @@
 * :mod:`mspec.rv.tm_engine` — numpy level: configuration, template preparation, the numba
   and torch (:mod:`mspec.rv.chi2_torch`) engines;
 * :mod:`mspec.rv.matching` — :func:`template_match`, the lazy xarray/dask wrapper (a stage);
-* :mod:`mspec.rv.reference` — the plain numpy reference of the same algorithm.
+* :mod:`mspec.rv.reference` — the plain numpy reference of the same algorithm;
+* :mod:`mspec.rv.lines` — :func:`line_rvs`: per-line RVs, DSAL I/II and DSEL (a stage),
+  with :mod:`mspec.rv.lines_kernels` (numba) and :mod:`mspec.rv.lines_reference` (numpy).
 
 ``mspec.rv.template_match`` is the function; no submodule has that name.
 """
 
+from mspec.rv.lines import line_rvs
 from mspec.rv.matching import template_match
 from mspec.rv.templates import (
     default_templates,
@@ -23,6 +26,7 @@ from mspec.rv.templates import (
 
 __all__ = [
     "template_match",
+    "line_rvs",
     "default_templates",
     "load_templates",
     "make_library",

@@ -109,7 +109,7 @@ def make_library(
     """Build a template library from rest-frame spectra.
 
     Applies the paper's steps 3 (linear interpolation onto the 1 Å grid) and 4b (cut; grid
-    4600–8999 Å, see the module notes) with :func:`mspec.preprocess.steps.prepare_templates`,
+    4600–8999 Å, see the module notes) with :func:`mspec.preprocessing.steps.prepare_templates`,
     then the normalisation.
 
     Parameters
@@ -137,8 +137,8 @@ def make_library(
     ValueError
         Bad ``normalise``, shapes, duplicate names, or a template with no usable flux.
     """
-    from mspec.preprocess.kernels import Grid
-    from mspec.preprocess.steps import prepare_templates
+    from mspec.preprocessing.kernels import Grid
+    from mspec.preprocessing.steps import prepare_templates
 
     if normalise not in NORMALISATIONS:
         raise ValueError(f"normalise={normalise!r} must be one of {NORMALISATIONS}")

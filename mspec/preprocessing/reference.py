@@ -2,14 +2,14 @@
 
 Written for clarity, not speed: one spectrum at a time, :func:`numpy.interp` for step 3, an
 explicit full 1 Angstrom grid followed by a cut for step 4, :func:`numpy.nanmean` /
-:func:`numpy.nanstd` for step 5. Same conventions as :mod:`mspec.preprocess.kernels`.
+:func:`numpy.nanstd` for step 5. Same conventions as :mod:`mspec.preprocessing.kernels`.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from mspec.preprocess.kernels import (
+from mspec.preprocessing.kernels import (
     _ZERO_VAR_RTOL,
     GRID_4A,
     STATUS_BAD_RV,
@@ -128,7 +128,7 @@ def preprocess_grid(
     out_dtype=np.float32,
     band_wave=None,
 ) -> GridResult:
-    """Reference for :func:`mspec.preprocess.kernels.preprocess_grid` (2-D ``flux`` only).
+    """Reference for :func:`mspec.preprocessing.kernels.preprocess_grid` (2-D ``flux`` only).
 
     Interpolates onto a full 1 Angstrom-step grid spanning every pixel, then cuts (unfused
     steps 3 and 4).
@@ -185,7 +185,7 @@ def preprocess_grid(
 
 
 def mask_spectra(flux, ivar, ormask, wave) -> MaskResult:
-    """Reference for :func:`mspec.preprocess.kernels.mask_spectra` (2-D arrays)."""
+    """Reference for :func:`mspec.preprocessing.kernels.mask_spectra` (2-D arrays)."""
     flux = np.asarray(flux)
     ivar = np.asarray(ivar)
     good = good_pixels(flux, ivar, ormask)

@@ -24,7 +24,7 @@ from __future__ import annotations
 import numpy as np
 import xarray as xr
 
-from mspec.preprocess import kernels as K
+from mspec.preprocessing import kernels as K
 from mspec.stage import flag_attrs, stage
 from mspec.variables import SDSS_BANDS, annotate
 
@@ -173,7 +173,7 @@ def preprocess(
         ``"cnn"``/``"tlma"``: ``flux_grid`` (spectra, grid) float32 with coordinate
         ``wavelength_grid`` (Angstrom) and ``grid_coverage``; ``"tm"``: ``flux_masked``,
         ``ivar_masked`` (spectra, pixels); all: ``orp_u`` ... ``orp_z``, ``npix_good``,
-        ``preprocess_status`` (codes in :data:`mspec.preprocess.kernels.STATUS_MEANINGS`,
+        ``preprocess_status`` (codes in :data:`mspec.preprocessing.kernels.STATUS_MEANINGS`,
         CF ``flag_values``/``flag_meanings``). Lazy when the inputs are dask arrays.
 
     Raises
@@ -341,8 +341,8 @@ def prepare_templates(
         Template fluxes (any units).
     normalise : {"mean", "zscore", None}
         ``"mean"``: divide by the mean over the grid; ``"zscore"``: step 5; ``None``: raw.
-    grid : mspec.preprocess.kernels.Grid
-        Output grid; default :data:`~mspec.preprocess.kernels.GRID_4B` (4700-8899 Angstrom, 1
+    grid : mspec.preprocessing.kernels.Grid
+        Output grid; default :data:`~mspec.preprocessing.kernels.GRID_4B` (4700-8899 Angstrom, 1
         Angstrom, 4200 px). E.g. ``Grid(4700.0, 1.0, 2800)`` stops at 7499 Angstrom.
     max_gap : float, optional
         See :func:`preprocess`.
@@ -365,7 +365,7 @@ def prepare_templates(
     if normalise not in ("mean", "zscore", None):
         raise ValueError(f"normalise must be 'mean', 'zscore' or None, got {normalise!r}")
     if not isinstance(grid, K.Grid):
-        raise ValueError(f"grid must be a mspec.preprocess.kernels.Grid, got {grid!r}")
+        raise ValueError(f"grid must be a mspec.preprocessing.kernels.Grid, got {grid!r}")
     flux = np.asarray(flux)
     loglam = np.asarray(loglam, dtype=np.float64)
     if flux.ndim not in (1, 2):

@@ -16,9 +16,9 @@ Steps (PAPER.md "Preprocessing steps"):
 
 The 1-D kernels work on one spectrum; the block drivers (:func:`grid_block`, :func:`mask_block`)
 loop over a 2-D block of spectra and are what the xarray wrappers in
-:mod:`mspec.preprocess.steps` call. :func:`preprocess_grid` and :func:`mask_spectra` are thin
+:mod:`mspec.preprocessing.steps` call. :func:`preprocess_grid` and :func:`mask_spectra` are thin
 numpy-facing entry points that allocate the outputs. Every kernel has a plain-numpy
-reference in :mod:`mspec.preprocess.reference`.
+reference in :mod:`mspec.preprocessing.reference`.
 
 Compiled kernels are cached on disk (see :mod:`mspec._numba`).
 """

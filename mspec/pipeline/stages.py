@@ -1,0 +1,257 @@
+"""The pipeline's stages in the paper's order: ingest → preprocess → SCM → DGCM → RVMM → SPMM
+→ catalog.
+
+Each :class:`PipelineStage` builds, lazily, the outputs of one paper module from the spectra
+store and the persisted outputs of the stages before it; the runner
+(:mod:`mspec.pipeline.runner`) persists them chunk by chunk. A part of a module that is not
+built yet is listed by :meth:`PipelineStage.unavailable` and reported as *not available* —
+never faked.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import xarray as xr
+
+__all__ = ["PipelineStage", "PIPELINE", "stage_names", "RunContext"]
+
+
+@dataclass
+class RunContext:
+    """What the stage builders need besides the data: config, models, templates."""
+
+    config: object
+    models_dir: object = None
+    templates: xr.Dataset | None = None
+    templates_hash: str = ""
+    model_hashes: dict = field(default_factory=dict)
+
+
+def _has(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+def _outputs(res: xr.Dataset, names) -> xr.Dataset:
+    return res[[n for n in names if n in res.data_vars]]
+
+
+# --------------------------------------------------------------------------- builders
+
+
+def _preprocess(ctx: RunContext, ds: xr.Dataset) -> xr.Dataset:
+    from mspec.preprocessing import preprocess
+
+    cfg = ctx.config.preprocess
+    out = preprocess(ds, recipe="cnn", max_gap=cfg.max_gap, fill_value=cfg.fill_value, merge=False)
+    return out
+
+
+def _predict(ctx: RunContext, ds: xr.Dataset, kind: str, **kw) -> xr.Dataset:
+    from mspec.ml.infer import predict
+
+    dev = ctx.config.ml.device or None
+    return predict(
+        ds,
+        ctx.models_dir / kind,
+        batch_size=ctx.config.ml.batch_size,
+        device=dev,
+        merge=False,
+        **kw,
+    )
+
+
+def _scm(ctx: RunContext, ds: xr.Dataset) -> xr.Dataset:
+    spt = _predict(ctx, ds, "spt")
+    wdm = _predict(ctx, ds, "wdm")
+    return xr.merge([spt, wdm], compat="override", join="exact")
+
+
+def _dgcm(ctx: RunContext, ds: xr.Dataset) -> xr.Dataset:
+    return _predict(ctx, ds, "dmgm")
+
+
+def _rvmm(ctx: RunContext, ds: xr.Dataset) -> xr.Dataset:
+    from mspec.rv import template_match
+
+    rv = ctx.config.rv
+    opts = dict(
+        templates=ctx.templates,
+        weighting=rv.weighting,
+        oversample=rv.oversample,
+        fit_halfwidth=rv.fit_halfwidth,
+        min_pixels=rv.min_pixels,
+        mask_tellurics=rv.mask_tellurics,
+        engine=rv.engine,
+        device=rv.device or None,
+        merge=False,
+    )
+    tm = template_match(ds, **opts)
+    tml = template_match(ds, wave_max=rv.tml_wave_max, **opts)
+    parts = [tm, tml]
+    if _has("mspec.rv.lines"):
+        from mspec.rv.lines import line_rvs
+
+        parts.append(line_rvs(ds.assign(rv_tm=tm["rv_tm"]), rv_init="rv_tm", merge=False))
+    return xr.merge(parts, compat="override", join="exact")
+
+
+def _spmm(ctx: RunContext, ds: xr.Dataset) -> xr.Dataset:
+    from mspec.ml.infer import predict
+    from mspec.preprocessing import preprocess
+
+    # the paper's step 2: rest frame from the TM radial velocity, then the dM or gM
+    # ensemble chosen by CNN-dMgM's class
+    cfg = ctx.config.preprocess
+    rest = preprocess(
+        ds[["flux", "ivar", "ormask"]],
+        recipe="tlma",
+        rv=ds["rv_tm"],
+        max_gap=cfg.max_gap,
+        fill_value=cfg.fill_value,
+        merge=False,
+    )
+    return predict(
+        rest,
+        ctx.models_dir / "tlma",
+        lumclass=ds["dmgm_class"],
+        batch_size=ctx.config.ml.batch_size,
+        device=ctx.config.ml.device or None,
+        merge=False,
+    )
+
+
+# --------------------------------------------------------------------------- declarations
+
+
+@dataclass(frozen=True)
+class PipelineStage:
+    """One persisted stage of a run.
+
+    Parameters
+    ----------
+    name : str
+        Stage (and Zarr group) name.
+    module : str
+        Paper module.
+    needs : tuple of str
+        Earlier stages whose persisted outputs it reads.
+    inputs : tuple of str
+        Store / upstream variables it reads.
+    sections : tuple of str
+        Config sections its results depend on (a change refuses a resume).
+    steps : tuple of str
+        What it computes, in words (with versions in :attr:`version`).
+    version : str
+        Bumped when the results change.
+    build : callable
+        ``(RunContext, Dataset) -> Dataset`` of outputs, lazy.
+    uses_models : tuple of str
+        Model kinds whose hashes stamp the stage.
+    uses_templates : bool
+        Whether the template library's hash stamps the stage.
+    planned : tuple of (str, callable)
+        Parts of the paper module not built yet: (description, availability check).
+    """
+
+    name: str
+    module: str
+    needs: tuple[str, ...]
+    inputs: tuple[str, ...]
+    sections: tuple[str, ...]
+    steps: tuple[str, ...]
+    version: str
+    build: Callable[[RunContext, xr.Dataset], xr.Dataset] | None
+    uses_models: tuple[str, ...] = ()
+    uses_templates: bool = False
+    planned: tuple[tuple[str, Callable[[], bool]], ...] = ()
+
+    def unavailable(self) -> list[str]:
+        """Parts of this paper module that are not available in this mspec."""
+        return [desc for desc, ok in self.planned if not ok()]
+
+    def full_version(self) -> str:
+        """Version including the optional parts present (their arrival changes results)."""
+        extra = [desc for desc, ok in self.planned if ok()]
+        return self.version + ("+" + "+".join(extra) if extra else "")
+
+
+def _never() -> bool:
+    return False
+
+
+PIPELINE: tuple[PipelineStage, ...] = (
+    PipelineStage(
+        name="preprocess",
+        module="preprocess",
+        needs=(),
+        inputs=("flux", "ivar", "ormask"),
+        sections=("preprocess",),
+        steps=("paper steps 1, 3, 4a, 5 (recipe 'cnn'): flux_grid, orp_*, status",),
+        version="1",
+        build=_preprocess,
+    ),
+    PipelineStage(
+        name="scm",
+        module="SCM",
+        needs=("preprocess",),
+        inputs=("flux_grid",),
+        sections=("ml",),
+        steps=("CNN-SPT", "CNN-WDM"),
+        version="1",
+        build=_scm,
+        uses_models=("spt", "wdm"),
+        planned=(
+            ("Gaia CMD placement (mspec.cmd)", lambda: False),
+            ("SCM decision rules (select_m_stars)", _never),
+        ),
+    ),
+    PipelineStage(
+        name="dgcm",
+        module="DGCM",
+        needs=("preprocess",),
+        inputs=("flux_grid",),
+        sections=("ml",),
+        steps=("CNN-dMgM",),
+        version="1",
+        build=_dgcm,
+        uses_models=("dmgm",),
+        planned=(("DGCM decision rules (split_dwarfs_giants)", _never),),
+    ),
+    PipelineStage(
+        name="rvmm",
+        module="RVMM",
+        needs=(),
+        inputs=("flux", "ivar", "ormask"),
+        sections=("rv", "templates"),
+        steps=("TM", "TML7500"),
+        version="1",
+        build=_rvmm,
+        uses_templates=True,
+        planned=(
+            ("line-by-line RVs DSAL I/II, DSEL (line_rvs)", lambda: _has("mspec.rv.lines")),
+            ("RV reconciliation (reconcile_rv) and inspection queue", _never),
+        ),
+    ),
+    PipelineStage(
+        name="spmm",
+        module="SPMM",
+        needs=("dgcm", "rvmm"),
+        inputs=("flux", "ivar", "ormask", "rv_tm", "dmgm_class"),
+        sections=("preprocess", "ml"),
+        steps=("CNN-TLMA dM/gM ensembles in the TM rest frame",),
+        version="1",
+        build=_spmm,
+        uses_models=("tlma",),
+    ),
+)
+
+#: Catalog parts not built yet (issue: flags and the V0–V3 catalog).
+CATALOG_PLANNED = ("parameter_flag", "M_Catalog V0-V3, recommended and non-M catalogs")
+
+
+def stage_names() -> list[str]:
+    """Persisted stage names in run order."""
+    return [s.name for s in PIPELINE]
