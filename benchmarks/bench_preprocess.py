@@ -11,9 +11,9 @@ import numpy as np
 import xarray as xr
 
 from benchmarks._common import size
-from mspec.preprocess import kernels as K
-from mspec.preprocess import reference as R
-from mspec.preprocess.steps import prepare_templates, preprocess
+from mspec.preprocessing import kernels as K
+from mspec.preprocessing import reference as R
+from mspec.preprocessing.steps import prepare_templates, preprocess
 from mspec.variables import NPIX, loglam_grid
 
 WAVE = 10.0 ** loglam_grid()
