@@ -209,8 +209,10 @@ def test_tm_rv_packaged_vs_fits_dr7():
     from mspec.rv.templates import pyhammer_templates
 
     dr7 = read_dr7()
-    a = mspec.template_match(dr7, pyhammer_templates("M*")).compute()
-    b = mspec.template_match(dr7, pyhammer_templates("M*", directory=FITS_DIR)).compute()
+    a = mspec.template_match(dr7, templates=pyhammer_templates("M*"), merge=False).compute()
+    b = mspec.template_match(
+        dr7, templates=pyhammer_templates("M*", directory=FITS_DIR), merge=False
+    ).compute()
     assert (a.tm_status == 0).all() and (b.tm_status == 0).all()
     dv = np.abs(a.rv_tm.values - b.rv_tm.values)
     assert dv.size == 36
