@@ -8,7 +8,7 @@ rate directly. Goal: 10,000 spectra well under a minute on 2 cores.
 import time
 
 from benchmarks._common import size
-from mspec import simulate
+from mspec.simulate import survey as simulate
 
 N_SPECTRA = size([1000, 3000, 10000], [20])
 

@@ -10,7 +10,7 @@ import numpy as np
 
 import mspec
 from mspec.io import write_lamost_fits
-from mspec.rv.templates import default_templates
+from mspec.simulate import simulated_templates
 
 
 def main() -> None:
@@ -22,7 +22,7 @@ def main() -> None:
 
     ds = mspec.open_store(str(work / "spectra.zarr"))  # lazy, dask-backed
     ds = mspec.preprocess(ds, recipe="cnn")  # adds flux_grid on the 1 A grid (lazy)
-    rv = mspec.template_match(ds, templates=default_templates("demo"), merge=False)  # lazy
+    rv = mspec.template_match(ds, templates=simulated_templates(), merge=False)  # lazy
     rv = rv.compute()
     d = rv["rv_tm"].values - ds["true_rv"].values
     print(

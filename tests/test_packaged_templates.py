@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mspec import _sim_bank as sb
 from mspec import data
+from mspec.simulate import bank as sb
 
 ROOT = Path(__file__).resolve().parents[1]
 PKG = ROOT / "mspec" / "templates"

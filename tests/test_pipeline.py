@@ -233,12 +233,12 @@ def test_outputs_lazy_builders(store, models):
     """Every stage builder builds a graph without computing."""
     from mspec.io.store import open_store
     from mspec.pipeline.stages import RunContext
-    from mspec.rv.templates import default_templates
+    from mspec.simulate import simulated_templates
     from mspec.testing import raise_if_computes
 
     cfg = _config(store, "unused", models)
     ds = open_store(store)
-    ctx = RunContext(config=cfg, models_dir=Path(models), templates=default_templates("demo"))
+    ctx = RunContext(config=cfg, models_dir=Path(models), templates=simulated_templates())
     with raise_if_computes():
         pre = PIPELINE[0].build(ctx, ds)
         full = ds.assign(pre.data_vars)

@@ -7,8 +7,8 @@ import pytest
 
 from mspec.rv import template_match
 from mspec.rv.reference import tm_spectrum_ref
-from mspec.rv.templates import simulated_templates
 from mspec.rv.tm_engine import make_config, match_arrays
+from mspec.simulate import simulated_templates
 from mspec.variables import C_KMS
 
 KW = dict(seed=11, mix={"dM": 0.8, "gM": 0.2}, snr=(10.0, 150.0))

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from mspec import simulate as sim
+from mspec.simulate import survey as sim
 from mspec.variables import (
     C_KMS,
     LOGLAM0,
@@ -307,7 +307,7 @@ def test_tio_depth_grows_as_teff_falls():
 
 
 def sim_logg(teff):
-    from mspec._sim_models import ms_logg
+    from mspec.simulate.models import ms_logg
 
     return ms_logg(teff)
 
@@ -348,7 +348,7 @@ def test_active_stars_have_halpha_emission():
 
 
 def sim_subtype(teff):
-    from mspec._sim_models import dwarf_subtype
+    from mspec.simulate.models import dwarf_subtype
 
     return dwarf_subtype(teff)
 
@@ -385,8 +385,8 @@ def test_model_spectrum_shapes_and_kinds():
 
 
 def test_kernel_matches_numpy_reference():
-    from mspec import _sim_bank as sb
-    from mspec import _sim_models as sm
+    from mspec.simulate import bank as sb
+    from mspec.simulate import models as sm
 
     bank = sb.bank()
     rng = np.random.default_rng(0)
@@ -493,7 +493,7 @@ def test_gaia_cmd_consistent_with_truth():
 def test_helpers_match_references():
     from scipy.special import erf
 
-    from mspec import _sim_models as sm
+    from mspec.simulate import models as sm
 
     rng = np.random.default_rng(1)
     v = rng.normal(size=(50, 31))

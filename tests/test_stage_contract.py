@@ -18,8 +18,7 @@ import xarray as xr
 
 from mspec.preprocessing import preprocess
 from mspec.rv import template_match
-from mspec.rv.templates import default_templates
-from mspec.simulate import simulate_survey
+from mspec.simulate import simulate_survey, simulated_templates
 from mspec.stage import STAGES, MergeWarning, get_stage
 from mspec.variables import VariableError
 
@@ -53,7 +52,7 @@ def lazy_survey(survey):
 
 @pytest.fixture(scope="module")
 def lib():
-    return default_templates("demo").isel(templates=slice(0, 6))
+    return simulated_templates().isel(templates=slice(0, 6))
 
 
 @pytest.fixture(scope="module")

@@ -106,8 +106,12 @@ def _templates(cfg) -> tuple[xr.Dataset, str]:
     from mspec.rv.templates import default_templates
 
     name = cfg.templates.set
-    if name in ("real", "demo"):
-        lib = default_templates(name)
+    if name == "real":
+        lib = default_templates("real")
+    elif name == "demo":
+        from mspec.simulate import simulated_templates
+
+        lib = simulated_templates()
     else:
         lib = xr.open_zarr(name).load()
     h = hashlib.sha256()

@@ -21,7 +21,6 @@ from mspec.rv.templates import (
     pyhammer_templates,
     replicate_templates,
     save_templates,
-    simulated_templates,
 )
 
 __all__ = [
@@ -33,5 +32,4 @@ __all__ = [
     "pyhammer_templates",
     "replicate_templates",
     "save_templates",
-    "simulated_templates",
 ]

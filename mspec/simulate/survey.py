@@ -20,8 +20,8 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from mspec import _sim_bank as sb
-from mspec import _sim_models as sm
+from mspec.simulate import bank as sb
+from mspec.simulate import models as sm
 from mspec.variables import C_KMS, NPIX, SDSS_BANDS, loglam_grid
 
 __all__ = [

@@ -280,7 +280,7 @@ class Bank:
             Flux, unit mean over 5000-9000 A before scaling (numba kernel; see
             :meth:`evaluate_numpy` for the reference).
         """
-        from mspec._sim_kernels import evaluate_bank
+        from mspec.simulate.kernels import evaluate_bank
 
         n = idx.shape[0]
         fc = np.zeros((n, len(FEATURES) + 1))

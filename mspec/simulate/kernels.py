@@ -1,5 +1,5 @@
 """Numba kernel of the simulator's template-bank evaluation (numpy reference:
-:meth:`mspec._sim_bank.Bank.evaluate_numpy`; they are tested against each other)."""
+:meth:`mspec.simulate.bank.Bank.evaluate_numpy`; they are tested against each other)."""
 
 from __future__ import annotations
 

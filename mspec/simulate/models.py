@@ -1,6 +1,6 @@
 """Spectral models behind :mod:`mspec.simulate` (private; see ``docs/simulator.md``).
 
-Stars (OB..M) come from the processed real templates in :mod:`mspec._sim_bank`; white dwarfs,
+Stars (OB..M) come from the processed real templates in :mod:`mspec.simulate.bank`; white dwarfs,
 galaxies and QSOs are analytic. Every function works on a batch: parameters are 1-D arrays
 of length ``n`` and spectra are ``(n, npix)`` arrays on an observed-frame log10-wavelength
 grid. All fluxes are flux densities per Angstrom with unit mean over 5000-9000 A (rest frame
@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 from scipy.special import erf
 
-from mspec import _sim_bank as sb
+from mspec.simulate import bank as sb
 from mspec.variables import C_KMS, DLOGLAM
 
 HC_K = 1.438777e8  # h c / k in Angstrom * K
