@@ -21,9 +21,8 @@ from __future__ import annotations
 
 import importlib
 
-__version__ = "0.2.0"
-
 from mspec import cmd, io, pipeline, rv, stage, variables  # noqa: E402
+from mspec._version import __version__  # noqa: E402
 from mspec.config import Config, ConfigError, load_config  # noqa: E402
 from mspec.indices import spectral_indices  # noqa: E402
 from mspec.io.store import ingest, open_store  # noqa: E402

@@ -254,7 +254,7 @@ def _cmd_models(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """Build the ``mspec`` argument parser."""
-    from mspec import __version__
+    from mspec._version import __version__
 
     p = _Parser(prog="mspec", description=DESCRIPTION, epilog=EPILOG, formatter_class=_Formatter)
     p.add_argument("--version", action="version", version=f"mspec {__version__}")

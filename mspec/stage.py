@@ -219,20 +219,16 @@ def stage(
 
 
 def get_stage(name: str) -> StageSpec:
-    """Return the declaration of stage ``name`` (importing the stage modules first).
+    """Return the declaration of stage ``name``.
+
+    Stages register themselves when their module is imported (``import mspec`` imports them
+    all; ``mspec.ml`` on first use).
 
     Raises
     ------
     KeyError
         Unknown stage name (the message lists the known ones).
     """
-    import mspec.cmd  # noqa: F401  (declares the stages they hold)
-    import mspec.indices  # noqa: F401
-    import mspec.ml.infer  # noqa: F401
-    import mspec.preprocessing  # noqa: F401
-    import mspec.rv.lines  # noqa: F401
-    import mspec.rv.matching  # noqa: F401
-
     try:
         return STAGES[name]
     except KeyError:

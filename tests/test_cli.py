@@ -71,3 +71,10 @@ def test_models_path(capsys, monkeypatch, tmp_path):
     monkeypatch.setenv("MSPEC_MODELS_DIR", str(tmp_path))
     assert main(["models", "path"]) == 0
     assert capsys.readouterr().out.strip().startswith(str(tmp_path))
+
+
+def test_version_matches_package_metadata():
+    import tomllib
+
+    meta = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert meta["project"]["version"] == __version__

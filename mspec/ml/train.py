@@ -51,9 +51,9 @@ GRID = {"start": 3900.0, "step": 1.0, "npix": 5000, "units": "Angstrom", "medium
 # helpers
 # --------------------------------------------------------------------------------------------
 def _mspec_version() -> str:
-    import mspec
+    from mspec._version import __version__
 
-    return mspec.__version__
+    return __version__
 
 
 def _device(device) -> torch.device:

@@ -134,19 +134,19 @@ def build_default_models(
     if models_ready(out) and not force:
         log.info("models in %s already built; reusing them", out)
         return out
-    import mspec
-    from mspec import ml
-    from mspec.simulate import SIMULATOR_VERSION
+    from mspec._version import __version__
+    from mspec.ml.train import train_all_demo
+    from mspec.simulate import SIMULATOR_VERSION, simulate_survey
 
     log.info("training the default CNNs on %d simulated spectra into %s", n_train, out)
     t0 = time.perf_counter()
-    train = mspec.simulate_survey(n_train, seed=seed + 1)
-    metrics = ml.train_all_demo(
+    train = simulate_survey(n_train, seed=seed + 1)
+    metrics = train_all_demo(
         train, out, epochs=epochs, folds=folds, seed=seed, threads=threads, progress=progress
     )
     info = {
         "simulator_version": SIMULATOR_VERSION,
-        "mspec_version": mspec.__version__,
+        "mspec_version": __version__,
         "n_train": n_train,
         "epochs": epochs,
         "folds": folds,
