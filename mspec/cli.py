@@ -346,7 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=_Formatter,
     )
     q.add_argument("--out", default="demo_output", help="output directory")
-    q.add_argument("--n-spectra", type=int, default=2000, help="spectra in the simulated survey")
+    q.add_argument("--n-spectra", type=int, default=3000, help="spectra in the simulated survey")
     q.add_argument("--seed", type=int, default=42, help="random seed")
     q.add_argument("--workers", type=int, default=2, help="LocalCluster workers")
     q.add_argument(

@@ -42,7 +42,7 @@ class _Timer:
 def run_demo(
     out: str | Path = "demo_output",
     *,
-    n_spectra: int = 2000,
+    n_spectra: int = 3000,
     seed: int = 42,
     n_workers: int = 2,
     n_train: int | None = None,
@@ -116,7 +116,9 @@ def _simulate(timer: _Timer, out: Path, n: int, seed: int) -> list[str]:
         if (target / "catalog.parquet").is_file():
             nfiles += len(list(target.glob("*.fits*")))
             continue  # a rerun reuses the files (same seed, same survey)
-        nfiles += len(write_lamost_fits(truth.isel(spectra=idx), target, layout=layout))
+        nfiles += len(
+            write_lamost_fits(truth.isel(spectra=idx), target, layout=layout, progress=True)
+        )
     timer.add(
         "write FITS",
         time.perf_counter() - t0,
@@ -133,7 +135,9 @@ def _train(timer: _Timer, out: Path, n_train: int, seed: int, epochs: int) -> Pa
     t0 = time.perf_counter()
     models = out / "models"
     reused = models_ready(models)
-    build_default_models(models, n_train=n_train, epochs=epochs, folds=5, seed=seed, threads=1)
+    build_default_models(
+        models, n_train=n_train, epochs=epochs, folds=5, seed=seed, threads=1, progress=True
+    )
     info = json.loads((models / "models.json").read_text()) if not reused else {}
     acc = info.get("val_accuracy", {})
     text = (

@@ -1016,6 +1016,7 @@ def write_lamost_fits(
     *,
     catalog: str | None = "catalog.parquet",
     overwrite: bool = False,
+    progress: bool = False,
 ) -> list[Path]:
     """Write spectra as LAMOST FITS files in a real layout (a simulated FITS "survey").
 
@@ -1040,6 +1041,8 @@ def write_lamost_fits(
         File layout (DR2-DR8 image, DR1 oldest image, DR9+ binary table).
     gzip : bool
         Write ``.fits.gz`` files.
+    progress : bool
+        Show a progress bar (one step per file).
     catalog : str or None
         File name (``.parquet`` or ``.csv``) of a LAMOST-like catalogue written in
         ``directory``: one row per file with ``file``, ``obsid`` and every registered
@@ -1108,7 +1111,12 @@ def write_lamost_fits(
     orm = ds["ormask"].values
     meta = {k: col(k, m) for k, (_, m) in META_VARIABLES.items() if k != "file"}
     paths = []
-    for i in range(n):
+    steps = range(n)
+    if progress:
+        from tqdm.auto import tqdm
+
+        steps = tqdm(steps, desc=f"write FITS ({layout})", unit="file", leave=False)
+    for i in steps:
         lo, hi = _covered(flux[i], ivar[i], andm[i], orm[i])
         hdr = fits.Header()
         hdr["FILENAME"] = names[i].removesuffix(".gz")

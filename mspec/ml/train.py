@@ -267,7 +267,10 @@ def _fit(
             f"val loss {vloss:.4f} ({time.perf_counter() - t0:.1f} s)"
         )
         log.info(msg)
-        if progress:
+        if hasattr(progress, "update"):  # a tqdm bar shared by several networks
+            progress.set_postfix_str(label, refresh=False)
+            progress.update(1)
+        elif progress:
             print(msg, flush=True)
         if not math.isfinite(best) or vloss < best - 1e-7 * abs(best):
             best, best_epoch, bad = vloss, epoch + 1, 0

@@ -141,9 +141,19 @@ def build_default_models(
     log.info("training the default CNNs on %d simulated spectra into %s", n_train, out)
     t0 = time.perf_counter()
     train = simulate_survey(n_train, seed=seed + 1)
-    metrics = train_all_demo(
-        train, out, epochs=epochs, folds=folds, seed=seed, threads=threads, progress=progress
-    )
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        # an upper bound: early stopping may end a network before its last epoch
+        bar = tqdm(total=epochs * (3 + 2 * folds), desc="train CNNs", unit="epoch")
+    try:
+        metrics = train_all_demo(
+            train, out, epochs=epochs, folds=folds, seed=seed, threads=threads, progress=bar
+        )
+    finally:
+        if bar is not None:
+            bar.close()
     info = {
         "simulator_version": SIMULATOR_VERSION,
         "mspec_version": __version__,
