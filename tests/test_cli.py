@@ -29,7 +29,7 @@ def test_version():
 def test_demo_help_shows_defaults():
     out = _mspec("demo", "--help")
     assert out.returncode == 0
-    assert "(default: 2000)" in out.stdout and "(default: demo_output)" in out.stdout
+    assert "(default: 3000)" in out.stdout and "(default: demo_output)" in out.stdout
 
 
 @pytest.mark.parametrize(
