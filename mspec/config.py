@@ -3,7 +3,7 @@
 One frozen :class:`Config` holds every setting of a pipeline run: the inputs (``sources``,
 ``store``, ``run_dir``, ``chunk_size``) at the top level of the file and one table per
 concern (``[cluster]``, ``[models]``, ``[templates]``, ``[gaia]``, ``[preprocess]``,
-``[rv]``, ``[ml]``, ``[thresholds]``, ``[numba]``). Every field has a default, a one-line
+``[rv]``, ``[ml]``, ``[thresholds]``, ``[numba]``, ``[selection]``). Every field has a default, a one-line
 description and its units in the dataclass field metadata; :func:`default_toml` and
 :func:`config_reference_markdown` (``docs/configuration.md``) are generated from them.
 
@@ -65,6 +65,7 @@ __all__ = [
     "MLConfig",
     "ThresholdsConfig",
     "NumbaConfig",
+    "SelectionConfig",
     "load_config",
     "default_toml",
     "save_resolved",
@@ -579,6 +580,20 @@ class NumbaConfig(_Section):
     )
 
 
+@dataclass(frozen=True)
+class SelectionConfig(_Section):
+    """Which spectra enter the M-star selection (SCM; see ``mspec.scm``)."""
+
+    _name = "selection"
+    entry: str = _f(
+        "str",
+        "lamost",
+        "Spectra that enter SCM: 'lamost' (LAMOST's M list: subclass dM*, gM*, sdM*, M*, as the "
+        "paper) or 'all' (every spectrum; M stars LAMOST typed otherwise become new_m).",
+        choices=("lamost", "all"),
+    )
+
+
 # --------------------------------------------------------------------------------------
 # the configuration
 # --------------------------------------------------------------------------------------
@@ -602,7 +617,7 @@ class Config:
         Directory of the run's outputs.
     chunk_size : int
         Spectra per chunk.
-    cluster, models, templates, gaia, preprocess, rv, ml, thresholds, numba
+    cluster, models, templates, gaia, preprocess, rv, ml, thresholds, numba, selection
         The tables (:class:`ClusterConfig` ...).
     """
 
@@ -644,6 +659,7 @@ class Config:
     ml: MLConfig = _section(MLConfig)
     thresholds: ThresholdsConfig = _section(ThresholdsConfig)
     numba: NumbaConfig = _section(NumbaConfig)
+    selection: SelectionConfig = _section(SelectionConfig)
 
     def __post_init__(self):
         _validate_into(self, "", "<Config>")

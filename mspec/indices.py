@@ -20,6 +20,17 @@ the standard molecular-band indices, on the native pixels in the rest frame:
 ``ew_ki``, ``ew_nai``, ``ew_caii``
     Equivalent widths (Angstrom, positive = absorption), summed over the lines of the
     feature, against a straight pseudo-continuum fitted through the continuum windows.
+``idx_zro``
+    S-type star indicator: mean flux just redward of the ZrO gamma-system (0,0) bandhead
+    at 6474 Angstrom (air) over the mean flux just blueward of it. ZrO bands are degraded
+    to the red, so a ZrO band makes the index drop below 1; the (0,0) head near 6474 is
+    the band S stars have been classified by since Keenan (1954) and the ZrO feature
+    Li et al. 2025 (after Chen et al. 2022) inspected by eye.
+``idx_c2``
+    Carbon-star indicator: mean flux just blueward of the C2 Swan (0,0) bandhead at
+    5165 Angstrom (air) over the mean flux just redward of it. Swan bands are degraded to
+    the violet, so C2 makes the index drop below 1, while M stars (TiO alpha-system head
+    at 5167, degraded to the red, and the Mg b triplet redward of it) give > 1.
 
 Every window is defined in **air** wavelengths, as published, and converted to vacuum
 (LAMOST is vacuum) with the IAU standard conversion of Morton (2000, ApJS 130, 403; the
@@ -49,7 +60,7 @@ and Na I regions sit in telluric O2 / H2O bands, so the EWs are relative diagnos
 Status (``idx_status``, CF flag attributes): 0 ok; 1 no rv (NaN rv: everything NaN);
 2 fewer than two good pixels; 3 some indices not measurable (a window outside the
 spectrum or inside a masked stretch longer than ``max_gap`` pixels, or a non-positive
-pseudo-continuum); 4 no index measurable.
+pseudo-continuum); 4 no index measurable. (``idx_zro`` and ``idx_c2`` count like the others.)
 """
 
 from __future__ import annotations
@@ -65,6 +76,7 @@ __all__ = [
     "BANDS_AIR",
     "ZETA_LEPINE2007",
     "INDEX_NAMES",
+    "RATIO_NAMES",
     "air_to_vacuum",
     "band_table",
     "measure_indices",
@@ -72,7 +84,19 @@ __all__ = [
 ]
 
 #: output variable names, in the kernel's column order
-INDEX_NAMES = ("idx_cah2", "idx_cah3", "idx_tio5", "idx_zeta", "ew_ki", "ew_nai", "ew_caii")
+INDEX_NAMES = (
+    "idx_cah2",
+    "idx_cah3",
+    "idx_tio5",
+    "idx_zeta",
+    "ew_ki",
+    "ew_nai",
+    "ew_caii",
+    "idx_zro",
+    "idx_c2",
+)
+#: band-ratio indices in the order of ``band_table()["ratios"]``
+RATIO_NAMES = ("cah2", "cah3", "tio5", "zro", "c2")
 
 #: [TiO5]_Zsun polynomial coefficients c0..c3 in CaH = CaH2 + CaH3 (Lepine et al. 2007)
 ZETA_LEPINE2007 = (-0.050, -0.118, 0.670, -0.164)
@@ -84,6 +108,10 @@ BANDS_AIR = {
         "cah2": ((6814.0, 6846.0), (7042.0, 7046.0)),
         "cah3": ((6960.0, 6990.0), (7042.0, 7046.0)),
         "tio5": ((7126.0, 7135.0), (7042.0, 7046.0)),
+        # ZrO gamma (0,0) head 6474 (red-degraded): band redward / continuum blueward
+        "zro": ((6478.0, 6498.0), (6448.0, 6470.0)),
+        # C2 Swan (0,0) head 5165 (violet-degraded): band blueward / continuum redward
+        "c2": ((5130.0, 5160.0), (5170.0, 5200.0)),
     },
     "features": {
         "ki": (((7657.0, 7673.0), (7691.0, 7707.0)), ((7640.0, 7652.0), (7712.0, 7724.0))),
@@ -131,14 +159,15 @@ def band_table(bands_air=None) -> dict:
     Returns
     -------
     dict
-        ``ratios``: list of 3 ``(num, den)`` vacuum windows (cah2, cah3, tio5);
+        ``ratios``: list of 5 ``(num, den)`` vacuum windows (:data:`RATIO_NAMES`: cah2,
+        cah3, tio5, zro, c2);
         ``features``: list of 3 ``(lines, conts)`` (ki, nai, caii); ``zeta``:
-        :data:`ZETA_LEPINE2007`; and flat arrays ``ratio_lo/ratio_hi`` (6,),
+        :data:`ZETA_LEPINE2007`; and flat arrays ``ratio_lo/ratio_hi`` (10,),
         ``line_lo/line_hi/line_ptr``, ``cont_lo/cont_hi/cont_ptr`` for the kernels.
     """
     b = BANDS_AIR if bands_air is None else bands_air
     try:
-        ratios = [b["ratios"][k] for k in ("cah2", "cah3", "tio5")]
+        ratios = [b["ratios"][k] for k in RATIO_NAMES]
         feats = [b["features"][k] for k in ("ki", "nai", "caii")]
     except (KeyError, TypeError) as e:
         raise ValueError(f"bands_air must have the structure of BANDS_AIR (missing {e})") from None
@@ -207,7 +236,7 @@ def measure_indices(loglam, flux, ivar, ormask, rv, *, max_gap=2, zeta_coef=None
     Returns
     -------
     (numpy.ndarray, numpy.ndarray)
-        ``(n, 7)`` float64 in the order of :data:`INDEX_NAMES` (ratios dimensionless, EWs
+        ``(n, 9)`` float64 in the order of :data:`INDEX_NAMES` (ratios dimensionless, EWs
         Angstrom) and ``(n,)`` int8 status.
     """
     max_gap = _check_max_gap(max_gap)
@@ -271,8 +300,9 @@ def _block(flux, ivar, ormask, rv, loglam, *, max_gap, zeta_coef, bands):
     module="DGCM",
     inputs=["flux", "ivar", "ormask", "loglam"],
     outputs=[*INDEX_NAMES, "idx_status"],
-    version="1",
-    description="CaH2/CaH3/TiO5/zeta and K I, Na I, Ca II equivalent widths (paper Table 3)",
+    version="2",
+    description="CaH2/CaH3/TiO5/zeta, K I, Na I, Ca II equivalent widths (paper Table 3), "
+    "ZrO and C2 bandhead indices",
 )
 def spectral_indices(ds, *, rv="rv_tm", max_gap=2, zeta_coef=None):
     """Measure the dwarf/giant spectral indices of every spectrum, lazily.
@@ -298,8 +328,8 @@ def spectral_indices(ds, *, rv="rv_tm", max_gap=2, zeta_coef=None):
     -------
     xarray.Dataset
         ``idx_cah2``, ``idx_cah3``, ``idx_tio5``, ``idx_zeta`` (dimensionless),
-        ``ew_ki``, ``ew_nai``, ``ew_caii`` (Angstrom), ``idx_status`` (int8, CF flags),
-        all on ``spectra``.
+        ``ew_ki``, ``ew_nai``, ``ew_caii`` (Angstrom), ``idx_zro``, ``idx_c2``
+        (dimensionless), ``idx_status`` (int8, CF flags), all on ``spectra``.
 
     Raises
     ------

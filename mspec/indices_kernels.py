@@ -59,8 +59,8 @@ STATUS_MEANINGS = {
     STATUS_PARTIAL: "some indices not measurable",
     STATUS_NONE: "no index measurable",
 }
-#: outputs per spectrum: cah2, cah3, tio5, zeta, ew_ki, ew_nai, ew_caii
-N_OUT = 7
+#: outputs per spectrum: cah2, cah3, tio5, zeta, ew_ki, ew_nai, ew_caii, zro, c2
+N_OUT = 9
 
 
 @jit
@@ -237,7 +237,7 @@ def indices_spectrum(
     max_gap,
     out,
 ):
-    """All indices of one spectrum; returns the status code and fills ``out`` (7,).
+    """All indices of one spectrum; returns the status code and fills ``out`` (9,).
 
     Parameters
     ----------
@@ -247,8 +247,9 @@ def indices_spectrum(
         The native spectrum.
     rv : float
         Radial velocity (km/s); NaN -> status :data:`STATUS_NO_RV`, all NaN.
-    ratio_lo, ratio_hi : float64 arrays, shape ``(6,)``
-        Window edges (vacuum Angstrom) for CaH2 num/den, CaH3 num/den, TiO5 num/den.
+    ratio_lo, ratio_hi : float64 arrays, shape ``(10,)``
+        Window edges (vacuum Angstrom) for CaH2 num/den, CaH3 num/den, TiO5 num/den,
+        ZrO num/den, C2 num/den.
     line_lo, line_hi, line_ptr, cont_lo, cont_hi, cont_ptr
         Equivalent-width features (K I, Na I, Ca II): feature ``f`` uses line bands
         ``line_ptr[f]:line_ptr[f+1]`` and continuum windows ``cont_ptr[f]:cont_ptr[f+1]``.
@@ -256,8 +257,8 @@ def indices_spectrum(
         ``[TiO5]_Zsun = c0 + c1 CaH + c2 CaH**2 + c3 CaH**3`` with ``CaH = CaH2 + CaH3``.
     max_gap : int
         Most consecutive bad pixels allowed inside a window.
-    out : float64 array, shape ``(7,)``
-        Output: cah2, cah3, tio5, zeta, ew_ki, ew_nai, ew_caii.
+    out : float64 array, shape ``(9,)``
+        Output: cah2, cah3, tio5, zeta, ew_ki, ew_nai, ew_caii, zro, c2.
 
     Returns
     -------
@@ -282,16 +283,18 @@ def indices_spectrum(
     wave = np.empty(n, np.float64)
     for i in range(n):
         wave[i] = 10.0 ** loglam[i] / fac
-    for q in range(3):
+    nfeat = line_ptr.shape[0] - 1
+    for q in range(ratio_lo.shape[0] // 2):
+        # cah2, cah3, tio5 -> columns 0..2; further ratios (zro, c2) after the EWs
+        col = q if q < 3 else 4 + nfeat + (q - 3)
         num = window_mean(wave, flux, good, ratio_lo[2 * q], ratio_hi[2 * q], max_gap)
         den = window_mean(wave, flux, good, ratio_lo[2 * q + 1], ratio_hi[2 * q + 1], max_gap)
         if den > 0.0 and math.isfinite(num):
-            out[q] = num / den
+            out[col] = num / den
     cah = out[0] + out[1]
     ref = zeta_coef[0] + cah * (zeta_coef[1] + cah * (zeta_coef[2] + cah * zeta_coef[3]))
     if math.isfinite(ref) and math.isfinite(out[2]) and (1.0 - ref) > 0.0:
         out[3] = (1.0 - out[2]) / (1.0 - ref)
-    nfeat = line_ptr.shape[0] - 1
     for f in range(nfeat):
         out[4 + f] = feature_ew(
             wave,
@@ -340,7 +343,7 @@ def indices_block(
 ):
     """Loop :func:`indices_spectrum` over a 2-D block ``flux (n, npix)``.
 
-    ``out`` is ``(n, 7)`` float64 and ``status`` ``(n,)`` int8, filled in place; ``rv`` is
+    ``out`` is ``(n, 9)`` float64 and ``status`` ``(n,)`` int8, filled in place; ``rv`` is
     ``(n,)`` km/s. Other arguments as in :func:`indices_spectrum`.
     """
     row = np.empty(N_OUT, np.float64)

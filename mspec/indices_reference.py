@@ -88,7 +88,7 @@ def indices_ref(loglam, flux, ivar, ormask, rv, bands, max_gap=2):
     rv : float
         km/s.
     bands : mapping
-        ``{"ratios": [(num, den) x 3], "features": [(lines, conts) x 3], "zeta": (4,)}``
+        ``{"ratios": [(num, den) x 5], "features": [(lines, conts) x 3], "zeta": (4,)}``
         with windows as ``(lo, hi)`` vacuum Angstrom (see :func:`mspec.indices.band_table`).
     max_gap : int
         Most consecutive bad pixels inside a window.
@@ -96,7 +96,7 @@ def indices_ref(loglam, flux, ivar, ormask, rv, bands, max_gap=2):
     Returns
     -------
     (numpy.ndarray, int)
-        The 7 outputs and the status code.
+        The 9 outputs and the status code.
     """
     out = np.full(N_OUT, np.nan)
     if not np.isfinite(rv) or not abs(rv) < C_KMS:
@@ -108,11 +108,13 @@ def indices_ref(loglam, flux, ivar, ormask, rv, bands, max_gap=2):
     wave = 10.0 ** np.asarray(loglam, np.float64) / (1.0 + rv / C_KMS)
     ig = np.flatnonzero(good)
     wg, fg = wave[ig], flux[ig]
+    nfeat = len(bands["features"])
     for q, (num, den) in enumerate(bands["ratios"]):
+        col = q if q < 3 else 4 + nfeat + (q - 3)  # zro, c2 after the EWs
         n_ = window_mean_ref(wg, fg, ig, *num, max_gap)
         d_ = window_mean_ref(wg, fg, ig, *den, max_gap)
         if d_ > 0 and np.isfinite(n_):
-            out[q] = n_ / d_
+            out[col] = n_ / d_
     cah = out[0] + out[1]
     ref = np.polynomial.polynomial.polyval(cah, bands["zeta"])
     if np.isfinite(ref) and np.isfinite(out[2]) and 1 - ref > 0:

@@ -571,3 +571,67 @@ register(
     "what the reader read as missing or cleaned (unparsable header cards, invalid mask values); "
     "'' if nothing",
 )
+
+# --- SCM and DGCM decision rules; ZrO / C2 indices (issue 14, part 2) ---------------------
+register("idx_zro", S, "f", "", "ZrO 6474 bandhead index (band / blueward continuum; S stars < 1)")
+register(
+    "idx_c2", S, "f", "", "C2 Swan 5165 bandhead index (band / redward continuum; C stars < 1)"
+)
+register(
+    "entered", S, "b", "", "True if the spectrum entered SCM (M_Catalog_V0 for entry='lamost')"
+)
+register("is_m", S, "b", "", "SCM decision: True if the spectrum is an M star")
+register(
+    "scm_class",
+    S,
+    "S",
+    "",
+    "SCM type: M, or the non-M type (OB, A, F, G, K, WD, GALAXY, QSO, S, C); '' if not entered",
+)
+register("scm_prob", S, "f", "", "SCM probability of scm_class; NaN where no evidence")
+register(
+    "scm_reason", S, "S", "", "SCM rule that decided (docs/classification.md); '' if not entered"
+)
+register("scm_inspect", S, "S", "", "why SCM wants a human look; '' if the rules settled it")
+register(
+    "new_m", S, "b", "", "True if SCM found an M star that LAMOST classified as something else"
+)
+register("luminosity_class", S, "S", "", "DGCM luminosity class: dM or gM; '' for non-M")
+register("dgcm_prob", S, "f", "", "DGCM probability of luminosity_class; NaN for non-M")
+register("dgcm_reason", S, "S", "", "DGCM rule that decided (docs/classification.md); '' for non-M")
+register("dgcm_inspect", S, "S", "", "why DGCM wants a human look; '' if the rules settled it")
+register(
+    "dgcm_idx_score",
+    S,
+    "f",
+    "",
+    "dwarf/giant index score (natural-log likelihood ratio, > 0 giant-like); NaN if unmeasured",
+)
+# --- calibrated CNN-TLMA errors (issue 18, machine-learning half) ----------------------------
+# <p>_err (registered above) is now the calibrated error (mspec.ml.calibrate); the paper's
+# error, the raw ensemble std, keeps its own name:
+for _p, _u, _d in (
+    ("teff", "K", "effective temperature"),
+    ("logg", "dex", "log10 surface gravity, cgs"),
+    ("m_h", "dex", "metallicity [M/H]"),
+    ("alpha_m", "dex", "alpha enhancement [alpha/M]"),
+):
+    register(
+        f"{_p}_err_ens",
+        S,
+        "f",
+        _u,
+        f"CNN-TLMA {_d}: raw std (ddof=1) over the k-fold ensemble (the paper's error; "
+        f"{_p}_err is the calibrated error)",
+    )
+
+# --- catalog flags (issue 15) --------------------------------------------------------------
+register(
+    "parameter_flag",
+    S,
+    "int8",
+    "",
+    "1: the CNN-TLMA parameters are recommended (paper Sect. 4.1: S/N_i > 0, error within "
+    "mean + 3 std of its fitted model, values inside Table 10); 0 otherwise",
+)
+register("parameter_flag_reason", S, "S", "", "why parameter_flag is 0 ('' when 1)")

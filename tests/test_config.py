@@ -33,6 +33,7 @@ SECTIONS = [
     "ml",
     "thresholds",
     "numba",
+    "selection",
 ]
 
 
@@ -74,6 +75,7 @@ def custom() -> Config:
             "ml": {"batch_size": 256, "device": "cpu"},
             "thresholds": {"tm_sigma": 2.5, "dsal_sigma": 1.5, "inspect_abs_rv": 200.0},
             "numba": {"cache": False, "cache_dir": "/cache/numba"},
+            "selection": {"entry": "all"},
         }
     )
 
@@ -194,7 +196,7 @@ def test_default_toml_loads_back_to_defaults(tmp_path):
         assert load_config(write(tmp_path, text)) == Config()
     text = default_toml()
     # every key appears with its description and units as comments
-    for cls in [Config] + [dataclasses.fields(Config)[i].metadata["section"] for i in range(4, 13)]:
+    for cls in [Config] + [dataclasses.fields(Config)[i].metadata["section"] for i in range(4, 4 + len(SECTIONS))]:
         for f in dataclasses.fields(cls):
             if "kind" not in f.metadata:
                 continue
@@ -427,6 +429,7 @@ def test_section_hash_changes_only_with_its_section():
         "ml": {"ml.batch_size": 8},
         "thresholds": {"thresholds.tm_sigma": 3.5},
         "numba": {"numba.cache": False},
+        "selection": {"selection.entry": "all"},
     }
     assert set(changes) == set(names)
     for changed, kw in changes.items():

@@ -81,7 +81,7 @@ def test_air_to_vacuum():
 
 def test_band_table_layout():
     bt = band_table()
-    assert bt["ratio_lo"].shape == (6,)
+    assert bt["ratio_lo"].shape == (10,)
     assert list(bt["line_ptr"]) == [0, 2, 3, 6]
     assert list(bt["cont_ptr"]) == [0, 2, 4, 8]
     assert np.all(bt["ratio_hi"] > bt["ratio_lo"])
@@ -141,7 +141,10 @@ def test_kernel_equals_reference_simulated(sim):
         sim["rv_tm"].values,
     )
     m = sim["true_class"].values == "M"
-    assert np.mean(status[m] == K.STATUS_OK) > 0.8
+    # the Table-3 indices (first 7 columns) of most M stars are measurable; the C2 window
+    # (5130-5200 A) is where M dwarfs have little flux, so it alone may be NaN (status 3)
+    assert np.mean(np.all(np.isfinite(out[m, :7]), axis=1)) > 0.8
+    assert np.mean(status[m] == K.STATUS_OK) > 0.7
 
 
 @pytest.mark.parametrize("chunks", [-1, 7, 100])
@@ -278,3 +281,55 @@ def test_real_dr7_mdwarfs():
     assert np.all((v["ew_caii"] > 0) & (v["ew_caii"] < 10))
     rho = pd.Series(v["idx_tio5"]).corr(pd.Series(teff[m]), method="spearman")
     assert rho > 0.3
+
+
+def _band_spectrum(head_air, depth, width, *, to_red):
+    """Flat spectrum with a molecular band: sharp head, absorption fading over ``width`` A."""
+    loglam = np.log10(4900.0) + DLOGLAM * np.arange(3000)  # 4900-~9800 A
+    wave = 10**loglam
+    head = air_to_vacuum(head_air)
+    x = (wave - head) if to_red else (head - wave)
+    absorb = np.where(x >= 0, depth * np.exp(-x / width), 0.0)
+    flux = 100.0 * (1.0 - absorb)
+    n = wave.size
+    return loglam, flux[None], np.ones((1, n)), np.zeros((1, n), int)
+
+
+def test_zro_and_c2_bandheads():
+    """S stars (ZrO 6474, red-degraded) and carbon stars (C2 5165, violet-degraded)."""
+    names = list(INDEX_NAMES)
+    iz, ic = names.index("idx_zro"), names.index("idx_c2")
+    flat = _band_spectrum(6474.0, 0.0, 30.0, to_red=True)
+    out, _ = measure_indices(*flat, [0.0])
+    assert out[0, iz] == pytest.approx(1.0) and out[0, ic] == pytest.approx(1.0)
+    s_star = _band_spectrum(6474.0, 0.4, 40.0, to_red=True)
+    out, _ = measure_indices(*s_star, [0.0])
+    assert out[0, iz] < 0.8
+    assert out[0, ic] == pytest.approx(1.0)
+    c_star = _band_spectrum(5165.0, 0.6, 60.0, to_red=False)
+    out, _ = measure_indices(*c_star, [0.0])
+    assert out[0, ic] < 0.7
+    # a red-degraded band at 5167 (TiO in M stars) pushes the C2 index the other way
+    tio = _band_spectrum(5167.0, 0.4, 60.0, to_red=True)
+    out, _ = measure_indices(*tio, [0.0])
+    assert out[0, ic] > 1.1
+    # the same through the reference
+    bt = band_table()
+    for spec in (s_star, c_star, tio):
+        ref, _ = indices_ref(spec[0], spec[1][0], spec[2][0], spec[3][0], 0.0, bt)
+        got, _ = measure_indices(*spec, [0.0])
+        np.testing.assert_allclose(got[0], ref, rtol=1e-10, atol=1e-10, equal_nan=True)
+
+
+def test_zro_c2_of_simulated_m_stars(sim_m):
+    """Normal M stars sit well above the S / C thresholds of mspec.scm at useful S/N."""
+    from mspec.scm import C2_MAX, C2_MIN_SNR, ZRO_MAX, ZRO_MIN_SNR
+
+    out = spectral_indices(sim_m, merge=False)
+    zro, c2 = out["idx_zro"].values, out["idx_c2"].values
+    okz = sim_m["snr_r"].values >= ZRO_MIN_SNR
+    okc = sim_m["snr_g"].values >= C2_MIN_SNR
+    assert okz.sum() > 50 and okc.sum() > 20
+    assert np.all(zro[okz][np.isfinite(zro[okz])] > ZRO_MAX)
+    assert np.all(c2[okc][np.isfinite(c2[okc])] > C2_MAX)
+    assert np.nanmedian(c2) > 1.0  # TiO / Mg b redward of 5165
