@@ -196,7 +196,9 @@ def test_default_toml_loads_back_to_defaults(tmp_path):
         assert load_config(write(tmp_path, text)) == Config()
     text = default_toml()
     # every key appears with its description and units as comments
-    for cls in [Config] + [dataclasses.fields(Config)[i].metadata["section"] for i in range(4, 4 + len(SECTIONS))]:
+    for cls in [Config] + [
+        dataclasses.fields(Config)[i].metadata["section"] for i in range(4, 4 + len(SECTIONS))
+    ]:
         for f in dataclasses.fields(cls):
             if "kind" not in f.metadata:
                 continue
