@@ -88,7 +88,10 @@ def test_run_end_to_end(reference):
     assert cat.loc[notm, "teff"].isna().all()
     # what is not built is said, not faked
     assert any("reconcile" in x for x in res.not_available)
-    assert any("Gaia" in x for x in res.not_available)
+    # the simulated store carries Gaia/WISE columns: the CMD is placed
+    assert not any("Gaia" in x for x in res.not_available)
+    assert cat["CMD_pos"].isin(["dM", "gM", "other", ""]).all() and (cat["CMD_pos"] == "dM").any()
+    assert "idx_tio5" in cat and cat["idx_tio5"].notna().any()
     saved = json.loads((run_dir / "run.json").read_text())
     assert saved["n_spectra"] == N
     assert (run_dir / "config.resolved.toml").is_file() and (run_dir / "run.log").is_file()

@@ -350,7 +350,8 @@ def _run_stage(stage, ctx, run_dir, ds_store, n, chunk, client, scheduler, progr
 CATALOG_ORDER = (
     "obsid", "ra", "dec", "mjd", "lmjd", "snr_u", "snr_g", "snr_r", "snr_i", "snr_z",
     "orp_u", "orp_g", "orp_r", "orp_i", "orp_z", "lamost_class", "lamost_subclass",
-    "lamost_rv", "spt_class", "wdm_class", "dmgm_class", "rv_tm", "rv_tm_err",
+    "lamost_rv", "spt_class", "wdm_class", "dmgm_class", "M_G_0", "bp_rp_0", "W1_W2_0",
+    "CMD_flag", "CMD_pos", "rv_tm", "rv_tm_err",
     "rv_tm_err_stat", "tm_template", "tm_status", "rv_tml7500", "rv_tml7500_err",
     "tml7500_status", "rv_dsal1", "rv_dsal1_err", "rv_dsal2", "rv_dsal2_err", "rv_dsel",
     "rv_dsel_err", "teff", "teff_err", "logg", "logg_err", "m_h", "m_h_err", "alpha_m",
@@ -542,8 +543,13 @@ def run(
                 "stage %s: %d chunks computed, %d already done, %.1f s",
                 stage.name, info["computed"], info["skipped"], info["seconds"],
             )  # fmt: skip
-        if not cfg.gaia.table:
-            result.not_available.append("CMD: no Gaia table configured ([gaia] table)")
+        from mspec.pipeline.stages import has_gaia
+
+        if not has_gaia(ctx, ds):
+            result.not_available.append(
+                "CMD: no Gaia data (no Gaia columns in the store and no [gaia] table): "
+                "SCM/DGCM use the CNNs only"
+            )
         t0 = time.perf_counter()
         result.catalog = str(_catalog(run_dir, ds, n))
         result.stages["catalog"] = {

@@ -1,11 +1,15 @@
-"""The pipeline's stages in the paper's order: ingest → preprocess → SCM → DGCM → RVMM → SPMM
-→ catalog.
+"""The pipeline's stages: ingest → preprocess → SCM → RVMM → DGCM → SPMM → catalog.
 
 Each :class:`PipelineStage` builds, lazily, the outputs of one paper module from the spectra
 store and the persisted outputs of the stages before it; the runner
 (:mod:`mspec.pipeline.runner`) persists them chunk by chunk. A part of a module that is not
 built yet is listed by :meth:`PipelineStage.unavailable` and reported as *not available* —
 never faked.
+
+Order: the paper's modules decide in the order SCM → DGCM → RVMM (the catalog versions
+V1, V2, V3 follow it). mspec *measures* the RVs (TM, TML7500, line RVs) of every spectrum
+before DGCM, because DGCM's spectral indices are measured in the rest frame; this changes no
+decision, only when a quantity is computed.
 """
 
 from __future__ import annotations
@@ -63,14 +67,50 @@ def _predict(ctx: RunContext, ds: xr.Dataset, kind: str, **kw) -> xr.Dataset:
     )
 
 
+def _gaia_columns(ctx: RunContext, ds: xr.Dataset) -> xr.Dataset | None:
+    """The store's Gaia/WISE columns, or those of the configured ``[gaia] table``, or None."""
+    from mspec import cmd
+
+    if ctx.config.gaia.table:
+        table = cmd.load_gaia_table(ctx.config.gaia.table)
+        on = "obsid" if "obsid" in table.columns else "position"
+        return cmd.join_gaia(ds, table, on=on, merge=True)
+    if all(v in ds.variables for v in cmd.place_dataset.stage.inputs):
+        return ds
+    return None
+
+
+def has_gaia(ctx: RunContext, ds: xr.Dataset) -> bool:
+    """Whether the CMD can be placed (Gaia columns in the store or a configured table)."""
+    from mspec import cmd
+
+    return bool(ctx.config.gaia.table) or all(
+        v in ds.variables for v in cmd.place_dataset.stage.inputs
+    )
+
+
 def _scm(ctx: RunContext, ds: xr.Dataset) -> xr.Dataset:
-    spt = _predict(ctx, ds, "spt")
-    wdm = _predict(ctx, ds, "wdm")
-    return xr.merge([spt, wdm], compat="override", join="exact")
+    from mspec import cmd
+
+    parts = [_predict(ctx, ds, "spt"), _predict(ctx, ds, "wdm")]
+    gaia = _gaia_columns(ctx, ds)
+    if gaia is not None:
+        placed = cmd.place_dataset(gaia, merge=False)
+        parts.append(placed)
+        if ctx.config.gaia.table:  # keep the joined columns the catalog needs
+            joined = [v for v in gaia.data_vars if v not in ds.data_vars]
+            parts.append(gaia[joined])
+    return xr.merge(parts, compat="override", join="exact")
 
 
 def _dgcm(ctx: RunContext, ds: xr.Dataset) -> xr.Dataset:
-    return _predict(ctx, ds, "dmgm")
+    from mspec.indices import spectral_indices
+
+    parts = [
+        _predict(ctx, ds, "dmgm"),
+        spectral_indices(ds, rv="rv_tm", merge=False),
+    ]
+    return xr.merge(parts, compat="override", join="exact")
 
 
 def _rvmm(ctx: RunContext, ds: xr.Dataset) -> xr.Dataset:
@@ -198,27 +238,12 @@ PIPELINE: tuple[PipelineStage, ...] = (
         module="SCM",
         needs=("preprocess",),
         inputs=("flux_grid",),
-        sections=("ml",),
-        steps=("CNN-SPT", "CNN-WDM"),
-        version="1",
+        sections=("ml", "gaia"),
+        steps=("CNN-SPT", "CNN-WDM", "Gaia CMD placement where Gaia data exist"),
+        version="2",
         build=_scm,
         uses_models=("spt", "wdm"),
-        planned=(
-            ("Gaia CMD placement (mspec.cmd)", lambda: False),
-            ("SCM decision rules (select_m_stars)", _never),
-        ),
-    ),
-    PipelineStage(
-        name="dgcm",
-        module="DGCM",
-        needs=("preprocess",),
-        inputs=("flux_grid",),
-        sections=("ml",),
-        steps=("CNN-dMgM",),
-        version="1",
-        build=_dgcm,
-        uses_models=("dmgm",),
-        planned=(("DGCM decision rules (split_dwarfs_giants)", _never),),
+        planned=(("SCM decision rules (select_m_stars)", _never),),
     ),
     PipelineStage(
         name="rvmm",
@@ -234,6 +259,21 @@ PIPELINE: tuple[PipelineStage, ...] = (
             ("line-by-line RVs DSAL I/II, DSEL (line_rvs)", lambda: _has("mspec.rv.lines")),
             ("RV reconciliation (reconcile_rv) and inspection queue", _never),
         ),
+    ),
+    PipelineStage(
+        name="dgcm",
+        module="DGCM",
+        needs=("preprocess", "rvmm"),
+        inputs=("flux_grid", "flux", "ivar", "ormask", "rv_tm"),
+        sections=("ml",),
+        steps=(
+            "CNN-dMgM",
+            "spectral indices (CaH, TiO5, zeta, K I, Na I, Ca II) in the TM rest frame",
+        ),
+        version="2",
+        build=_dgcm,
+        uses_models=("dmgm",),
+        planned=(("DGCM decision rules (split_dwarfs_giants)", _never),),
     ),
     PipelineStage(
         name="spmm",

@@ -1,0 +1,182 @@
+"""Survey-scale run: N simulated spectra through every pipeline stage that exists.
+
+Measures, on the machine it runs on: wall time and core-seconds per spectrum per stage, peak
+RSS per worker (sampled every 0.2 s), and graph tasks per chunk per stage. Training is
+excluded (the models are built once beforehand, or taken from ``--models``).
+
+    python benchmarks/survey_scale.py --n 10000 --out /tmp/survey-10k
+
+writes ``OUT/survey_scale.json`` and prints a Markdown table for docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import threading
+import time
+from pathlib import Path
+
+
+def _simulate_fits(out: Path, n: int, batch: int, seed: int) -> list[str]:
+    import numpy as np
+
+    import mspec
+    from mspec.io import write_lamost_fits
+
+    cats = []
+    for b, start in enumerate(range(0, n, batch)):
+        d = out / "fits" / f"batch{b:04d}"
+        cats.append(str(d / "catalog.parquet"))
+        if (d / "catalog.parquet").is_file():
+            continue
+        m = min(batch, n - start)
+        ds = mspec.simulate_survey(m, seed=seed + b)
+        # unique obsids and file names across batches
+        ds = ds.assign_coords(
+            obsid=("spectra", np.arange(start, start + m, dtype=np.int64) + 10**9)
+        )
+        if "file" in ds:
+            ds["file"] = ds["file"].astype(str).str.replace("spec-", f"spec-b{b:04d}-", n=1)
+        write_lamost_fits(ds, d, layout="image")
+    return cats
+
+
+class _RSSSampler:
+    """Peak RSS of the worker processes (psutil), sampled in a thread."""
+
+    def __init__(self, client, every: float = 0.2):
+        import psutil
+
+        self.procs = {addr: psutil.Process(pid) for addr, pid in client.run(os.getpid).items()}
+        self.peak = {a: 0 for a in self.procs}
+        self.every = every
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._loop, daemon=True)
+
+    def _loop(self):
+        while not self._stop.is_set():
+            for a, p in self.procs.items():
+                try:
+                    self.peak[a] = max(self.peak[a], p.memory_info().rss)
+                except Exception:  # noqa: BLE001 - a restarted worker: keep what we have
+                    pass
+            time.sleep(self.every)
+
+    def __enter__(self):
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._t.join()
+
+
+def _tasks_per_chunk(cfg, models) -> dict:
+    """Graph tasks per chunk of every stage, built (not computed) on the whole store."""
+    import xarray as xr
+
+    from mspec.io.store import open_store
+    from mspec.pipeline.runner import _templates
+    from mspec.pipeline.stages import PIPELINE, RunContext
+
+    ds = open_store(cfg.store)
+    nchunks = len(ds.chunks["spectra"])
+    ctx = RunContext(config=cfg, models_dir=Path(models))
+    ctx.templates, _ = _templates(cfg)
+    full = ds
+    out = {}
+    for s in PIPELINE:
+        res = s.build(ctx, full)
+        graph = xr.Dataset(res.data_vars).__dask_graph__()
+        out[s.name] = round(len(graph) / nchunks, 1)
+        full = full.assign(res.data_vars)
+    return out
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--n", type=int, default=10000, help="spectra")
+    p.add_argument("--out", required=True, help="working directory")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--chunk", type=int, default=1000, help="spectra per chunk")
+    p.add_argument("--models", default="", help="model directory (default: build the default)")
+    p.add_argument("--templates", default="real", help="template set: real or demo")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--batch", type=int, default=5000, help="spectra simulated at a time")
+    args = p.parse_args(argv)
+
+    from distributed import Client, LocalCluster
+
+    import mspec
+    from mspec.config import Config
+    from mspec.pipeline.models import build_default_models
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    cats = _simulate_fits(out, args.n, min(5000, args.batch), args.seed)
+    t_sim = time.perf_counter() - t0
+    models = args.models or str(build_default_models())
+    cfg = Config.from_dict(
+        {
+            "sources": cats,
+            "store": str(out / "spectra.zarr"),
+            "run_dir": str(out / "run"),
+            "chunk_size": args.chunk,
+            "models": {"dir": models},
+            "templates": {"set": args.templates},
+        }
+    )
+    with (
+        LocalCluster(
+            n_workers=args.workers,
+            threads_per_worker=1,
+            dashboard_address="127.0.0.1:0",
+            memory_limit="auto",
+        ) as cluster,
+        Client(cluster) as client,
+        _RSSSampler(client) as rss,
+    ):
+        t0 = time.perf_counter()
+        res = mspec.run(cfg, client=client, progress=True)
+        wall = time.perf_counter() - t0
+    n = res.n_spectra
+    stages = {}
+    for name, info in res.stages.items():
+        secs = float(info.get("seconds") or 0.0)
+        stages[name] = {
+            "seconds": secs,
+            "core_seconds_per_spectrum": secs * args.workers / n if n else None,
+        }
+    result = {
+        "n_spectra": n,
+        "workers": args.workers,
+        "chunk_size": args.chunk,
+        "templates": args.templates,
+        "simulate_and_write_fits_seconds": round(t_sim, 1),
+        "run_wall_seconds": round(wall, 1),
+        "stages": stages,
+        "pipeline_core_seconds_per_spectrum": sum(
+            v["core_seconds_per_spectrum"] or 0.0
+            for k, v in stages.items()
+            if k not in ("ingest", "catalog")
+        ),
+        "peak_rss_per_worker_MB": {a: round(v / 2**20) for a, v in rss.peak.items()},
+        "tasks_per_chunk": _tasks_per_chunk(cfg, models),
+        "machine": {
+            "cpu": platform.processor() or platform.machine(),
+            "cores": os.cpu_count(),
+            "python": platform.python_version(),
+            "mspec": mspec.__version__,
+        },
+    }
+    (out / "survey_scale.json").write_text(json.dumps(result, indent=1))
+    print(json.dumps(result, indent=1))
+    return result
+
+
+if __name__ == "__main__":
+    main()
