@@ -252,6 +252,14 @@ def _cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_report(args: argparse.Namespace) -> int:
+    from mspec.report import write_run_report
+
+    path = write_run_report(args.run, out_dir=args.out, n_examples=args.examples)
+    print(path)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Build the ``mspec`` argument parser."""
     from mspec._version import __version__
@@ -358,6 +366,19 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--epochs", type=int, default=8, help="maximum epochs per CNN")
     q.add_argument("--chunk-size", type=int, default=250, help="spectra per chunk")
     q.set_defaults(func=_cmd_demo)
+
+    q = sub.add_parser(
+        "report",
+        help="write the HTML report of a run directory (RUN/report/index.html)",
+        description="One self-contained HTML page (figures embedded, opens offline) with "
+        "per-stage counts, run time and cost, the quarantine summary and the figures; the "
+        "figures are also saved as PNG files beside it.",
+        formatter_class=_Formatter,
+    )
+    q.add_argument("run", help="a run directory (the run_dir of 'mspec run')")
+    q.add_argument("--out", default=None, help="output directory (default: RUN/report)")
+    q.add_argument("--examples", type=int, default=4, help="example spectra drawn (0-12)")
+    q.set_defaults(func=_cmd_report)
     return p
 
 
