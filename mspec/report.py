@@ -3,8 +3,9 @@
 Pure functions of a catalog table (a :class:`pandas.DataFrame`, one row per spectrum): no
 pipeline knowledge, no I/O except :func:`write_report`. The columns used are
 
-- predictions: ``spt_class``, ``wdm_class``, ``dmgm_class`` (CNN classes), ``rv_tm``,
-  ``rv_tm_err``, ``rv_tml7500``, ``lamost_rv`` (km/s), ``teff``/``teff_err`` (K), ``logg``,
+- predictions: ``spt_class``, ``wdm_class``, ``dmgm_class`` (CNN classes), ``rv`` and
+  ``rv_err`` (the reconciled RV, when the run has it), ``rv_tm``, ``rv_tm_err``,
+  ``rv_tml7500``, ``lamost_rv`` (km/s), ``teff``/``teff_err`` (K), ``logg``,
   ``m_h``, ``alpha_m`` and their ``*_err`` (dex);
 - truth: ``true_class`` (OB, A, F, G, K, M, WD, GALAXY, QSO), ``true_lumclass`` (``dM``/``gM``
   for M stars, else empty), ``true_teff``, ``true_logg``, ``true_m_h``, ``true_alpha_m``,
@@ -100,6 +101,7 @@ _CLASSIFIERS = {
 }
 _RV = {
     # key: (name, column)
+    "rv": ("reconciled", "rv"),
     "tm": ("TM", "rv_tm"),
     "tml7500": ("TML7500", "rv_tml7500"),
     "lamost": ("LAMOST", "lamost_rv"),
@@ -361,7 +363,8 @@ def accuracy_metrics(
                  "n_correct", "n_unpredicted", "accuracy", "recall": {cls: frac},
                  "precision": {cls: frac}, "confusion": {true: {pred: count}},
                  "by_snr": {bin: {"n", "accuracy"}}}},
-             "rv": {"selection", "cut", "outlier_kms", "tm"|"tml7500"|"lamost": {"name",
+             "rv": {"selection", "cut", "outlier_kms",
+                 "rv"|"tm"|"tml7500"|"lamost": {"name",
                  "column", "selected": stats, "all": stats, "by_snr": {bin: stats}}},
              "tlma": {"selection", "cut",
                  "dM"|"gM": {param: stats + {"by_snr": {bin: stats}}}}}
@@ -590,13 +593,15 @@ def _summary_rows(m: dict) -> list[list[str]]:
             ]
         )
     rv = m.get("rv", {})
-    for key in ("tm", "tml7500", "lamost"):
+    # the paper's RV figures (vs Gaia) are for its recommended, i.e. reconciled, RV
+    paper_key = "rv" if "rv" in rv else "tm"
+    for key in ("rv", "tm", "tml7500", "lamost"):
         r = rv.get(key)
         if r is None:
             continue
         s, a = r["selected"], r["all"]
         cut = rv["selection"]
-        paper = key == "tm"
+        paper = key == paper_key
         rows += [
             [
                 f"{r['name']} RV − true: bias ({cut}; N = {s['n']})",
@@ -786,7 +791,7 @@ def write_report(
             lines += _table(["classifier", *[f"S/N_i {b} (N)" for b in bins]], rows)
             lines.append("")
         rv = metrics.get("rv", {})
-        rv_keys = [k for k in ("tm", "tml7500", "lamost") if k in rv]
+        rv_keys = [k for k in ("rv", "tm", "tml7500", "lamost") if k in rv]
         if rv_keys:
             lines += [
                 f"### RV − true RV, true M (bias / robust σ / outliers > "
@@ -921,7 +926,8 @@ def write_run_report(
     n_examples : int
         Example spectra drawn (0-12).
     max_points : int
-        At most this many random points per group in scatter plots (>= 100).
+        At most this many random points per scatter panel (per class in the error panels;
+        >= 100); statistics use every spectrum.
     snr_min : float
         S/N_i cut (exclusive) of the truth comparisons.
     tm_sigma, dsal_sigma : float

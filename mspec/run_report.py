@@ -195,11 +195,6 @@ class _Run:
     store: Path | None = None
     notes: list = field(default_factory=list)
 
-    @property
-    def stages_done(self) -> list[str]:
-        st = self.info.get("stages", {})
-        return [k for k, v in st.items() if isinstance(v, dict) and v.get("status") == "done"]
-
     def has(self, *cols: str) -> bool:
         return self.cat is not None and all(c in self.cat for c in cols)
 
@@ -223,6 +218,11 @@ def _read_json(path: Path, notes: list) -> dict:
 def _load_run(run_dir: Path) -> _Run:
     r = _Run(path=run_dir)
     r.info = _read_json(run_dir / "run.json", r.notes)
+    if not isinstance(r.info.get("stages", {}), dict):
+        r.notes.append("run.json: 'stages' is not a mapping; ignored")
+        r.info["stages"] = {}
+    if not isinstance(r.info.get("not_available", []), list):
+        r.info["not_available"] = [str(r.info["not_available"])]
     r.inputs = _read_json(run_dir / "inputs.json", r.notes)
     cfg_path = run_dir / "config.resolved.toml"
     if cfg_path.is_file():
@@ -1272,7 +1272,12 @@ def _stage_rows(r: _Run) -> tuple[list[list], list[str]]:
 def _secs(x) -> str:
     if x is None:
         return ""
-    x = float(x)
+    try:
+        x = float(x)
+    except (TypeError, ValueError):
+        return str(x)
+    if not math.isfinite(x):
+        return str(x)
     return f"{x:.2f}" if x < 10 else f"{x:.1f}" if x < 100 else f"{x:.0f}"
 
 
@@ -1343,7 +1348,7 @@ def _render(r: _Run, figs: list[_FigResult], opt: dict, seconds: float) -> str:
         "</head><body>",
         "<h1>mspec run report</h1>",
         f'<p class="meta">Run directory <code>{_e(r.path)}</code> · store '
-        f"<code>{_e(r.store or '?')}</code> · {int(n or 0):,} spectra · run wall time "
+        f"<code>{_e(r.store or '?')}</code> · {_e(n)} spectra · run wall time "
         f"{_secs(info.get('seconds'))} s · mspec {_e(__version__)} · report generated {now} "
         f"in {seconds:.1f} s{' · simulated survey (truth available)' if r.simulated else ''}"
         "</p>",
@@ -1373,12 +1378,12 @@ def _render(r: _Run, figs: list[_FigResult], opt: dict, seconds: float) -> str:
     if r.cat_error:
         parts.append(f'<p class="notdrawn">Catalog: {_e(r.cat_error)}</p>')
     if r.simulated:
-        rows = _summary_rows(opt["metrics"])
+        rows = _safe(lambda: _summary_rows(opt["metrics"]), [], r, "accuracy summary")
         if rows:
             parts.append("<p>Accuracy against the simulation truth, with the paper's figures:</p>")
             parts.append(_html_table(["metric", "value", "paper (Li et al. 2025)"], rows))
     # stages
-    rows, not_run = _stage_rows(r)
+    rows, not_run = _safe(lambda: _stage_rows(r), ([], []), r, "stage table")
     parts.append('<h2 id="stages">Stages: run time and cost</h2>')
     if rows:
         parts.append(
@@ -1412,7 +1417,7 @@ def _render(r: _Run, figs: list[_FigResult], opt: dict, seconds: float) -> str:
         )
     # counts
     parts.append('<h2 id="counts">Counts per stage</h2>')
-    for head, text, header, rows in _counts_sections(r):
+    for head, text, header, rows in _safe(lambda: _counts_sections(r), [], r, "counts"):
         parts.append(f"<h3>{_e(head)}</h3>")
         if text:
             parts.append(f"<p>{_e(text)}</p>")
@@ -1420,7 +1425,7 @@ def _render(r: _Run, figs: list[_FigResult], opt: dict, seconds: float) -> str:
             parts.append(_html_table(header, rows))
     # quarantine
     parts.append('<h2 id="quarantine">Quarantine</h2>')
-    text, rows = _quarantine(r)
+    text, rows = _safe(lambda: _quarantine(r), ("", []), r, "quarantine summary")
     parts.append(f"<p>{_e(text)}</p>")
     if rows:
         parts.append(_html_table(["reason code", "files", "example file", "example reason"], rows))
@@ -1459,6 +1464,16 @@ def _render(r: _Run, figs: list[_FigResult], opt: dict, seconds: float) -> str:
         )
     parts.append("</body></html>")
     return "\n".join(parts)
+
+
+def _safe(func, default, r: _Run, what: str):
+    """``func()``, or ``default`` with a note when bad data make it fail."""
+    try:
+        return func()
+    except Exception as exc:  # noqa: BLE001 - the page is written whatever the data
+        log.warning("run report: %s failed", what, exc_info=True)
+        r.notes.append(f"{what} could not be computed: {type(exc).__name__}: {exc}")
+        return default
 
 
 def _dedupe(figs: list[_FigResult]) -> list[_FigResult]:
@@ -1504,8 +1519,8 @@ def write_run_report(
     n_examples : int
         Example spectra drawn (0-12).
     max_points : int
-        At most this many random points per group in scatter plots (>= 100); statistics
-        use every spectrum.
+        At most this many random points per scatter panel (per class in the error panels;
+        >= 100); statistics use every spectrum.
     snr_min : float
         S/N_i cut (exclusive) of the truth comparisons (as :func:`mspec.report.accuracy_metrics`).
     tm_sigma, dsal_sigma : float

@@ -297,6 +297,16 @@ def test_bad_input_never_stops_the_report(tmp_path, full_run):
     assert "run.json could not be read" in html
     assert "Catalog:" in html
     assert manifest["figures"] == []
+    # a run.json of the wrong shape
+    (run_dir / "run.json").write_text(
+        json.dumps({"stages": {"scm": "oops", "rvmm": {"seconds": "n/a", "steps": 5}},
+                    "seconds": "?", "not_available": "x"})
+    )  # fmt: skip
+    html, manifest = _check_report(run_dir, figures=["cmd"])
+    assert "stage table could not be computed" in html
+    (run_dir / "run.json").write_text(json.dumps({"stages": ["scm"]}))
+    html, manifest = _check_report(run_dir, figures=["cmd"])
+    assert "&#x27;stages&#x27; is not a mapping" in html
     # bad values in columns: strings in numeric columns, all-NaN columns
     cat = pd.read_parquet(full_run / "catalog" / "catalog.parquet")
     cat["snr_i"] = "garbage"
