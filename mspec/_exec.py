@@ -56,16 +56,24 @@ def atomic_write(path, data: bytes | str) -> Path:
     if isinstance(data, str):
         data = data.encode()
     tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # e.g. the disk filled up: leave no partial file behind
+        raise
     return path
 
 
 def clean_partials(directory) -> int:
     """Remove ``*.partial`` files a killed writer left in ``directory`` (recursively).
+
+    Both kinds are removed: :func:`atomic_write`'s ``.<name>.<pid>.partial`` and zarr's
+    ``<chunk>.<uuid>.partial`` (a chunk being written when the process was killed). Call it
+    only while holding the directory's lock: a live writer's temporary files would go too.
 
     Returns
     -------
@@ -73,7 +81,9 @@ def clean_partials(directory) -> int:
         Number of files removed.
     """
     n = 0
-    for p in Path(directory).rglob(".*.partial"):
+    for p in Path(directory).rglob("*.partial"):
+        if not p.is_file():
+            continue
         try:
             p.unlink()
             n += 1

@@ -105,6 +105,9 @@ QUARANTINE_CODES = {
     "all_masked": "every pixel masked (ivar 0 or andmask set)",
     "duplicate_obsid": "obsid already stored (the first occurrence is kept)",
     "read_error": "unexpected error while reading",
+    "changed_during_ingest": "read when planned but not when written (moved or rewritten "
+    "meanwhile); retried by the next ingest",
+    "outside_root": "listed in a catalogue but outside the catalogue's folder (not opened)",
 }
 
 #: Per-spectrum variables read_lamost produces, with their in-memory dtypes and missing values.
@@ -704,15 +707,18 @@ def _int(v) -> int | None:
     return x if -(1 << 63) <= x < (1 << 63) else None
 
 
-def derived_obsid(header: Mapping, path: str | os.PathLike) -> int:
+def derived_obsid(header: Mapping, path: str | os.PathLike, content: bytes | None = None) -> int:
     """Stable, unique (negative) obsid for a file without an ``OBSID`` card.
 
     A LAMOST spectrum is identified by its local MJD, plan, spectrograph and fibre (the parts
     of its file name ``spec-LMJD-PLANID_spSS-FFF``). The id is ``-(h mod 2**62) - 1`` where
     ``h`` is the first 8 bytes (big-endian) of the BLAKE2b hash of ``"LMJD|PLANID|SPID|FIBERID"``
-    from the header, or of the file's base name (without ``.gz``) when a card is missing. It is
-    negative, so it never collides with a real (positive) LAMOST OBSID, independent of the
-    directory the file sits in, and identical on every machine and Python run.
+    from the header. When a card is missing it is the hash of the file's base name (without
+    ``.gz``) and, when given, of ``content`` (a digest of the spectrum's data): two different
+    files of the same name in different folders then get different ids, while the same file
+    anywhere (gzipped or not) gets the same one. It is negative, so it never collides with a
+    real (positive) LAMOST OBSID, independent of the directory the file sits in, and
+    identical on every machine and Python run.
 
     Parameters
     ----------
@@ -720,6 +726,8 @@ def derived_obsid(header: Mapping, path: str | os.PathLike) -> int:
         FITS header of HDU 0.
     path : str or PathLike
         File path (only the base name is used, as a fallback).
+    content : bytes, optional
+        Digest of the file's data, hashed with the base name when a card is missing.
 
     Returns
     -------
@@ -733,11 +741,15 @@ def derived_obsid(header: Mapping, path: str | os.PathLike) -> int:
     else:
         name = os.path.basename(os.fspath(path))
         text = name[:-3] if name.endswith(".gz") else name
+        if content is not None:
+            text += "|" + hashlib.blake2b(bytes(content), digest_size=16).hexdigest()
     h = int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big")
     return -(h % (1 << 62)) - 1
 
 
-def _metadata(hdr, path, defaults: Mapping | None, notes: list[str] | None = None) -> dict:
+def _metadata(
+    hdr, path, defaults: Mapping | None, notes: list[str] | None = None, content=None
+) -> dict:
     """Per-spectrum values from the header (and ``defaults``); a card that is present but
     unusable gives the field's missing value and a message in ``notes``."""
     d = dict(defaults or {})
@@ -765,7 +777,7 @@ def _metadata(hdr, path, defaults: Mapping | None, notes: list[str] | None = Non
     if obsid is None:
         obsid = _int(d.get("obsid"))
         if obsid is None:
-            obsid = derived_obsid(hdr, path)
+            obsid = derived_obsid(hdr, path, content() if callable(content) else content)
     meta["obsid"] = int(obsid)
 
     def num(key, *cards):
@@ -884,7 +896,14 @@ def read_spectrum(
     arrays, offset, resampled = _place(loglam, flux, ivar, andm, orm)
     if not with_meta:
         return None, arrays, layout
-    meta = _metadata(hdr, path, defaults, notes)
+
+    def digest():  # the file's own data, independent of gzip and of where the file lies
+        h = hashlib.blake2b(digest_size=16)
+        for a in (loglam, flux, ivar, andm, orm):
+            h.update(np.ascontiguousarray(a, dtype=np.float64).tobytes())
+        return h.digest()
+
+    meta = _metadata(hdr, path, defaults, notes, content=digest)
     meta["loglam_offset"] = offset
     meta["resampled"] = resampled
     meta["read_warnings"] = "; ".join(notes)

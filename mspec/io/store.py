@@ -57,6 +57,11 @@ SCAN_GROUP = 200
 #: appending on another cluster partitions files the same way.
 BATCH_CHUNKS = 16
 SPECTRAL = ("flux", "ivar", "andmask", "ormask")
+#: Quarantine code of a file that was read when the batch was planned but not when its
+#: spectrum was written (moved, truncated or rewritten meanwhile); always retried by a rerun.
+CHANGED_CODE = "changed_during_ingest"
+#: Bytes one spectrum takes in a write task (flux, ivar, andmask, ormask: 4 bytes each).
+_BYTES_PER_SPECTRUM = NPIX * 16
 _FITS_SUFFIXES = (".fits", ".fits.gz", ".fit", ".fit.gz", ".fts", ".fts.gz")
 _CATALOG_SUFFIXES = (".csv", ".csv.gz", ".parquet", ".pq")
 # LAMOST catalogue column names -> registry names
@@ -100,7 +105,17 @@ def _fits_files_in(directory: Path) -> list[str]:
     return sorted(out)
 
 
-def _read_catalog(path: str) -> list[tuple[str, dict]]:
+#: Key of the catalogue values marking a listed file refused before reading (its reason).
+_REFUSED = "__refused__"
+
+
+def _inside(path: str, root: str) -> bool:
+    """Whether ``path`` (symlinks resolved) lies inside directory ``root``."""
+    real, base = os.path.realpath(path), os.path.realpath(root)
+    return real == base or real.startswith(base.rstrip(os.sep) + os.sep)
+
+
+def _read_catalog(path: str, allow_outside: bool = False) -> list[tuple[str, dict]]:
     import pandas as pd
 
     df = pd.read_parquet(path) if path.lower().endswith((".parquet", ".pq")) else pd.read_csv(path)
@@ -132,7 +147,14 @@ def _read_catalog(path: str) -> list[tuple[str, dict]]:
         if not os.path.exists(p) and os.path.exists(p + ".gz"):
             p = p + ".gz"
         rec = {k: (None if _isnull(v) else v) for k, v in rec.items()}
-        out.append((os.path.abspath(p), {k: v for k, v in rec.items() if v is not None}))
+        rec = {k: v for k, v in rec.items() if v is not None}
+        if not allow_outside and not _inside(p, base):
+            # a catalogue row must not make the ingest read files elsewhere (../../etc/...)
+            rec = {
+                _REFUSED: f"listed in {path} as {name!r}, which lies outside {base} "
+                "(pass allow_outside=True to read files outside the catalogue's folder)"
+            }
+        out.append((os.path.abspath(p), rec))
     return out
 
 
@@ -147,7 +169,7 @@ def _isnull(v) -> bool:
         return False
 
 
-def resolve_sources(sources) -> list[tuple[str, dict]]:
+def resolve_sources(sources, *, allow_outside: bool = False) -> list[tuple[str, dict]]:
     """Expand ``sources`` into an ordered list of ``(absolute path, catalogue values)``.
 
     Parameters
@@ -157,6 +179,10 @@ def resolve_sources(sources) -> list[tuple[str, dict]]:
         (sorted matches), single files, or LAMOST catalogues (``.csv``/``.parquet``) with a
         ``file``/``filename``/``path`` column or ``lmjd, planid, spid, fiberid`` columns (paths
         relative to the catalogue; ``.gz`` tried). A sequence is expanded in its order.
+    allow_outside : bool
+        Let catalogues list files outside their own folder (absolute paths, ``..``, symlinks
+        leading out). False (default): such rows are kept but marked refused, and
+        :func:`ingest` quarantines them as ``outside_root`` without opening them.
 
     Returns
     -------
@@ -172,6 +198,8 @@ def resolve_sources(sources) -> list[tuple[str, dict]]:
     TypeError, ValueError
         ``sources`` of the wrong type, empty, or an unusable catalogue.
     """
+    if not isinstance(allow_outside, bool):
+        raise TypeError(f"allow_outside must be True or False, got {allow_outside!r}")
     if isinstance(sources, str | os.PathLike):
         sources = [sources]
     if not isinstance(sources, Iterable):
@@ -187,7 +215,7 @@ def resolve_sources(sources) -> list[tuple[str, dict]]:
         if os.path.isdir(s):
             out += [(os.path.abspath(p), {}) for p in _fits_files_in(Path(s))]
         elif _is_catalog(s) and os.path.isfile(s):
-            out += _read_catalog(s)
+            out += _read_catalog(s, allow_outside)
         elif os.path.exists(s):
             out.append((os.path.abspath(s), {}))
         elif globmod.has_magic(s):
@@ -238,11 +266,17 @@ def store_state(store: str | os.PathLike) -> dict:
     StoreError
         If ``store`` is not an mspec store.
     """
+    if os.path.exists(store) and not os.path.isdir(store):
+        raise StoreError(f"store: {store} is a file, not a store directory")
     p = _meta_dir(Path(store)) / "state.json"
     try:
         state = json.loads(p.read_text())
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         raise StoreError(f"store: {store} is not an mspec store (no _mspec/state.json)") from None
+    except (OSError, ValueError) as exc:
+        raise StoreError(f"store: cannot read {p}: {exc}") from None
+    if not isinstance(state, dict):
+        raise StoreError(f"store: {p} is not a store state")
     if state.get("format") != STORE_FORMAT:
         raise StoreError(f"store: {store} has an unknown format {state.get('format')!r}")
     return state
@@ -388,8 +422,20 @@ def _ensure_arrays(store: Path, state: dict, names, group=None) -> None:
             state["variables"].append(name)
 
 
+def _check_store_path(store: Path) -> None:
+    """Refuse, before anything is created, a store path that is a file or a folder that is
+    not an mspec store (e.g. a folder of FITS files given by mistake)."""
+    if store.exists() and not store.is_dir():
+        raise StoreError(f"store: {store} is a file, not a store directory")
+    if store.is_dir() and not (_meta_dir(store) / "state.json").exists():
+        others = [p for p in store.iterdir() if p.name != "_mspec"]
+        if others and not _is_own_skeleton(store):
+            raise StoreError(f"store: {store} exists and is not an mspec store")
+
+
 @contextlib.contextmanager
 def _locked(store: Path):
+    """One ingest per store (``flock`` on ``_mspec/lock``; the file is removed on release)."""
     try:
         import fcntl
     except ImportError:  # pragma: no cover - not POSIX: no cross-process lock
@@ -397,14 +443,27 @@ def _locked(store: Path):
         yield
         return
     _meta_dir(store).mkdir(parents=True, exist_ok=True)
-    fh = open(_meta_dir(store) / "lock", "a")
-    try:
+    path = _meta_dir(store) / "lock"
+    while True:
+        fh = open(path, "a")
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
+            fh.close()
             raise StoreError(f"store: {store} is being written by another ingest") from None
+        # the previous holder removes the file on release: make sure ours is still the one
+        try:
+            same = os.fstat(fh.fileno()).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        fh.close()
+    try:
         yield
     finally:
+        with contextlib.suppress(OSError):
+            path.unlink()  # while still holding it (see the inode check above)
         fh.close()
 
 
@@ -412,13 +471,43 @@ def _log_path(store: Path, batch: int) -> Path:
     return _meta_dir(store) / "log" / f"batch-{batch:06d}.parquet"
 
 
-def _known_paths(store: Path) -> set[str]:
+def _seen(store: Path) -> dict[str, tuple]:
+    """path -> (status, code, size, mtime_ns) of its latest entry in the store's logs."""
     import pyarrow.parquet as pq
 
-    known: set[str] = set()
+    seen: dict[str, tuple] = {}
     for p in sorted((_meta_dir(store) / "log").glob("batch-*.parquet")):
-        known.update(pq.read_table(p, columns=["path"]).column("path").to_pylist())
-    return known
+        names = pq.read_schema(p).names
+        cols = [c for c in ("path", "status", "code", "size", "mtime_ns") if c in names]
+        t = pq.read_table(p, columns=cols).to_pydict()
+        n = len(t["path"])
+        for i in range(n):
+            seen[t["path"][i]] = tuple(
+                t[c][i] if c in t else None for c in ("status", "code", "size", "mtime_ns")
+            )
+    return seen
+
+
+def _stat(path: str) -> tuple[int, int]:
+    """(size, mtime_ns) of a file, (-1, -1) when it cannot be stat'ed."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return -1, -1
+    return int(st.st_size), int(st.st_mtime_ns)
+
+
+def _to_retry(entry: tuple, path: str) -> bool:
+    """Whether a quarantined file is worth reading again: it changed since it was quarantined
+    (size or mtime, appeared or vanished), or it changed while an ingest was writing it."""
+    status, code, size, mtime = entry
+    if status == "stored":
+        return False
+    if code == CHANGED_CODE:
+        return True
+    if size is None or mtime is None:  # a log written before sizes were recorded
+        return False
+    return _stat(path) != (int(size), int(mtime))
 
 
 # --------------------------------------------------------------------------- dask execution
@@ -443,11 +532,21 @@ class _Runner:
         elif isinstance(client, str):
             if client in self._LOCAL:
                 self.scheduler = client
-            else:
+            elif "://" in client or ":" in client:
                 from distributed import Client
 
-                self.client = Client(client)
+                try:
+                    self.client = Client(client, timeout="20s")
+                except (OSError, TimeoutError, ValueError) as exc:
+                    raise ValueError(
+                        f"client: cannot connect to the dask scheduler at {client!r} ({exc})"
+                    ) from None
                 self._own = True
+            else:
+                raise ValueError(
+                    f"client must be None, a distributed.Client, a scheduler address "
+                    f"(tcp://host:port) or one of {sorted(self._LOCAL)}; got {client!r}"
+                )
         else:
             try:
                 from distributed import Client
@@ -511,7 +610,13 @@ def _scan_files(items: list[tuple[str, dict]]) -> list[dict]:
     """Pass 1: read and validate files; return one record (metadata or reason) per file."""
     out = []
     for path, defaults in items:
-        rec = {"path": path, "file": os.path.basename(path)}
+        size, mtime = _stat(path)  # before reading: a change during the read shows next time
+        rec = {"path": path, "file": os.path.basename(path), "size": size, "mtime_ns": mtime}
+        if _REFUSED in defaults:
+            rec.update(status="quarantined", code="outside_root", reason=defaults[_REFUSED])
+            rec["layout"] = ""
+            out.append(rec)
+            continue
         try:
             meta, _, layout = read_spectrum(path, defaults)
         except BadFileError as exc:
@@ -530,8 +635,11 @@ def _scan_files(items: list[tuple[str, dict]]) -> list[dict]:
     return out
 
 
-def _write_unit(store: str, batch: int, start: int, paths: list[str]) -> int:
-    """Pass 2: read the files of rows [start, start + len(paths)) and write their spectra."""
+def _write_unit(store: str, batch: int, start: int, paths: list[str]) -> list:
+    """Pass 2: read the files of rows [start, start + len(paths)) and write their spectra.
+
+    Returns (and records in the unit's done marker) ``[row, reason]`` of every file that could
+    not be read again; the caller quarantines those and re-plans the batch."""
     import zarr
 
     n = len(paths)
@@ -539,13 +647,13 @@ def _write_unit(store: str, batch: int, start: int, paths: list[str]) -> int:
     ivar = np.zeros((n, NPIX), np.float32)
     andm = np.full((n, NPIX), MASK_NODATA, np.int32)
     orm = np.full((n, NPIX), MASK_NODATA, np.int32)
+    failed = []
     for k, path in enumerate(paths):
         try:
             _, arrays, _ = read_spectrum(path, with_meta=False)
-        except Exception as exc:  # the file changed since it was scanned: keep the row empty
-            warnings.warn(
-                f"{path} could not be re-read ({exc}); its row is left empty", stacklevel=1
-            )
+        except Exception as exc:  # the file changed since it was scanned
+            code = getattr(exc, "code", type(exc).__name__)
+            failed.append([start + k, f"read at planning but not when written ({code}: {exc})"])
             continue
         flux[k], ivar[k], andm[k], orm[k] = arrays
     with _quiet():
@@ -555,8 +663,16 @@ def _write_unit(store: str, batch: int, start: int, paths: list[str]) -> int:
             group[name][sl] = arr
     marker = _meta_dir(Path(store)) / "done" / f"batch-{batch:06d}" / f"{start:012d}"
     marker.parent.mkdir(parents=True, exist_ok=True)
-    marker.touch()
-    return n
+    _atomic_write(marker, json.dumps(failed).encode() if failed else b"")
+    return failed
+
+
+def _marker_failures(marker: Path) -> list:
+    try:
+        text = marker.read_text()
+        return [list(x) for x in json.loads(text)] if text.strip() else []
+    except (OSError, ValueError):
+        return []
 
 
 # --------------------------------------------------------------------------- planning
@@ -624,24 +740,61 @@ def _meta_columns(df) -> list[str]:
     return [c for c in df.columns if c not in skip and c in VARIABLES]
 
 
-def _write_batch(store: Path, state: dict, batch: int, df, runner: _Runner, progress: bool) -> None:
-    """Resize, write metadata and spectra of a planned batch (idempotent, resumable)."""
+def _write_batch(store: Path, state: dict, batch: int, df, runner: _Runner, progress: bool):
+    """Resize, write metadata and spectra of a planned batch (idempotent, resumable).
+
+    A file that cannot be read again when its spectrum is written (moved, truncated, being
+    rewritten) is quarantined as :data:`CHANGED_CODE` and the batch re-planned without it (the
+    later rows move up and their units are written again), so no row is ever stored empty.
+    Returns the final plan."""
     n_old = int(state["n_spectra"])
-    good = df[df["status"] == "stored"].sort_values("row")
-    n_new = n_old + len(good)
     chunk = int(state["chunk_size"])
-    meta_cols = _meta_columns(df)
-    with _quiet():
-        _write_batch_meta(store, state, df, meta_cols, n_old, n_new, good)
     done_dir = _meta_dir(store) / "done" / f"batch-{batch:06d}"
-    done = {int(p.name) for p in done_dir.glob("*")} if done_dir.exists() else set()
-    paths = good["path"].tolist()
-    calls = [
-        (str(store), batch, a, paths[a - n_old : b - n_old])
-        for a, b in _units(n_old, n_new, chunk)
-        if a not in done
-    ]
-    runner.map(_write_unit, calls, desc=f"write batch {batch}", progress=progress)
+    while True:
+        good = df[df["status"] == "stored"].sort_values("row")
+        n_new = n_old + len(good)
+        meta_cols = _meta_columns(df)
+        with _quiet():
+            _write_batch_meta(store, state, df, meta_cols, n_old, n_new, good)
+        done = {int(p.name) for p in done_dir.glob("[0-9]*")} if done_dir.exists() else set()
+        paths = good["path"].tolist()
+        calls = [
+            (str(store), batch, a, paths[a - n_old : b - n_old])
+            for a, b in _units(n_old, n_new, chunk)
+            if a not in done
+        ]
+        runner.map(_write_unit, calls, desc=f"write batch {batch}", progress=progress)
+        failed = {}
+        for a, _b in _units(n_old, n_new, chunk):
+            for row, reason in _marker_failures(done_dir / f"{a:012d}"):
+                failed[int(row)] = str(reason)
+        if not failed:
+            return df
+        first = min(failed)
+        log.warning(
+            "batch %d: %d file(s) could not be read again while writing; quarantined as %s "
+            "and the batch re-planned: %s",
+            batch, len(failed), CHANGED_CODE,
+            "; ".join(f"{df.loc[df['row'] == r, 'path'].iat[0]}: {m}" for r, m in failed.items()),
+        )  # fmt: skip
+        hit = df["row"].isin(list(failed)).to_numpy() & (df["status"] == "stored").to_numpy()
+        df = df.copy()
+        df.loc[hit, "reason"] = [failed[int(r)] for r in df.loc[hit, "row"]]
+        df.loc[hit, "status"] = "quarantined"
+        df.loc[hit, "code"] = CHANGED_CODE
+        keep = (df["status"] == "stored").to_numpy()
+        df["row"] = -1
+        df.loc[keep, "row"] = n_old + np.arange(int(keep.sum()))
+        df["row"] = df["row"].astype("int64")
+        # units from the one holding the first failed row on must be written again: forget
+        # their markers first, then save the new plan (a kill in between redoes them anyway)
+        redo_from = max(n_old, first // chunk * chunk)
+        if done_dir.exists():
+            for m in done_dir.glob("[0-9]*"):
+                if int(m.name) >= redo_from:
+                    m.unlink(missing_ok=True)
+        _atomic_parquet(df, _log_path(store, batch))
+        df = _read_log(store, batch)
 
 
 def _write_batch_meta(store, state, df, meta_cols, n_old, n_new, good):
@@ -673,23 +826,49 @@ def _write_batch_meta(store, state, df, meta_cols, n_old, n_new, good):
                 group[name][sl] = np.full(len(good), fill, dtype=None if kind == "str" else kind)
 
 
+_TABLES = ("metadata", "quarantine")
+
+
+def _staged(store: Path) -> Path:
+    return _meta_dir(store) / "staged"
+
+
+def _publish(store: Path, batches: int) -> None:
+    """Move the staged table parts of committed batches into ``metadata.parquet`` /
+    ``quarantine.parquet``; drop those of uncommitted ones. The tables are written to
+    ``_mspec/staged`` first, so a reader of the table folders (``dask.dataframe``, pyarrow)
+    never sees the rows of a batch that is not committed, even after a kill."""
+    sdir = _staged(store)
+    if not sdir.exists():
+        return
+    for p in sorted(sdir.glob("*-part-*.parquet")):
+        table, _, rest = p.name.partition("-part-")
+        b = int(rest.split(".")[0])
+        if b < batches and table in _TABLES:
+            dest = store / f"{table}.parquet"
+            dest.mkdir(exist_ok=True)
+            os.replace(p, dest / f"part-{b:06d}.parquet")
+        else:
+            p.unlink(missing_ok=True)
+
+
 def _commit(store: Path, state: dict, batch: int, df) -> dict:
     import shutil
 
     good = df[df["status"] == "stored"].sort_values("row")
     meta_cols = ["obsid", "row", *_meta_columns(df)]
+    sdir = _staged(store)
+    sdir.mkdir(parents=True, exist_ok=True)
     if len(good):
-        mdir = store / "metadata.parquet"
-        mdir.mkdir(exist_ok=True)
-        _atomic_parquet(good[meta_cols].reset_index(drop=True), mdir / f"part-{batch:06d}.parquet")
+        _atomic_parquet(
+            good[meta_cols].reset_index(drop=True), sdir / f"metadata-part-{batch:06d}.parquet"
+        )
     bad = df[df["status"] != "stored"]
     if len(bad):
-        qdir = store / "quarantine.parquet"
-        qdir.mkdir(exist_ok=True)
         q = bad[["path", "file", "obsid", "code", "reason"]].copy()
         q["obsid"] = q["obsid"].astype("Int64")
         q["batch"] = batch
-        _atomic_parquet(q.reset_index(drop=True), qdir / f"part-{batch:06d}.parquet")
+        _atomic_parquet(q.reset_index(drop=True), sdir / f"quarantine-part-{batch:06d}.parquet")
     str_len = dict(state.get("str_len", {}))
     for name in state["variables"]:
         if _storage_dtype(name)[0] == "str" and name in good:
@@ -698,25 +877,48 @@ def _commit(store: Path, state: dict, batch: int, df) -> dict:
     state = dict(
         state, n_spectra=int(state["n_spectra"]) + len(good), batches=batch + 1, str_len=str_len
     )
-    _write_state(store, state)
+    _write_state(store, state)  # the commit
+    _publish(store, batch + 1)
     shutil.rmtree(_meta_dir(store) / "done" / f"batch-{batch:06d}", ignore_errors=True)
     return state
 
 
 def _cleanup(store: Path, batches: int) -> None:
-    """Remove what a killed ingest can leave behind: temporary files, markers of committed
-    batches (killed between the commit and their removal)."""
+    """Remove what a killed ingest can leave behind: temporary files, zarr's ``*.partial``
+    chunk files (a kill inside a chunk write), markers of committed batches (killed between
+    the commit and their removal); publish the staged tables of committed batches."""
     import shutil
 
     for folder in (
         _meta_dir(store),
         _meta_dir(store) / "log",
+        _meta_dir(store) / "done",
+        _staged(store),
         store / "metadata.parquet",
         store / "quarantine.parquet",
     ):
         if folder.exists():
-            for p in folder.glob("*.tmp*"):
+            for p in folder.rglob("*.tmp*"):
                 p.unlink(missing_ok=True)
+    with _quiet():
+        arrays = [p for p in store.iterdir() if p.is_dir() and (p / "zarr.json").exists()]
+    n_partial = 0
+    for a in arrays:
+        for p in a.rglob("*.partial"):
+            p.unlink(missing_ok=True)
+            n_partial += 1
+    for p in store.glob("zarr.*.partial"):
+        p.unlink(missing_ok=True)
+        n_partial += 1
+    if n_partial:
+        log.warning("removed %d partly written chunk file(s) left by a killed ingest", n_partial)
+    _publish(store, batches)
+    for table in _TABLES:  # parts of uncommitted batches (stores written before staging)
+        d = store / f"{table}.parquet"
+        if d.exists():
+            for p in d.glob("part-*.parquet"):
+                if int(p.stem.split("-")[1]) >= batches:
+                    p.unlink(missing_ok=True)
     done = _meta_dir(store) / "done"
     if done.exists():
         for p in done.glob("batch-*"):
@@ -742,7 +944,65 @@ def _store_obsids(store: Path, n: int) -> np.ndarray:
 # --------------------------------------------------------------------------- public API
 
 
-def ingest(sources, store, chunk_size: int = 1000, client=None, progress: bool = False) -> dict:
+def _memory_bytes() -> int:
+    """Memory this process may use (cgroup limits included, as dask sees it)."""
+    try:
+        from distributed.system import MEMORY_LIMIT
+
+        return int(MEMORY_LIMIT)
+    except ImportError:  # pragma: no cover - distributed is a dependency
+        try:
+            return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+        except (ValueError, OSError, AttributeError):
+            return 8 * 2**30
+
+
+def max_chunk_size(memory_bytes: int | None = None) -> int:
+    """Largest ``chunk_size`` an ingest accepts on this machine.
+
+    A write task holds one chunk of flux, ivar and both masks (``NPIX * 16`` bytes per
+    spectrum, 62.5 kB) plus the compressor's copies (counted 3x in all); that must fit in a
+    quarter of the memory, so several tasks fit at once.
+
+    Parameters
+    ----------
+    memory_bytes : int, optional
+        Memory to plan for (default: this machine's, cgroup limits included).
+
+    Returns
+    -------
+    int
+        Spectra per chunk.
+    """
+    mem = _memory_bytes() if memory_bytes is None else int(memory_bytes)
+    return max(1, mem // 4 // (3 * _BYTES_PER_SPECTRUM))
+
+
+def _check_chunk_size(chunk_size, what: str = "chunk_size") -> int:
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int | np.integer):
+        raise TypeError(f"{what} must be an int, got {type(chunk_size).__name__}")
+    if chunk_size < 1:
+        raise ValueError(f"{what} must be >= 1, got {chunk_size}")
+    top = max_chunk_size()
+    if chunk_size > top:
+        raise ValueError(
+            f"{what}={chunk_size} is too large for this machine: a chunk of {chunk_size} spectra "
+            f"holds {chunk_size * _BYTES_PER_SPECTRUM / 2**30:.1f} GiB in memory per write task "
+            f"({_memory_bytes() / 2**30:.1f} GiB available); use at most {top} "
+            "(about 1000 is typical)"
+        )
+    return int(chunk_size)
+
+
+def ingest(
+    sources,
+    store,
+    chunk_size: int = 1000,
+    client=None,
+    progress: bool = False,
+    *,
+    allow_outside: bool = False,
+) -> dict:
     """Ingest LAMOST FITS files into a chunked Zarr v3 store (create, resume or append).
 
     Parameters
@@ -755,8 +1015,9 @@ def ingest(sources, store, chunk_size: int = 1000, client=None, progress: bool =
         Store directory; created if missing, resumed if a previous ingest was interrupted,
         appended to otherwise (files already ingested, by absolute path, are skipped).
     chunk_size : int
-        Spectra per Zarr chunk (and per write task) of a new store. An existing store keeps its
-        own chunk size (a different value warns).
+        Spectra per Zarr chunk (and per write task) of a new store, at most
+        :func:`max_chunk_size` (checked before anything is written). An existing store keeps
+        its own chunk size (a different value warns).
     client : None, distributed.Client, str
         Where files are read and written: a ``distributed.Client`` (or a scheduler address);
         ``None`` uses the current default ``distributed`` client if one exists, else dask's
@@ -764,11 +1025,15 @@ def ingest(sources, store, chunk_size: int = 1000, client=None, progress: bool =
         dask scheduler.
     progress : bool
         Show tqdm progress bars.
+    allow_outside : bool
+        Let catalogues list files outside their own folder (see :func:`resolve_sources`);
+        by default such rows are quarantined as ``outside_root`` without being opened.
 
     Returns
     -------
     dict
-        Counts: ``sources`` (files given), ``skipped`` (already in the store), ``read``,
+        Counts: ``sources`` (files given), ``skipped`` (already in the store), ``retried``
+        (quarantined earlier and read again because they changed), ``read``,
         ``stored``, ``quarantined`` (bad files), ``duplicates`` (obsid already present),
         ``resampled``, ``n_spectra`` (store size afterwards), ``batches``, ``seconds``,
         ``files_per_second`` and ``quarantine_codes`` (code -> count).
@@ -776,11 +1041,13 @@ def ingest(sources, store, chunk_size: int = 1000, client=None, progress: bool =
     Raises
     ------
     TypeError, ValueError
-        Bad ``chunk_size``, ``client`` or ``sources``.
+        Bad ``chunk_size``, ``client`` or ``sources``; ``sources`` that match no file at all
+        (a ``ValueError`` saying so; no store is created).
     FileNotFoundError
         A source that does not exist.
     StoreError
-        ``store`` exists but is not an mspec store, or another ingest holds its lock.
+        ``store`` is a file, exists but is not an mspec store, or another ingest holds its
+        lock. Nothing is created or left behind (no lock file) when an ingest is refused.
 
     Notes
     -----
@@ -788,17 +1055,31 @@ def ingest(sources, store, chunk_size: int = 1000, client=None, progress: bool =
     overlap with the grid, no finite flux, all pixels masked) and repeated obsids are skipped
     and recorded in ``<store>/quarantine.parquet`` with a reason code; they never stop an
     ingest. Each spectrum is read twice (scan, then write) so that rows are assigned before
-    any data is written; the second read mostly hits the OS page cache.
+    any data is written; the second read mostly hits the OS page cache. A file that cannot be
+    read the second time is quarantined as ``changed_during_ingest`` (its row is not stored);
+    it, and every quarantined file whose size or modification time changed since, is read
+    again by the next ingest of the same sources (``retried`` in the summary, and the log).
     """
     t0 = time.perf_counter()
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int | np.integer):
-        raise TypeError(f"chunk_size must be an int, got {type(chunk_size).__name__}")
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    chunk_size = _check_chunk_size(chunk_size)
     if not isinstance(store, str | os.PathLike):
         raise TypeError(f"store must be a path, got {type(store).__name__}")
-    items = resolve_sources(sources)
+    if not isinstance(progress, bool):
+        raise TypeError(f"progress must be True or False, got {progress!r}")
+    items = resolve_sources(sources, allow_outside=allow_outside)
+    if not items:
+        raise ValueError(
+            f"sources: {sources!r} matched no FITS file; nothing to ingest (no store created)"
+        )
     store = Path(store).expanduser().absolute()
+    _check_store_path(store)
+    if (_meta_dir(store) / "state.json").exists():
+        have = int(store_state(store).get("chunk_size", 0))
+        if have > max_chunk_size():
+            raise StoreError(
+                f"store: {store} has chunk_size {have}, more than this machine can write "
+                f"(at most {max_chunk_size()}); ingest into a new store"
+            )
     runner = _Runner(client)
     counts = {"stored": 0, "quarantined": 0, "duplicates": 0, "resampled": 0, "read": 0}
     codes: dict[str, int] = {}
@@ -829,13 +1110,20 @@ def ingest(sources, store, chunk_size: int = 1000, client=None, progress: bool =
             if _log_path(store, batch).exists():  # an interrupted ingest: finish its plan
                 log.info("resuming batch %d of %s", batch, store)
                 df = _read_log(store, batch)
-                _write_batch(store, state, batch, df, runner, progress)
+                df = _write_batch(store, state, batch, df, runner, progress)
                 state = _commit(store, state, batch, df)
                 tally(df)
                 batch += 1
-            known = _known_paths(store)
-            todo = [it for it in items if it[0] not in known]
+            seen = _seen(store)
+            todo = [it for it in items if it[0] not in seen or _to_retry(seen[it[0]], it[0])]
+            retried = sum(1 for it in todo if it[0] in seen)
             skipped = len(items) - len(todo)
+            if retried:
+                log.info(
+                    "retrying %d quarantined file(s) that changed since (size or modification "
+                    "time) or changed during an earlier ingest",
+                    retried,
+                )
             obsids = _store_obsids(store, int(state["n_spectra"]))
             per_batch = chunk * int(state.get("batch_chunks", BATCH_CHUNKS))
             for b0 in range(0, len(todo), per_batch):
@@ -849,7 +1137,7 @@ def ingest(sources, store, chunk_size: int = 1000, client=None, progress: bool =
                 df = _plan(records, int(state["n_spectra"]), obsids, store)
                 _atomic_parquet(df, _log_path(store, batch))
                 df = _read_log(store, batch)  # same dtypes as a resumed run sees
-                _write_batch(store, state, batch, df, runner, progress)
+                df = _write_batch(store, state, batch, df, runner, progress)
                 state = _commit(store, state, batch, df)
                 counts["read"] += len(part)
                 tally(df)
@@ -872,6 +1160,7 @@ def ingest(sources, store, chunk_size: int = 1000, client=None, progress: bool =
         "store": str(store),
         "sources": len(items),
         "skipped": skipped,
+        "retried": retried,
         **counts,
         "n_spectra": int(state["n_spectra"]),
         "batches": int(state["batches"]),
@@ -899,7 +1188,10 @@ def open_store(path, *, chunks: Mapping | None = None):
         dims ``spectra`` (coordinate ``obsid``, int64, unique) and ``pixels`` (coordinate
         ``loglam``); ``flux``, ``ivar`` (float32), ``andmask``, ``ormask`` (int32) and the
         per-spectrum metadata. Only committed spectra are shown (an ingest in progress or
-        interrupted adds nothing until its batch commits). Strings are numpy unicode.
+        interrupted adds nothing until its batch commits): every array is cut to the
+        committed length on its own, so a store whose arrays are being resized by a live
+        ingest (or were left mid-resize by a killed one) opens as its last committed state.
+        Strings are numpy unicode.
 
     Raises
     ------
@@ -908,7 +1200,9 @@ def open_store(path, *, chunks: Mapping | None = None):
     mspec.variables.VariableError
         A variable does not match the registry.
     """
+    import dask.array as da
     import xarray as xr
+    import zarr
 
     if not isinstance(path, str | os.PathLike):
         raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
@@ -918,23 +1212,36 @@ def open_store(path, *, chunks: Mapping | None = None):
     state = store_state(path)
     n = int(state["n_spectra"])
     chunk = int(state["chunk_size"])
-    if chunks is None:
-        chunks = {"spectra": chunk, "pixels": -1}
+    want = {"spectra": chunk, "pixels": -1, **dict(chunks or {})}
+    # Each array is opened and cut to the committed length on its own: during an ingest's
+    # resize (or after a kill in it) arrays can differ in length, which xarray.open_zarr
+    # refuses ("conflicting sizes"); the committed rows never change.
     with _quiet():
-        ds = xr.open_zarr(
-            str(path),
-            consolidated=False,
-            chunks=dict(chunks),
-            mask_and_scale=False,
-            decode_times=False,
-            decode_timedelta=False,
+        group = zarr.open_group(str(path), mode="r")
+        arrays = sorted(group.arrays())
+    data, coords = {}, {}
+    for name, arr in arrays:
+        dims = tuple(arr.metadata.dimension_names or ())
+        if len(dims) != arr.ndim:
+            continue
+        if "spectra" in dims and arr.shape[dims.index("spectra")] < n:
+            raise StoreError(
+                f"store: {path}: array {name!r} has {arr.shape[dims.index('spectra')]} rows, "
+                f"fewer than the {n} committed (damaged store)"
+            )
+        shape = tuple(n if d == "spectra" else s for d, s in zip(dims, arr.shape))
+        ch = tuple(
+            s if want.get(d, c) in (-1, None) else min(int(want.get(d, c)), max(s, 1))
+            for d, s, c in zip(dims, shape, arr.chunks)
         )
-    ds = ds.isel(spectra=slice(0, n))
-    ds = ds.set_coords([c for c in ("obsid", "loglam") if c in ds.variables])
-    widths = state.get("str_len", {})
-    for name in list(ds.variables):
-        if ds[name].dtype.kind in "TO":  # zarr variable-length strings -> numpy unicode
-            ds[name] = ds[name].astype(f"U{int(widths.get(name, 1))}")
+        x = da.from_zarr(arr, chunks=tuple(max(1, c) for c in ch))
+        x = x[tuple(slice(0, s) for s in shape)]
+        if x.dtype.kind in "TO":  # zarr variable-length strings -> numpy unicode
+            x = x.astype(f"U{int(state.get('str_len', {}).get(name, 1))}")
+        attrs = {k: v for k, v in arr.attrs.asdict().items() if k != "coordinates"}
+        var = xr.Variable(dims, x, attrs)
+        (coords if name in ("obsid", "loglam") else data)[name] = var
+    ds = xr.Dataset(data, coords=coords)
     for name in ds.variables:
         if name in VARIABLES:
             ds[name].attrs.update(attrs_for(name))

@@ -72,7 +72,9 @@ def read_quarantine(store: str | os.PathLike):
         Columns :data:`QUARANTINE_COLUMNS`: absolute ``path``, base name ``file``, ``obsid``
         (nullable; known for duplicates and files that were read), ``code`` (a key of
         :data:`mspec.io.lamost.QUARANTINE_CODES`), human-readable ``reason`` and ingest
-        ``batch``. Duplicate obsids have code ``"duplicate_obsid"``.
+        ``batch``. Duplicate obsids have code ``"duplicate_obsid"``. A file that a later
+        ingest read again (it changed, see :func:`mspec.io.store.ingest`) appears only with
+        its latest outcome: not at all once stored, with its new reason otherwise.
     """
     import pandas as pd
 
@@ -86,4 +88,23 @@ def read_quarantine(store: str | os.PathLike):
                 for c in QUARANTINE_COLUMNS
             }
         )
-    return pd.concat([pd.read_parquet(p) for p in parts], ignore_index=True)
+    q = pd.concat([pd.read_parquet(p) for p in parts], ignore_index=True)
+    latest = _latest_batch(Path(store))
+    keep = [latest.get(path, b) == b for path, b in zip(q["path"], q["batch"])]
+    return q[keep].reset_index(drop=True)
+
+
+def _latest_batch(store: Path) -> dict[str, int]:
+    """path -> the last committed batch whose plan lists it."""
+    import pyarrow.parquet as pq
+
+    from mspec.io.store import store_state
+
+    n = int(store_state(store)["batches"])
+    out: dict[str, int] = {}
+    for p in sorted((store / "_mspec" / "log").glob("batch-*.parquet")):
+        b = int(p.stem.split("-")[1])
+        if b < n:
+            for path in pq.read_table(p, columns=["path"]).column("path").to_pylist():
+                out[path] = b
+    return out

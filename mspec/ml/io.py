@@ -171,8 +171,80 @@ def read_member_bytes(model_dir, meta: dict | None = None) -> list[bytes]:
                 f"weights file {str(f)!r} does not match the sha256 in {META_NAME}: "
                 "the file is corrupt, truncated or was replaced; retrain or restore it"
             )
+        check_safetensors(blob, meta, name=str(f))
         blobs.append(blob)
     return blobs
+
+
+_ST_DTYPES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
+              "U8": 1, "BOOL": 1}  # fmt: skip
+
+
+def check_safetensors(blob: bytes, meta: dict | None = None, *, name: str = "weights") -> None:
+    """Check that ``blob`` is a safetensors file (and fits ``meta``'s architecture) without
+    building the network, so a bad file fails when a model is opened, not at compute time.
+
+    Parameters
+    ----------
+    blob : bytes
+        File content.
+    meta : dict, optional
+        Model metadata (``kind``, ``arch``): tensor names and shapes are compared with the
+        network it describes.
+    name : str
+        Named in the error.
+
+    Raises
+    ------
+    ModelFileError
+        Not a safetensors file (header length, JSON header, dtypes, offsets), or tensors that
+        do not match the architecture.
+    """
+    bad = f"{name} is not a valid safetensors weights file"
+    if len(blob) < 8:
+        raise ModelFileError(f"{bad} (only {len(blob)} bytes)")
+    n = int.from_bytes(blob[:8], "little")
+    if n < 2 or 8 + n > len(blob):
+        raise ModelFileError(f"{bad} (header length {n} does not fit a {len(blob)}-byte file)")
+    try:
+        header = json.loads(blob[8 : 8 + n].decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        raise ModelFileError(f"{bad} (its header is not JSON)") from None
+    if not isinstance(header, dict):
+        raise ModelFileError(f"{bad} (its header is not a JSON object)")
+    size = len(blob) - 8 - n
+    shapes = {}
+    for key, t in header.items():
+        if key == "__metadata__":
+            continue
+        try:
+            dt, shape, (a, b) = t["dtype"], [int(x) for x in t["shape"]], t["data_offsets"]
+            count = 1
+            for x in shape:
+                count *= x
+            ok = dt in _ST_DTYPES and 0 <= int(a) <= int(b) <= size
+            ok = ok and int(b) - int(a) == count * _ST_DTYPES[dt]
+        except (KeyError, TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise ModelFileError(f"{bad} (tensor {key!r}: bad dtype, shape or offsets)")
+        shapes[key] = tuple(shape)
+    if meta is not None and meta.get("kind") in KINDS and isinstance(meta.get("arch"), dict):
+        try:
+            want = {
+                k: tuple(v.shape)
+                for k, v in build_model(meta["kind"], **meta["arch"]).state_dict().items()
+            }
+        except (TypeError, ValueError, KeyError, RuntimeError):
+            return  # the architecture itself is reported when the model is built
+        if want != shapes:
+            diff = sorted(set(want) ^ set(shapes)) or sorted(
+                k for k in want if want[k] != shapes.get(k)
+            )
+            raise ModelFileError(
+                f"{name} does not fit the architecture in the metadata (wrong weights file?): "
+                f"tensors differ: {diff[:5]}"
+            )
 
 
 def model_from_bytes(meta: dict, blob: bytes, *, name: str = "weights", device="cpu"):

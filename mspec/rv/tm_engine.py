@@ -299,6 +299,9 @@ def match_block(flux, ivar, ormask, flux1a, *, wave1a, cfg, token, engine="numba
         (``chi2`` with a trailing velocity axis).
     """
     shape = flux.shape[:-1]
+    if not int(np.prod(shape)):  # zero spectra (issue 17): empty outputs, the usual dtypes
+        e = [np.zeros(shape, dt) for dt in (np.float64,) * 3 + (np.int32, np.float64)]
+        return (*e, np.zeros((*shape, 2 * cfg.n_trial + 1)), np.zeros(shape, np.int8))
     run = _engine_function(engine)
     kw = {"device": device} if engine == "torch" else {}
     r = run(
