@@ -55,13 +55,18 @@ def test_simulated_bias_and_efficiency(survey, result):
     assert ok.sum() > 150
     assert abs(np.mean(d[ok])) < 1.0
     # scatter vs the Cramér–Rao bound, all M stars at S/N > 20 (measured 1.50x with the
-    # packaged templates, 1.49x with the original FITS: the bound is not reachable exactly)
-    assert np.std(d[ok]) <= 1.6 * np.sqrt(np.mean(cr[ok] ** 2))
+    # packaged templates, 1.49x with the original FITS: the bound is not reachable exactly).
+    # Simulator version 2 adds instrument systematics TM does not model (dichroic splice,
+    # P4-P6 flux-calibration wiggles, sky residuals) and [M/H]-dependent TiO depths that the
+    # 0.3-dex template grid samples coarsely: measured 1.70x, so the bound is 1.8x (was 1.6x)
+    assert np.std(d[ok]) <= 1.8 * np.sqrt(np.mean(cr[ok] ** 2))
     # per S/N bin, stars without chromospheric emission (the templates have none): within
     # 1.5x at 20 < S/N <= 50; above, a ~1.5 km/s systematic floor of the method (template
     # mismatch, Gaussian fit to a coarse chi2 curve; see docs/accuracy.md) dominates
+    # (simulator version 2: 1.62x measured at 20 < S/N <= 50, the [M/H]/[alpha/M] band depths
+    # between the template grid's nodes; the bound there is 1.7x, was 1.5x)
     quiet = ok & ~ds.true_active.values
-    for lo, hi, factor in ((20, 50, 1.5), (50, 1e9, 2.0)):
+    for lo, hi, factor in ((20, 50, 1.7), (50, 1e9, 2.0)):
         s = quiet & (snr > lo) & (snr <= hi)
         assert np.std(d[s]) <= factor * np.sqrt(np.mean(cr[s] ** 2)), (lo, hi)
 

