@@ -323,7 +323,8 @@ def split_dwarfs_giants(ds, *, gaia=None, decisions=None, indices_rv="lamost_rv"
     decisions : pandas.DataFrame, str or PathLike, optional
         Inspection verdicts, columns ``obsid`` and ``decision`` (``dM`` or ``gM``,
         case-insensitive); they override the rules for M stars (``dgcm_reason`` ``"human"``).
-        A spectrum found not to be M belongs in SCM's decisions.
+        With a ``module`` column (the review queue's decisions CSV) only the ``DGCM`` rows
+        count. A spectrum found not to be M belongs in SCM's decisions.
     indices_rv : str or None
         RV variable (km/s) for measuring the indices when ``ds`` lacks them (default the
         LAMOST pipeline RV: DGCM runs before the RV module).
@@ -353,7 +354,7 @@ def split_dwarfs_giants(ds, *, gaia=None, decisions=None, indices_rv="lamost_rv"
             raise ValueError("ds: 'is_m' must be a bool variable on spectra")
     else:
         is_m = _along(ds, np.ones(ds.sizes["spectra"], bool), bool)
-    dec = decisions_array(ds, decisions, ("dM", "gM"), what="decisions")
+    dec = decisions_array(ds, decisions, ("dM", "gM"), what="decisions", module="DGCM")
     cmd_pos, _c0, _colour_ok, cmd_src = resolve_cmd(ds, gaia)
     idx, idx_src = _table3(ds, indices_rv)
     lam = xr.apply_ufunc(

@@ -470,7 +470,7 @@ def _along(ds, values, dtype):
     return da.chunk({"spectra": ch}) if ch is not None else da
 
 
-def decisions_array(ds, decisions, allowed, *, what: str, normalise=None):
+def decisions_array(ds, decisions, allowed, *, what: str, module: str, normalise=None):
     """Inspection decisions aligned with ``ds.spectra`` (``""`` where none).
 
     Parameters
@@ -478,11 +478,15 @@ def decisions_array(ds, decisions, allowed, *, what: str, normalise=None):
     ds : xarray.Dataset
         With the ``obsid`` coordinate (in memory).
     decisions : pandas.DataFrame, str, PathLike or None
-        Columns ``obsid`` and ``decision`` (a CSV/Parquet path is read with pandas).
+        Columns ``obsid`` and ``decision`` (a CSV/Parquet path is read with pandas); with a
+        ``module`` column (the review queue's decisions file, :func:`mspec.review.read_decisions`)
+        only the rows of ``module`` are used.
     allowed : sequence of str
         Accepted decision values (matched case-insensitively, returned in this spelling).
     what : str
         Argument name for messages.
+    module : str
+        Paper module (``"SCM"``, ``"DGCM"``) whose rows a ``module`` column selects.
     normalise : callable, optional
         Maps a decision string before the check.
 
@@ -515,6 +519,9 @@ def decisions_array(ds, decisions, allowed, *, what: str, normalise=None):
         raise ValueError(f"{what}: columns {missing} are missing (need obsid, decision)")
     if "obsid" not in ds.coords:
         raise ValueError(f"ds: {what} need the 'obsid' coordinate")
+    if "module" in cols:
+        mods = decisions[cols["module"]].astype(str).str.strip().str.upper()
+        decisions = decisions[mods == module.upper()]
     df = decisions[[cols["obsid"], cols["decision"]]].copy()
     df.columns = ["obsid", "decision"]
     df = df[df["decision"].notna() & (df["decision"].astype(str).str.strip() != "")]
@@ -692,7 +699,8 @@ def select_m_stars(ds, *, gaia=None, decisions=None, entry="lamost", indices_rv=
     decisions : pandas.DataFrame, str or PathLike, optional
         Inspection verdicts, columns ``obsid`` and ``decision`` (a class of
         :data:`SCM_CLASSES`, case-insensitive; ``"non-M"`` is read as ``UNKNOWN``); they
-        override the rules (``scm_reason`` ``"human"``, ``scm_prob`` 1).
+        override the rules (``scm_reason`` ``"human"``, ``scm_prob`` 1). With a ``module``
+        column (the review queue's decisions CSV) only the ``SCM`` rows count.
     entry : {"lamost", "all"}
         Which spectra enter: LAMOST's M list (the paper's M_Catalog_V0) or every spectrum.
     indices_rv : str or None
@@ -729,6 +737,7 @@ def select_m_stars(ds, *, gaia=None, decisions=None, entry="lamost", indices_rv=
         decisions,
         SCM_CLASSES,
         what="decisions",
+        module="SCM",
         normalise=lambda v: "UNKNOWN" if v.lower() in ("non-m", "nonm", "non_m") else v,
     )
     cmd_pos, c0, col_ok, cmd_src = resolve_cmd(ds, gaia)

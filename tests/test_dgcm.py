@@ -204,3 +204,13 @@ def test_measures_indices_from_flux_lazily():
     assert out.attrs["dgcm_cmd_source"] == "gaia columns"
     out = out.compute()
     assert set(out["luminosity_class"].values) <= {"dM", "gM"}
+
+
+def test_review_decisions_file_with_modules(tmp_path):
+    ds, names = make_ds()
+    i = names.index("agree")
+    p = tmp_path / "decisions.csv"
+    p.write_text(f"obsid,module,decision\n{10 + i},DGCM,dM\n{10 + i},SCM,M\n")
+    out = split_dwarfs_giants(ds, decisions=p, merge=False)
+    assert out["luminosity_class"].values[i] == "dM"
+    assert out.attrs["dgcm_decisions"] == 1

@@ -4,6 +4,8 @@ is in tests/test_classification_sim.py."""
 
 from __future__ import annotations
 
+import importlib.util
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -300,3 +302,23 @@ def test_scm_decide_numpy_direct():
     assert r["is_m"].shape == (0,)
     r = scm_decide(spt(M=0.99)[None], SPT, np.array([[0.0, 1.0]]), WDM, ["dM1"], [""], [np.nan])
     assert r["is_m"].tolist() == [True] and r["scm_reason"].tolist() == ["direct"]
+
+
+def test_review_decisions_file_with_modules(tmp_path):
+    """The review queue's decisions CSV (obsid,module,decision): only SCM rows count."""
+    ds, names = make_ds()
+    i_m, i_g = names.index("m"), names.index("g")
+    p = tmp_path / "decisions.csv"
+    p.write_text(
+        f"obsid,module,decision\n{100 + i_m},SCM,WD\n{100 + i_g},RVMM,TM\n{100 + i_g},DGCM,gM\n"
+    )
+    out = select_m_stars(ds, decisions=p, merge=False)
+    assert out["scm_class"].values[i_m] == "WD" and out["scm_reason"].values[i_m] == "human"
+    assert out["scm_reason"].values[i_g] == "spt_non_m"  # RVMM/DGCM rows ignored
+    assert out.attrs["scm_decisions"] == 1
+    if importlib.util.find_spec("mspec.review") is not None:
+        from mspec.review import read_decisions
+
+        df = read_decisions(p)
+        again = select_m_stars(ds, decisions=df, merge=False)
+        np.testing.assert_array_equal(again["scm_class"].values, out["scm_class"].values)
