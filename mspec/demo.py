@@ -208,7 +208,10 @@ def _evaluate(timer: _Timer, out: Path, result) -> Path:
         "Simulated survey with known truth; the CNNs are trained on a separate simulated set.",
         *(f"not available: {x}" for x in result.not_available),
         f"pipeline run directory: {result.run_dir} (resumable; `mspec info {result.run_dir}`)",
+        f"HTML run report with figures: {result.report or '(not written: see demo.log)'}",
     ]
     report = write_report(out, cat, stages=timer.stages, metrics=metrics, notes=notes)
     print(f"report: {report}")
+    if result.report:
+        print(f"HTML run report: {result.report}")
     return report

@@ -19,7 +19,7 @@ import logging
 import os
 import shutil
 import time
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -81,6 +81,8 @@ class RunResult:
         Wall time.
     ingest : dict
         Ingest summary (empty when no sources were given).
+    report : str
+        Path of the HTML run report (``RUN/report/index.html``; empty if it failed).
     """
 
     run_dir: str
@@ -90,6 +92,7 @@ class RunResult:
     catalog: str = ""
     seconds: float = 0.0
     ingest: dict = field(default_factory=dict)
+    report: str = ""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -407,6 +410,25 @@ def _catalog(run_dir: Path, ds_store: xr.Dataset, n: int) -> Path:
 # --------------------------------------------------------------------------- public
 
 
+@contextmanager
+def _no_space_is_run_error(what: str, where):
+    """A full disk (ENOSPC/EDQUOT, also from a dask worker or pyarrow) becomes a one-line
+    :class:`RunError` (issue 17); finished chunks keep their done records, so a rerun after
+    freeing space resumes and gives identical outputs."""
+    import errno
+
+    try:
+        yield
+    except OSError as exc:
+        full = exc.errno in (errno.ENOSPC, errno.EDQUOT) or "No space left" in str(exc)
+        if not full:
+            raise
+        raise RunError(
+            f"{what}: no space left on the device holding {where}; free some space and "
+            "rerun the same command (finished chunks are kept)"
+        ) from None
+
+
 def run(
     config,
     *,
@@ -481,13 +503,14 @@ def run(
             from mspec.io.store import ingest
 
             t0 = time.perf_counter()
-            summary = ingest(
-                list(cfg.sources),
-                cfg.store,
-                chunk_size=cfg.chunk_size,
-                client=client if client is not None else scheduler,
-                progress=progress,
-            )
+            with _no_space_is_run_error("ingest", cfg.store):
+                summary = ingest(
+                    list(cfg.sources),
+                    cfg.store,
+                    chunk_size=cfg.chunk_size,
+                    client=client if client is not None else scheduler,
+                    progress=progress,
+                )
             result.ingest = {k: v for k, v in summary.items()}
             result.stages["ingest"] = {
                 "module": "ingest",
@@ -532,9 +555,10 @@ def run(
         upstream: dict[str, str] = {}
         for stage in selected:
             log.info("stage %s (%s): %s", stage.name, stage.module, ", ".join(stage.steps))
-            info, stamp_hash = _run_stage(
-                stage, ctx, run_dir, ds, n, chunk, client, scheduler, progress, upstream
-            )
+            with _no_space_is_run_error(f"stage {stage.name}", run_dir):
+                info, stamp_hash = _run_stage(
+                    stage, ctx, run_dir, ds, n, chunk, client, scheduler, progress, upstream
+                )
             upstream[stage.name] = stamp_hash
             result.stages[stage.name] = info
             for part in info["not_available"]:
@@ -551,7 +575,8 @@ def run(
                 "SCM/DGCM use the CNNs only"
             )
         t0 = time.perf_counter()
-        result.catalog = str(_catalog(run_dir, ds, n))
+        with _no_space_is_run_error("catalog", run_dir):
+            result.catalog = str(_catalog(run_dir, ds, n))
         result.stages["catalog"] = {
             "module": "catalog",
             "status": "done",
@@ -562,9 +587,26 @@ def run(
             result.not_available.append(f"catalog: {part}")
         result.seconds = round(time.perf_counter() - t_start, 2)
         atomic_write(run_dir / "run.json", json.dumps(result.to_dict(), indent=1, default=str))
+        result.report = _report(run_dir, cfg)
         for line in result.not_available:
             log.info("not available: %s", line)
     return result
+
+
+def _report(run_dir: Path, cfg) -> str:
+    """Write the HTML run report; a failure is logged, never fatal to the run."""
+    from mspec.run_report import write_run_report
+
+    t0 = time.perf_counter()
+    try:
+        path = write_run_report(
+            run_dir, tm_sigma=cfg.thresholds.tm_sigma, dsal_sigma=cfg.thresholds.dsal_sigma
+        )
+    except Exception:  # noqa: BLE001 - the run's results are complete without the report
+        log.warning("could not write the run report", exc_info=True)
+        return ""
+    log.info("run report: %s (%.1f s)", path, time.perf_counter() - t0)
+    return str(path)
 
 
 def _models(cfg) -> Path:
