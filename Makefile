@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.mspec-installed
 DEMO_DIR ?= demo_output
 
-.PHONY: demo test lint bench install clean
+.PHONY: demo test lint bench docs install clean
 
 install: $(STAMP)
 
@@ -25,8 +25,18 @@ test: $(STAMP) lint
 demo: $(STAMP)
 	$(BIN)/mspec --log $(DEMO_DIR)/demo.log demo --out $(DEMO_DIR)
 
+# asv suite (one sample per case), then docs/benchmarks.md's generated section from the results.
+# BENCH='regex' runs only the matching benchmarks (asv -b).
+BENCH ?=
 bench: $(STAMP)
-	cd benchmarks && ../$(BIN)/asv run --python=same --quick --show-stderr
+	cd benchmarks && ../$(BIN)/asv machine --yes > /dev/null
+	cd benchmarks && ../$(BIN)/asv run --python=same --quick --show-stderr \
+		--set-commit-hash $$(git rev-parse HEAD) $(if $(BENCH),-b '$(BENCH)'); \
+		rc=$$?; ../$(BIN)/python report.py; exit $$rc
+
+# documentation site (MkDocs + mkdocstrings), warnings are errors, into site/
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache .ruff_cache .hypothesis
