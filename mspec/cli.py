@@ -260,6 +260,90 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_catalog(args: argparse.Namespace) -> int:
+    from mspec.catalog import CatalogError, build_catalog, catalog_summary, diff_runs, write
+
+    target = list(args.target)
+    try:
+        if target[0] == "diff":
+            if len(target) != 3:
+                raise CLIError("catalog diff: expected two run directories: diff RUN_A RUN_B")
+            d = diff_runs(target[1], target[2], n_sigma=args.sigma)
+            counts = d.attrs.get("counts", {})
+            print(json.dumps(counts, indent=1))
+            if args.out:
+                out = Path(args.out)
+                if out.suffix.lower() != ".csv":
+                    out.mkdir(parents=True, exist_ok=True)
+                    out = out / "catalog_diff.csv"
+                d.to_csv(out, index=False)
+                print(f"changed spectra: {out}")
+            elif len(d):
+                print(d.head(50).to_string(index=False))
+            return 0
+        if len(target) != 1:
+            raise CLIError("catalog: expected one run directory (or 'diff RUN_A RUN_B')")
+        if not args.out:
+            raise CLIError("catalog: --out DIR is required")
+        cats = build_catalog(target[0])
+        written = write(cats, args.out, formats=tuple(args.format))
+        summary = catalog_summary(cats)
+        summary.to_csv(Path(args.out) / "catalog_summary.csv", index=False)
+    except (CatalogError, KeyError) as exc:
+        raise CLIError(str(exc).strip("'\"")) from exc
+    with pd_options():
+        print(summary.drop(columns=["note"]).to_string(index=False))
+    print(json.dumps(written, indent=1))
+    return 0
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from mspec.catalog import CatalogError
+    from mspec.compare import compare_catalogs, comparison_figure, internal_error_figure
+
+    columns = {}
+    for item in args.columns or []:
+        for part in item.split(","):
+            if not part.strip():
+                continue
+            key, sep, col = part.partition("=")
+            if not sep or not key.strip() or not col.strip():
+                raise CLIError(f"--columns: expected QUANTITY=COLUMN, got {part!r}")
+            columns[key.strip()] = col.strip()
+    try:
+        res = compare_catalogs(
+            args.catalog,
+            args.external,
+            columns=columns or None,
+            radius_arcsec=args.radius,
+            quality_cuts=not args.no_quality_cuts,
+            use_flags=not args.no_flags,
+        )
+    except (CatalogError, KeyError) as exc:
+        raise CLIError(str(exc).strip("'\"")) from exc
+    print(
+        f"matched {len(res.matched)} of {res.n_catalog} catalog spectra within "
+        f"{args.radius} arcsec of {res.n_external} external rows; columns {res.columns}"
+    )
+    with pd_options():
+        print(res.stats[res.stats.n > 0].to_string(index=False))
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        res.stats.to_csv(out / "comparison_stats.csv", index=False)
+        res.matched.to_parquet(out / "matched.parquet", index=False)
+        comparison_figure(res, name=args.name).savefig(out / "comparison.png", dpi=120)
+        internal_error_figure(res.matched).savefig(out / "internal_errors.png", dpi=120)
+        print(f"written to {out}")
+    return 0
+
+
+def pd_options():
+    import pandas as pd
+
+    return pd.option_context("display.width", 200, "display.max_columns", 20)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Build the ``mspec`` argument parser."""
     from mspec._version import __version__
@@ -379,6 +463,51 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", default=None, help="output directory (default: RUN/report)")
     q.add_argument("--examples", type=int, default=4, help="example spectra drawn (0-12)")
     q.set_defaults(func=_cmd_report)
+    q = sub.add_parser(
+        "catalog",
+        help="write a run's catalogs (M_Catalog_V0-V3, recommended, non-M) or diff two runs",
+        usage="mspec catalog RUN --out DIR [--format {parquet,fits} ...]\n"
+        "       mspec catalog diff RUN_A RUN_B [--sigma SIGMA] [--out CSV]",
+        description="'mspec catalog RUN --out DIR' builds M_Catalog_V0..V3, the recommended "
+        "catalog (the paper's Table 9) and non-M_Catalog from a run directory and writes them "
+        "as partitioned Parquet and FITS, with catalog_summary.csv (counts per stage, like the "
+        "paper's Tables 1, 4 and 7) and parameter_flag.json. 'mspec catalog diff RUN_A RUN_B' "
+        "lists the spectra added, removed, reclassified, or whose rv/parameters changed "
+        "beyond their errors.",
+        formatter_class=_Formatter,
+    )
+    q.add_argument("target", nargs="+", metavar="RUN | diff RUN_A RUN_B",
+                   help="a run directory, or 'diff' and two run directories")  # fmt: skip
+    q.add_argument("--out", default=None,
+                   help="output directory (catalog; required) or CSV file/directory (diff)")  # fmt: skip
+    q.add_argument("--format", nargs="+", choices=("parquet", "fits"),
+                   default=["parquet", "fits"], help="output formats")  # fmt: skip
+    q.add_argument("--sigma", type=float, default=3.0,
+                   help="diff: a value changed when |new - old| > SIGMA combined errors")  # fmt: skip
+    q.set_defaults(func=_cmd_catalog)
+
+    q = sub.add_parser(
+        "compare",
+        help="compare a catalog with an external one (APOGEE, Gaia RVS, ...) within 3 arcsec",
+        description="Cross-match within --radius arcsec, apply the paper's quality criteria "
+        "(snr_u, snr_g > 0; snr_r, snr_i, snr_z > 20; orp < 1 %) and the flags, and report "
+        "offset and dispersion per parameter, luminosity class and S/N_i bin; with --out, "
+        "also the table, the matches and the figures (paper Figures 13-16).",
+        formatter_class=_Formatter,
+    )
+    q.add_argument("catalog", help="a catalog file written by 'mspec catalog' or a run dir")
+    q.add_argument("external", help="external table: Parquet, CSV, FITS, ECSV or VOTable")
+    q.add_argument("--columns", action="append", metavar="QUANTITY=COLUMN",
+                   help="external column of ra, dec, rv, teff, logg, m_h or alpha_m "
+                   "(default: looked up by common names; repeatable, comma-separated)")  # fmt: skip
+    q.add_argument("--radius", type=float, default=3.0, help="match radius (arcsec)")
+    q.add_argument("--name", default="external", help="label of the external catalog in plots")
+    q.add_argument("--no-quality-cuts", action="store_true",
+                   help="do not apply the paper's S/N and orp criteria")  # fmt: skip
+    q.add_argument("--no-flags", action="store_true",
+                   help="also compare values with parameter_flag / rv_flag 0")  # fmt: skip
+    q.add_argument("--out", default=None, help="directory for the table, matches and figures")
+    q.set_defaults(func=_cmd_compare)
     return p
 
 

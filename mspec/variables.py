@@ -635,3 +635,14 @@ register(
     "mean + 3 std of its fitted model, values inside Table 10); 0 otherwise",
 )
 register("parameter_flag_reason", S, "S", "", "why parameter_flag is 0 ('' when 1)")
+
+# --- catalog flags (issue 15) --------------------------------------------------------------
+register(
+    "parameter_flag",
+    S,
+    "int8",
+    "",
+    "1: the CNN-TLMA parameters are recommended (paper Sect. 4.1: S/N_i > 0, error within "
+    "mean + 3 std of its fitted model, values inside Table 10); 0 otherwise",
+)
+register("parameter_flag_reason", S, "S", "", "why parameter_flag is 0 ('' when 1)")
