@@ -46,6 +46,7 @@ from matplotlib.figure import Figure
 from mspec.plots import OKABE_ITO, accuracy_figure, confusion_figure
 from mspec.report import (
     DMGM_CLASSES,
+    SPT_CLASSES,
     TLMA_PARAMS,
     _labels,
     _num,
@@ -836,7 +837,7 @@ def _fig_rv_from(r: _Run, out: Path, opt: dict):
     return fig, cap
 
 
-def _example_rows(r: _Run, n: int) -> list[tuple[int, str]]:
+def _example_rows(r: _Run, n: int, eligible: np.ndarray) -> list[tuple[int, str]]:
     cat = r.cat
     snr = _n(cat, "snr_i") if "snr_i" in cat else np.zeros(len(cat))
     snr = np.where(np.isfinite(snr), snr, -np.inf)
@@ -845,7 +846,8 @@ def _example_rows(r: _Run, n: int) -> list[tuple[int, str]]:
     picks: list[tuple[int, str]] = []
 
     def add(mask, why, pick="max"):
-        idx = np.flatnonzero(mask & ~np.isin(np.arange(len(cat)), [i for i, _ in picks]))
+        taken = np.isin(np.arange(len(cat)), [i for i, _ in picks])
+        idx = np.flatnonzero(mask & eligible & ~taken)
         if idx.size == 0 or len(picks) >= n:
             return
         if pick == "max":
@@ -884,16 +886,15 @@ def _fig_spectra(r: _Run, out: Path, opt: dict):
     ds = open_store(str(r.store))
     obs_store = np.asarray(ds["obsid"].values)
     pos = pd.Index(obs_store)
-    picks = _example_rows(r, opt["n_examples"])
-    rows, whys, where = [], [], []
-    for i, why in picks:
-        j = pos.get_indexer([r.cat["obsid"].iloc[i]])[0] if "obsid" in r.cat else -1
-        if j >= 0:
-            rows.append(i)
-            whys.append(why)
-            where.append(int(j))
-    if not rows:
-        raise _NotDrawn("none of the chosen spectra is in the store")
+    if "obsid" not in r.cat:
+        raise _NotDrawn("the catalog has no obsid column to find the spectra in the store")
+    j_all = pos.get_indexer(pd.to_numeric(r.cat["obsid"], errors="coerce").to_numpy())
+    if not (j_all >= 0).any():
+        raise _NotDrawn(f"no obsid of the catalog is in the store {r.store}")
+    picks = _example_rows(r, opt["n_examples"], j_all >= 0)
+    rows = [i for i, _ in picks]
+    whys = [w for _, w in picks]
+    where = [int(j_all[i]) for i in rows]
     sub = ds[["flux", "ivar", "ormask"]].isel(spectra=where).compute()
     wave = 10.0 ** np.asarray(ds["loglam"].values, dtype=np.float64)
     fig = Figure(figsize=(13, 3.2 * len(rows)), layout="constrained")
@@ -1089,12 +1090,33 @@ FIGURE_NAMES: tuple[str, ...] = tuple(name for name, _, _ in _FIGURES)
 # --------------------------------------------------------------------------- tables
 
 
-def _count_table(values: np.ndarray, order: Sequence[str] = ()) -> list[tuple[str, int]]:
+def _count_table(
+    values: np.ndarray, order: Sequence[str] = (), zeros: bool = False
+) -> list[tuple[str, int]]:
+    """(value, count) pairs: ``order`` first (with 0 counts when ``zeros``), then the rest."""
     vals = np.asarray(values).astype(str)
     uniq, cnt = np.unique(vals, return_counts=True)
     d = dict(zip(uniq.tolist(), cnt.tolist()))
-    keys = [k for k in order if k in d] + sorted(k for k in d if k not in order)
-    return [(k if k != "" else "(none)", int(d[k])) for k in keys]
+    keys = [k for k in order if zeros or k in d] + sorted(k for k in d if k not in order)
+    return [(k if k != "" else "(none)", int(d.get(k, 0))) for k in keys]
+
+
+def _reason_rows(cat: pd.DataFrame, col: str, mask, label: str) -> list[list]:
+    """One row per non-empty value of a reason / inspection column (most frequent first)."""
+    if col not in cat:
+        return []
+    v = _str(cat, col)
+    v = v[mask] if mask is not None else v
+    v = v[v != ""]
+    rows = [[label, k, c] for k, c in _count_table(v)]
+    return sorted(rows, key=lambda x: -x[2])
+
+
+def _flag_count(cat: pd.DataFrame, col: str) -> int:
+    v = cat[col]
+    if v.dtype == object or str(v.dtype).startswith(("string", "str")):
+        return int(np.isin(np.char.lower(_str(cat, col).astype(str)), ("true", "1", "yes")).sum())
+    return int((pd.to_numeric(v, errors="coerce").fillna(0).to_numpy() > 0).sum())
 
 
 def _counts_sections(r: _Run) -> list[tuple[str, str, list[str], list[list]]]:
@@ -1107,14 +1129,13 @@ def _counts_sections(r: _Run) -> list[tuple[str, str, list[str], list[list]]]:
     # Table 1 (SCM)
     rows = []
     if "spt_class" in cat:
-        for k, v in _count_table(_str(cat, "spt_class"), ("OB", "A", "F", "G", "K", "M",
-                                                         "GALAXY", "QSO")):  # fmt: skip
+        for k, v in _count_table(_str(cat, "spt_class"), SPT_CLASSES, zeros=True):
             rows.append(["CNN-SPT", k, v])
     if "wdm_class" in cat:
-        for k, v in _count_table(_str(cat, "wdm_class"), ("WD", "M")):
+        for k, v in _count_table(_str(cat, "wdm_class"), ("WD", "M"), zeros=True):
             rows.append(["CNN-WDM", k, v])
     if "CMD_pos" in cat:
-        for k, v in _count_table(_str(cat, "CMD_pos"), ("dM", "gM", "other")):
+        for k, v in _count_table(_str(cat, "CMD_pos"), ("dM", "gM", "other"), zeros=True):
             rows.append(["Gaia CMD position", k if k != "(none)" else "(not placed)", v])
     if "scm_class" in cat:
         for k, v in _count_table(_str(cat, "scm_class")):
@@ -1130,6 +1151,13 @@ def _counts_sections(r: _Run) -> list[tuple[str, str, list[str], list[list]]]:
             cand |= _str(cat, "CMD_pos") == "other"
             why += " or CMD outside the dM/gM regions"
         rows.append([f"SCM inspection candidates ({why})", "candidates", int(cand.sum())])
+    if "entered" in cat:
+        rows.append(["entered SCM (M_Catalog_V0)", "entered", _flag_count(cat, "entered")])
+    rows += _reason_rows(cat, "scm_reason", None, "SCM rule (scm_reason)")
+    rows += _reason_rows(cat, "scm_inspect", None, "SCM inspection queue (scm_inspect)")
+    if "new_m" in cat:
+        rows.append(["M stars LAMOST called something else (new_m)", "new M", _flag_count(
+            cat, "new_m")])  # fmt: skip
     m, msel = _m_selection(r)
     rows.append([f"M spectra ({msel})", "M", int(m.sum())])
     text = f"{n:,} spectra in the catalog."
@@ -1143,10 +1171,10 @@ def _counts_sections(r: _Run) -> list[tuple[str, str, list[str], list[list]]]:
     # Table 4 (DGCM)
     rows = []
     if "dmgm_class" in cat:
-        for k, v in _count_table(_str(cat, "dmgm_class")[m], DMGM_CLASSES):
+        for k, v in _count_table(_str(cat, "dmgm_class")[m], DMGM_CLASSES, zeros=True):
             rows.append(["CNN-dMgM (M spectra)", k, v])
     if "CMD_pos" in cat:
-        for k, v in _count_table(_str(cat, "CMD_pos")[m], ("dM", "gM", "other")):
+        for k, v in _count_table(_str(cat, "CMD_pos")[m], ("dM", "gM", "other"), zeros=True):
             rows.append(["Gaia CMD position (M spectra)", k if k != "(none)" else "(not placed)",
                          v])  # fmt: skip
     if "lamost_subclass" in cat:
@@ -1155,8 +1183,10 @@ def _counts_sections(r: _Run) -> list[tuple[str, str, list[str], list[list]]]:
         rows.append(["LAMOST subclass (M spectra)", "gM*", int(giant.sum())])
         rows.append(["LAMOST subclass (M spectra)", "other", int((~giant).sum())])
     if "luminosity_class" in cat:
-        for k, v in _count_table(_str(cat, "luminosity_class")[m], DMGM_CLASSES):
+        for k, v in _count_table(_str(cat, "luminosity_class")[m], DMGM_CLASSES, zeros=True):
             rows.append(["DGCM final (luminosity_class)", k, v])
+    rows += _reason_rows(cat, "dgcm_reason", m, "DGCM rule (dgcm_reason)")
+    rows += _reason_rows(cat, "dgcm_inspect", None, "DGCM inspection queue (dgcm_inspect)")
     text = ""
     if not rows:
         text = _stage_missing(r, "dgcm", "DGCM") + "."
@@ -1167,15 +1197,12 @@ def _counts_sections(r: _Run) -> list[tuple[str, str, list[str], list[list]]]:
     # Table 7 (RVMM)
     rows = []
     if "rv_from" in cat:
-        for k, v in _count_table(_str(cat, "rv_from")[m], RV_FROM_VALUES):
+        for k, v in _count_table(_str(cat, "rv_from")[m], RV_FROM_VALUES, zeros=True):
             rows.append(["rv_from", k, v])
     for col, lab in _RV_METHODS:
         if col in cat:
             rows.append(["finite RV (M spectra)", lab, int(np.isfinite(_n(cat, col)[m]).sum())])
-    if "rv_inspect" in cat:
-        rows.append(
-            ["to inspect (rv_inspect)", "queued", int((_str(cat, "rv_inspect") != "").sum())]
-        )
+    rows += _reason_rows(cat, "rv_inspect", None, "RV inspection queue (rv_inspect)")
     if "rv_flag" in cat:
         rows.append(["rv_flag = 1", "", int((_n(cat, "rv_flag") == 1).sum())])
     text = ""
@@ -1201,6 +1228,8 @@ def _counts_sections(r: _Run) -> list[tuple[str, str, list[str], list[list]]]:
         rows.append(["CNN-TLMA parameters", "all", int(t.sum())])
     if "parameter_flag" in cat:
         rows.append(["parameter_flag = 1", "", int((_n(cat, "parameter_flag") == 1).sum())])
+        t = np.isfinite(_n(cat, "teff")) if "teff" in cat else None
+        rows += _reason_rows(cat, "parameter_flag_reason", t, "parameter_flag = 0 (reason)")
     text = "" if rows else _stage_missing(r, "spmm", "SPMM") + "."
     out.append(("SPMM: stellar parameters", text, ["source", "class", "spectra"], rows))
     return out
@@ -1417,12 +1446,19 @@ def _render(r: _Run, figs: list[_FigResult], opt: dict, seconds: float) -> str:
         )
     # counts
     parts.append('<h2 id="counts">Counts per stage</h2>')
-    for head, text, header, rows in _safe(lambda: _counts_sections(r), [], r, "counts"):
+    for head, text, _header, rows in _safe(lambda: _counts_sections(r), [], r, "counts"):
         parts.append(f"<h3>{_e(head)}</h3>")
         if text:
             parts.append(f"<p>{_e(text)}</p>")
-        if rows:
-            parts.append(_html_table(header, rows))
+        groups = _group_counts(rows)
+        opt["counts"][head] = groups
+        for source, items in groups.items():
+            # like the paper's tables: the values as columns, one row of counts
+            parts.append(
+                _html_table(
+                    [source, *(k or "count" for k in items)], [["spectra", *items.values()]]
+                )
+            )
     # quarantine
     parts.append('<h2 id="quarantine">Quarantine</h2>')
     text, rows = _safe(lambda: _quarantine(r), ("", []), r, "quarantine summary")
@@ -1474,6 +1510,14 @@ def _safe(func, default, r: _Run, what: str):
         log.warning("run report: %s failed", what, exc_info=True)
         r.notes.append(f"{what} could not be computed: {type(exc).__name__}: {exc}")
         return default
+
+
+def _group_counts(rows: list[list]) -> dict[str, dict[str, int]]:
+    """``[[source, value, count], ...]`` -> ``{source: {value: count}}`` in row order."""
+    out: dict[str, dict[str, int]] = {}
+    for source, value, count in rows:
+        out.setdefault(str(source), {})[str(value)] = int(count)
+    return out
 
 
 def _dedupe(figs: list[_FigResult]) -> list[_FigResult]:
@@ -1600,6 +1644,7 @@ def _write(run_dir, out_dir, n_examples, max_points, snr_min, tm_sigma, dsal_sig
         "min_bin_count": 5,
         "metrics": {},
         "stats": {},
+        "counts": {},
     }
     if r.cat is not None and r.simulated:
         try:
@@ -1628,6 +1673,7 @@ def _write(run_dir, out_dir, n_examples, max_points, snr_min, tm_sigma, dsal_sig
         "not_drawn": [
             {"name": f.name, "title": f.title, "reason": f.reason} for f in figs if f.reason
         ],  # fmt: skip
+        "counts": opt["counts"],
         "stats": opt["stats"],
         "seconds": round(time.perf_counter() - t0, 2),
     }

@@ -105,6 +105,16 @@ def _complete_catalog(cat: pd.DataFrame, seed: int = 3) -> pd.DataFrame:
     cat["rv"] = np.where(np.char.startswith(rv_from.astype(str), "NoRV"), np.nan, rv)
     cat["rv_err"] = 5.0 * (1 + 20 / cat["snr_i"].clip(lower=1))
     cat["rv_inspect"] = np.where(np.abs(cat["rv"]) > 150, "abs_rv_gt_150", "")
+    cat["rv_flag"] = (np.isfinite(cat["rv"]) & (cat["mjd"] > 55940)).astype("int8")
+    cat["entered"] = True
+    cat["scm_reason"] = np.where(is_m, "cnn_m", "cnn_non_m")
+    cat["scm_inspect"] = ""
+    cat.loc[cat.index[:3], "scm_inspect"] = "cnn_cmd_disagree"
+    cat["new_m"] = False
+    cat["dgcm_reason"] = np.where(is_m, np.where(tl == "gM", "giant_votes", "dwarf_default"), "")
+    cat["dgcm_inspect"] = ""
+    cat["parameter_flag"] = np.where(is_m & (cat["snr_i"] > 10), 1, 0).astype("int8")
+    cat["parameter_flag_reason"] = np.where(cat["parameter_flag"] == 1, "", "low_snr")
     return cat
 
 
@@ -236,10 +246,24 @@ def test_complete_run_draws_every_figure(complete_run, complete_report):
     cat = pd.read_parquet(complete_run / "catalog" / "catalog.parquet")
     # Table 7 counts: rv_from of M spectra, every value of the paper
     m = cat["is_m"].to_numpy()
+    t7 = manifest["counts"]["RVMM: where the RV comes from (paper Table 7)"]["rv_from"]
+    assert list(t7) == list(RV_FROM_VALUES)  # the paper's order, every value
     for v in RV_FROM_VALUES:
-        k = int((cat["rv_from"][m] == v).sum())
-        if k:
-            assert f'<td>rv_from</td><td>{_esc(v)}</td><td class="num">{k:,}</td>' in html
+        assert t7[v] == int((cat["rv_from"][m] == v).sum())
+    # rendered like the paper: the values as columns, one row of counts
+    head = "".join(f"<th>{_esc(v)}</th>" for v in RV_FROM_VALUES)
+    cells = "".join(f'<td class="num">{t7[v]:,}</td>' for v in RV_FROM_VALUES)
+    assert f"<th>rv_from</th>{head}</tr></thead><tbody><tr><td>spectra</td>{cells}" in html
+    counts = {src: v for sec in manifest["counts"].values() for src, v in sec.items()}
+    for label, value, count in (
+        ("SCM rule (scm_reason)", "cnn_m", int(m.sum())),
+        ("SCM inspection queue (scm_inspect)", "cnn_cmd_disagree", 3),
+        ("entered SCM (M_Catalog_V0)", "entered", len(cat)),
+        ("DGCM rule (dgcm_reason)", "giant_votes", int((cat["luminosity_class"] == "gM").sum())),
+        ("parameter_flag = 0 (reason)", "low_snr", int((m & (cat["snr_i"] <= 10)).sum())),
+        ("rv_flag = 1", "", int(cat["rv_flag"].sum())),
+    ):
+        assert counts[label].get(value, 0) == count, (label, value)
     cap = next(f["caption"] for f in manifest["figures"] if f["name"] == "rv_lamost")
     assert "3σ band" in cap and "2σ band" in cap
     # the band of the figure is the clipped TM - LAMOST statistic of the M spectra
