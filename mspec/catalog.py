@@ -414,8 +414,10 @@ def _gather(run_dir: Path, cfg, notes: list[str]):
         if m < n:
             notes.append(f"stage {name}: covers {m} of {n} spectra (store grew); rest null")
         grp = grp.isel(spectra=slice(0, min(m, n)))
-        if "obsid" in grp.variables and m >= 1:
-            pass  # the runner writes groups in store order; obsid checked below on a sample
+        bad = _misaligned(path, Path(store), min(m, n))
+        if bad:
+            notes.append(f"stage {name}: {bad}; group skipped")
+            continue
         done = _done_mask(run_dir, name, n)
         if done is not None and not done.all():
             notes.append(
@@ -437,6 +439,33 @@ def _gather(run_dir: Path, cfg, notes: list[str]):
             data[v] = (("spectra",), arr)
             origin[v] = name
     return data, n, origin
+
+
+def _misaligned(group: Path, store: Path, m: int, k: int = 64) -> str:
+    """'' when the group's obsid agrees with the store's at its first and last ``k`` rows.
+
+    A cheap check (two small Zarr reads, no dask compute) against a group written for
+    another store or another order; groups without ``obsid`` are trusted.
+    """
+    import zarr
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            g = zarr.open_group(str(group), mode="r")
+            s = zarr.open_group(str(store), mode="r")
+            if "obsid" not in g or "obsid" not in s or m == 0:
+                return ""
+            go, so = g["obsid"], s["obsid"]
+            for sl in (slice(0, min(k, m)), slice(max(0, m - k), m)):
+                if not np.array_equal(np.asarray(go[sl]), np.asarray(so[sl])):
+                    return (
+                        f"obsid of rows {sl.start}-{sl.stop} differ from the store's (a group "
+                        "of another store or order)"
+                    )
+    except Exception as exc:  # noqa: BLE001 - reported as a note, never fatal
+        return f"obsid unreadable ({type(exc).__name__}: {exc})"
+    return ""
 
 
 def _null_fill(var, n: int, done):
@@ -847,9 +876,11 @@ RV_FROM_VALUES = (
 
 
 def _lamost_lum(sub: pd.Series) -> pd.Series:
-    """LAMOST's luminosity label from its subclass: gM for gM*, dM otherwise (dM*, sdM*, M*)."""
+    """LAMOST's luminosity label from its subclass: gM (gM*), dM (dM*, sdM*, M*), or other."""
     s = sub.astype("string").fillna("").str.strip()
-    return pd.Series(np.where(s.str.match(r"(?i)^gM").fillna(False), "gM", "dM"), index=s.index)
+    giant = s.str.match(r"(?i)^gM").fillna(False).to_numpy(dtype=bool)
+    m = s.str.match(r"(?i)^(dM|sdM|M)").fillna(False).to_numpy(dtype=bool)
+    return pd.Series(np.where(giant, "gM", np.where(m, "dM", "other")), index=s.index)
 
 
 def _summary_parts(cats: Mapping):
@@ -916,6 +947,8 @@ def catalog_summary(cats: Mapping) -> pd.DataFrame:
     add("M_Catalog_V0", "spectra", n0)
     for lab in ("dM", "gM"):
         add("M_Catalog_V0", f"LAMOST {lab} (subclass)", int(p["v0_sub"].get(lab, 0)), n0)
+    if int(p["v0_sub"].get("other", 0)):
+        add("M_Catalog_V0", "LAMOST not M (SCM entry='all')", int(p["v0_sub"]["other"]), n0)
     sec = "SCM (Table 1)"
     add(sec, "M_Catalog_V1", n1, n0)
     nt = p["nonm_types"]

@@ -370,6 +370,20 @@ def test_absent_and_unfinished_stages_never_crash(tmp_path, run_dir):
     assert (summ.section == "notes").sum() == len(cats.notes)
 
 
+def test_group_of_another_store_is_skipped(tmp_path, run_dir):
+    run = tmp_path / "run"
+    shutil.copytree(run_dir[0], run)
+    ids = mspec.open_store(_store_of(run))["obsid"].values
+    g = xr.Dataset(
+        {"bogus_var": ("spectra", np.arange(len(ids), dtype=np.float64))},
+        coords={"obsid": ("spectra", ids[::-1].copy())},
+    ).chunk({"spectra": CHUNK})
+    write_results(g, run / "stages" / "zz_other.zarr")
+    cats = build_catalog(run, save_fit=False)
+    assert any("zz_other" in t and "differ" in t for t in cats.notes)
+    assert "bogus_var" not in cats["M_Catalog_V3"].columns
+
+
 def test_not_a_run_directory(tmp_path):
     with pytest.raises(CatalogError, match="not an mspec run directory"):
         build_catalog(tmp_path)
