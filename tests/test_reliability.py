@@ -632,9 +632,13 @@ def corpus(tmp_path):
 
 def test_bad_input_corpus_exact_counts_and_reasons(tmp_path, corpus):
     d, expect, n_good = corpus
+    missing = d / "spec-listed-but-missing.fits"
+    expect = {**expect, missing.name: "not_found"}
+    assert (n_good, len(expect)) == (16, 18)
     store = tmp_path / "s.zarr"
-    s = ingest(d, store, chunk_size=4, client="sync")
+    s = ingest([d, missing], store, chunk_size=4, client="sync")
     assert s["stored"] == n_good and store_state(store)["n_spectra"] == n_good
+    assert s["quarantined"] + s["duplicates"] == len(expect)
     q = read_quarantine(store)
     got = dict(zip(q["file"], q["code"]))
     assert got == expect
@@ -650,7 +654,7 @@ def test_bad_input_corpus_exact_counts_and_reasons(tmp_path, corpus):
     assert (ds.ivar.values[k][~np.isfinite(ds.flux.values[k])] == 0).all()
     assert np.isnan(ds.ra.values[row["spec-bare.fits"]])  # missing keys: missing values
     # a rerun with nothing changed reads nothing and changes nothing
-    s2 = ingest(d, store, client="sync")
+    s2 = ingest([d, missing], store, client="sync")
     assert s2["read"] == 0 and s2["retried"] == 0 and store_state(store)["n_spectra"] == n_good
 
 
@@ -673,3 +677,29 @@ def test_gaia_table_with_missing_rows_and_strings(tmp_path):
     assert np.isnan(par[[1, 4, 5]]).all()
     g = out["phot_g_mean_mag"].values
     assert g[0] == 12.0 and g[2] == 13.0 and np.isnan(g[3])
+
+
+def test_decisions_csv_with_unknown_obsids_and_bad_values(tmp_path):
+    review = pytest.importorskip("mspec.review")
+    p = tmp_path / "decisions.csv"
+    p.write_text(
+        "obsid,module,decision\n"
+        "101,RVMM,TM\n"  # good
+        "999,RVMM,TM\n"  # unknown obsid
+        "102,RVMM,banana\n"  # bad RVMM value
+        "103,XYZ,TM\n"  # unknown module
+        ",SCM,M\n"  # empty obsid
+        "104,SCM,\n"  # empty decision
+        "105,DGCM,dM\n"  # good
+    )
+    with pytest.warns(review.DecisionWarning):
+        out = review.read_decisions(p, known_obsids=["101", "102", "103", "104", "105"])
+    assert sorted(out["obsid"]) == ["101", "105"]  # the exact count of good rows
+    reasons = dict(out.attrs["skipped"])
+    assert "not in the run" in reasons[3] and "banana" in reasons[4]
+    assert "unknown module" in reasons[5] and "empty obsid" in reasons[6]
+    assert "empty decision" in reasons[7]
+    bad = tmp_path / "bad.csv"
+    bad.write_text("obsid;decision\n1;x\n")
+    with pytest.raises(ValueError, match="module"):
+        review.read_decisions(bad)

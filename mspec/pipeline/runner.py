@@ -213,7 +213,10 @@ def _with_upstream(ds: xr.Dataset, run_dir: Path, names, n: int) -> xr.Dataset:
     for name in names:
         up = read_results(_stage_paths(run_dir, name)["group"]).isel(spectra=slice(0, n))
         up = up.drop_vars([c for c in ("obsid",) if c in up.variables])
-        ds = ds.assign({v: up[v] for v in up.data_vars if v not in ds})
+        # sorted: a Zarr group lists its arrays in directory order, which on a small ext4 or
+        # xfs directory is creation order (random: arrays are created concurrently); the
+        # catalog's columns must not depend on it (issue 17, identical catalogs)
+        ds = ds.assign({v: up[v] for v in sorted(up.data_vars) if v not in ds})
         extra = {c: up[c] for c in up.coords if c not in ds.coords and c not in up.dims}
         if extra:
             ds = ds.assign_coords(extra)
