@@ -344,6 +344,25 @@ def pd_options():
     return pd.option_context("display.width", 200, "display.max_columns", 20)
 
 
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from mspec.review import load_run, read_decisions, write_queue
+
+    run_dir = Path(args.run)
+    if not (run_dir / "config.resolved.toml").is_file():
+        raise CLIError(f"{run_dir} is not an mspec run directory (no config.resolved.toml)")
+    decisions = None
+    if args.decisions:
+        obsids = load_run(run_dir)["obsid"].values
+        decisions = read_decisions(args.decisions, known_obsids=obsids)
+        print(
+            f"decisions: {len(decisions)} used, {len(decisions.attrs['skipped'])} rows skipped"
+        )
+    q = write_queue(run_dir, decisions=decisions, max_plots=args.max_plots)
+    counts = q.groupby("module").size().to_dict() if len(q) else {}
+    print(f"queue: {len(q)} spectra {counts}; {run_dir / 'review' / 'queue.parquet'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Build the ``mspec`` argument parser."""
     from mspec._version import __version__
@@ -429,6 +448,22 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--folds", type=int, default=10, help="k-fold ensemble size (tlma)")
     q.add_argument("--seed", type=int, default=0, help="random seed")
     q.set_defaults(func=_cmd_train)
+
+    q = sub.add_parser(
+        "inspect",
+        help="write a run's inspection queue and plots; check a decisions CSV",
+        description="Write RUN/review/queue.parquet (spectra the rules cannot settle, and "
+        "every |RV| > 150 km/s, with their candidate values) and one PNG per queued spectrum "
+        "(the eight DSAL lines marked at each candidate RV). With --decisions, the decisions "
+        "(CSV: obsid,module,decision) are checked (bad rows reported and skipped), applied "
+        "to the RV reconciliation, and decided spectra leave the queue; pass the same file "
+        "as rv.decisions to the next run.",
+        formatter_class=_Formatter,
+    )
+    q.add_argument("run", help="run directory")
+    q.add_argument("--decisions", metavar="CSV", default=None, help="reviewer decisions")
+    q.add_argument("--max-plots", type=int, default=None, help="at most this many PNGs")
+    q.set_defaults(func=_cmd_inspect)
 
     q = sub.add_parser(
         "demo",

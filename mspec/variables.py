@@ -646,3 +646,64 @@ register(
     "mean + 3 std of its fitted model, values inside Table 10); 0 otherwise",
 )
 register("parameter_flag_reason", S, "S", "", "why parameter_flag is 0 ('' when 1)")
+
+
+# --- RV reconciliation, TM quality, inspection queue, simulator failure modes (issue 13) ---
+for _p, _lbl in (("tm", "TM"), ("tml7500", "TML7500")):
+    register(
+        f"{_p}_quality",
+        S,
+        "i",
+        "",
+        f"{_lbl} quality bits (CF flag_masks): 1 chi2 minimum at the trial-grid edge, "
+        "2 ambiguous (a second minimum >= 180 km/s away at least half as deep); 0 good",
+    )
+    register(
+        f"{_p}_chi2_red",
+        S,
+        "f",
+        "",
+        f"{_lbl} reduced chi2: {_p}_chi2_min over the mean noise variance (1/ivar) of the "
+        "window pixels; ~1 for a perfect template",
+    )
+register("rv", S, "f", "km/s", "reconciled radial velocity (paper: rv); NaN without a reliable RV")
+register("rv_err", S, "f", "km/s", "error of rv, calibrated on the run (see docs/rv_reconcile.md)")
+register(
+    "rv_from",
+    S,
+    "S",
+    "",
+    "source of rv: LAMOST, TM, DSAL I, DSAL II, TML7500, DSEL, NoRV_lowQuality, NoRV_waveErr",
+)
+register("rv_inspect", S, "S", "", "why the RV is queued for inspection ('' when settled)")
+register("rv_flag", S, "i", "", "1: rv is not null and the spectrum was observed after MJD 55940")
+register(
+    "tm_chi2_excess",
+    S,
+    "f",
+    "",
+    "log10 tm_chi2_red above the run's median for the S/N_i bin, in robust sigma",
+)
+register(
+    "red_end_excess",
+    S,
+    "f",
+    "",
+    "red-end anomaly statistic: log10(tm_chi2_red / tml7500_chi2_red) above the run's "
+    "median for the S/N_i bin, in robust sigma",
+)
+register(
+    "line_rv_slope",
+    S,
+    "f",
+    "m / (s Angstrom)",
+    "slope of the absorption-line RVs against wavelength (= km/s per 1000 A); NaN < 4 lines",
+)
+register(
+    "true_failure",
+    S,
+    "S",
+    "",
+    "simulated failure mode (mspec.simulate.failures): red_end_anomaly, wave_calibration, "
+    "emission_dwarf, very_low_snr, lamost_rv_catastrophic, lamost_rv_modest; '' none",
+)

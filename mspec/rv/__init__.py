@@ -14,6 +14,7 @@
 
 from mspec.rv.lines import line_rvs
 from mspec.rv.matching import template_match
+from mspec.rv.reconcile import reconcile_rv, rv_residual_sigmas
 from mspec.rv.templates import (
     default_templates,
     load_templates,
@@ -26,6 +27,8 @@ from mspec.rv.templates import (
 __all__ = [
     "template_match",
     "line_rvs",
+    "reconcile_rv",
+    "rv_residual_sigmas",
     "default_templates",
     "load_templates",
     "make_library",

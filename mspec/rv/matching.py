@@ -20,11 +20,17 @@ import xarray as xr
 
 from mspec.rv import chi2_kernels as K
 from mspec.rv.templates import check_library, default_templates
-from mspec.rv.tm_engine import check_engine, make_config, match_block, template_window
+from mspec.rv.tm_engine import (
+    QUALITY_BITS,
+    check_engine,
+    make_config,
+    match_block,
+    template_window,
+)
 from mspec.stage import flag_attrs, stage
 from mspec.variables import annotate
 
-__all__ = ["template_match", "output_prefix", "STATUS_FLAGS", "WAVE_MAX_PREFIX"]
+__all__ = ["template_match", "output_prefix", "STATUS_FLAGS", "QUALITY_FLAGS", "WAVE_MAX_PREFIX"]
 
 #: Accepted ``wave_max`` values -> prefix of the output variables.
 WAVE_MAX_PREFIX = {None: "tm", 7500.0: "tml7500"}
@@ -32,9 +38,14 @@ WAVE_MAX_PREFIX = {None: "tm", 7500.0: "tml7500"}
 #: ``<p>_status`` code -> one-word CF flag meaning (sentences in ``K.STATUS_MEANINGS``).
 STATUS_FLAGS = {k: v.split(":")[0] for k, v in K.STATUS_MEANINGS.items()}
 
+#: ``<p>_quality`` bit -> one-word CF flag meaning (sentences in ``QUALITY_BITS``).
+QUALITY_FLAGS = {k: v.split(":")[0] for k, v in QUALITY_BITS.items()}
+
 _SUFFIXES = ("rv_{p}", "rv_{p}_err", "rv_{p}_err_stat", "{p}_template", "{p}_chi2_min")
 _OUTPUTS = tuple(
-    s.format(p=p) for p in WAVE_MAX_PREFIX.values() for s in (*_SUFFIXES, "{p}_chi2", "{p}_status")
+    s.format(p=p)
+    for p in WAVE_MAX_PREFIX.values()
+    for s in (*_SUFFIXES, "{p}_chi2", "{p}_status", "{p}_quality", "{p}_chi2_red")
 )
 
 
@@ -81,7 +92,7 @@ def _coord_values(da_: xr.DataArray) -> np.ndarray:
     module="RVMM",
     inputs=["flux", "ivar", "ormask", "loglam"],
     outputs=_OUTPUTS,
-    version="1",
+    version="2",
     description="chi2 template-matching radial velocities (TM, or TML7500 with wave_max=7500)",
 )
 def template_match(
@@ -97,6 +108,7 @@ def template_match(
     mask_tellurics: bool = False,
     engine: str = "numba",
     device: str | None = None,
+    quality: bool = False,
 ) -> xr.Dataset:
     """Radial velocities by χ² template matching (the paper's TM; TML7500 with ``wave_max``).
 
@@ -144,6 +156,11 @@ def template_match(
         available; same results to rounding).
     device : str, optional
         torch device for ``engine="torch"`` (default CUDA if available, else CPU).
+    quality : bool
+        Also return ``<p>_quality`` and ``<p>_chi2_red`` (below); the RV reconciliation
+        (:func:`mspec.rv.reconcile.reconcile_rv`) uses them to decide whether TM can be
+        trusted. Off by default only so that the output set of existing callers is
+        unchanged; the pipeline's rvmm stage should turn it on.
     merge : bool
         True (default): ``ds`` with the outputs added; False: the outputs alone.
 
@@ -153,8 +170,12 @@ def template_match(
         ``rv_<p>``, ``rv_<p>_err``, ``rv_<p>_err_stat`` (km/s), ``<p>_template`` (name),
         ``<p>_chi2_min``, ``<p>_chi2`` (``spectra``, ``velocities``), ``<p>_status`` (int8,
         CF ``flag_values``/``flag_meanings``) with ``<p>`` = ``tm`` or ``tml7500``;
-        coordinate ``velocities`` (km/s). Failures give NaN and a nonzero status, never an
-        exception.
+        coordinate ``velocities`` (km/s). With ``quality=True`` also ``<p>_quality`` (int8
+        bits, CF ``flag_masks``: 1 χ² minimum at the grid edge, 2 ambiguous — a second
+        minimum ≥ 180 km/s away at least half as deep; see
+        :func:`mspec.rv.tm_engine.curve_quality`) and ``<p>_chi2_red`` (``<p>_chi2_min``
+        over the mean noise variance of the window pixels: ≈ 1 for a perfect template).
+        Failures give NaN and a nonzero status, never an exception.
 
     Raises
     ------
@@ -164,6 +185,8 @@ def template_match(
         Chunked ``pixels``, or a bad argument (named in the message).
     """
     prefix = output_prefix(wave_max)
+    if not isinstance(quality, bool):
+        raise TypeError(f"quality must be True or False, got {quality!r}")
     if ds["flux"].chunks is not None:
         pix_chunks = ds["flux"].chunksizes.get("pixels", ())
         if len(pix_chunks) > 1:
@@ -200,7 +223,7 @@ def template_match(
         ds["ormask"],
         tpl,
         input_core_dims=[["pixels"], ["pixels"], ["pixels"], ["templates", "grid"]],
-        output_core_dims=[[], [], [], [], [], ["velocities"], []],
+        output_core_dims=[[], [], [], [], [], ["velocities"], [], [], []],
         dask="parallelized",
         output_dtypes=[
             np.float64,
@@ -210,11 +233,13 @@ def template_match(
             np.float64,
             np.float64,
             np.int8,
+            np.int8,
+            np.float64,
         ],
         dask_gufunc_kwargs={"output_sizes": {"velocities": 2 * cfg.n_trial + 1}},
         kwargs=dict(wave1a=wave1a, cfg=cfg, token=token, engine=engine, device=device),
     )
-    rv, err, err_stat, tidx, chi2min, curve, status = outs
+    rv, err, err_stat, tidx, chi2min, curve, status, qual, chi2_red = outs
     names = np.asarray(templates["template_name"].values).astype(str)
     names_ext = np.append(names, "")  # index -1 -> ""
     tname = xr.apply_ufunc(
@@ -249,4 +274,13 @@ def template_match(
             f"{prefix}_normalisation": str(templates.attrs.get("normalisation", "")),
         }
     )
+    if quality:
+        out = out.assign({f"{prefix}_quality": qual, f"{prefix}_chi2_red": chi2_red})
+        out = annotate(out, [f"{prefix}_quality", f"{prefix}_chi2_red"])
+        qflags = flag_attrs(QUALITY_FLAGS, np.int8)
+        out[f"{prefix}_quality"].attrs.update(
+            flag_masks=qflags["flag_values"],
+            flag_meanings=qflags["flag_meanings"],
+            comment="bits; " + "; ".join(f"{k}: {v}" for k, v in QUALITY_BITS.items()),
+        )
     return out

@@ -8,7 +8,9 @@ these functions over the ``spectra`` chunks of a Dataset.
 * :func:`match_arrays` — the numba engine on ``(n_spectra, npix)`` arrays;
 * :func:`match_block` — one block of spectra through the chosen engine (``"numba"`` or
   ``"torch"``, the latter :func:`mspec.rv.chi2_torch.match_arrays_torch`, imported only
-  when asked for, so torch stays optional).
+  when asked for, so torch stays optional), plus the quality measures;
+* :func:`curve_quality`, :func:`noise_variance` — TM quality (issue 13): χ² minimum at the
+  grid edge, no clear minimum, and the noise level that turns χ²_min into a reduced χ².
 """
 
 from __future__ import annotations
@@ -25,10 +27,13 @@ from mspec.variables import C_KMS
 
 __all__ = [
     "ENGINES",
+    "QUALITY_BITS",
     "check_engine",
+    "curve_quality",
     "make_config",
     "match_arrays",
     "match_block",
+    "noise_variance",
     "prepared",
     "template_window",
 ]
@@ -38,6 +43,16 @@ ENGINES = {
     "numba": "mspec.rv.tm_engine:match_arrays",
     "torch": "mspec.rv.chi2_torch:match_arrays_torch",
 }
+
+#: ``<p>_quality`` bits (int8; CF ``flag_masks``): set for any spectrum with a χ² curve.
+QUALITY_BITS = {
+    1: "edge: chi2 minimum within one trial step of the grid edge, or |RV| there",
+    2: "ambiguous: a second chi2 minimum >= 180 km/s away at least half as deep",
+}
+#: Depth ratio (second / global minimum, below the curve median) that makes a curve ambiguous.
+AMBIGUITY_RATIO = 0.5
+#: Trial steps between the two minima for :data:`AMBIGUITY_RATIO` to apply (3 = 180 km/s).
+AMBIGUITY_SEPARATION = 3
 
 _CACHE: OrderedDict = OrderedDict()
 _CACHE_LOCK = threading.Lock()
@@ -272,6 +287,95 @@ def template_window(flux1a, wave1a, cfg: K.TMConfig) -> tuple[int, int]:
     return cfg.window(wave1a[finite][0], wave1a[finite][-1])
 
 
+def curve_quality(
+    curve,
+    velocities,
+    rv,
+    *,
+    ratio: float = AMBIGUITY_RATIO,
+    separation: int = AMBIGUITY_SEPARATION,
+) -> np.ndarray:
+    """Quality bits (:data:`QUALITY_BITS`) of χ² curves on the trial grid.
+
+    Parameters
+    ----------
+    curve : array_like
+        ``(n_spectra, n_trial)`` χ² of the best template at the trial RVs.
+    velocities : array_like
+        ``(n_trial,)`` trial RVs (km/s), increasing.
+    rv : array_like
+        ``(n_spectra,)`` measured RV (km/s; NaN allowed).
+    ratio : float
+        Depth ratio of a second minimum (depths below the curve's median) that makes the
+        curve ambiguous (bit 2).
+    separation : int
+        Fewest trial steps between the global and the second minimum; the end points of the
+        grid count as minima when lower than their neighbour.
+
+    Returns
+    -------
+    numpy.ndarray
+        int8 ``(n_spectra,)``: bit 1 edge (argmin at the first/last two trial points, or
+        ``|rv|`` beyond the last-but-one trial RV), bit 2 ambiguous. 0 for an all-NaN curve.
+    """
+    curve = np.atleast_2d(np.asarray(curve, dtype=np.float64))
+    v = np.asarray(velocities, dtype=np.float64)
+    rv = np.atleast_1d(np.asarray(rv, dtype=np.float64))
+    ns, nt = curve.shape
+    q = np.zeros(ns, np.int8)
+    ok = np.isfinite(curve).all(axis=1)
+    if nt < 3 or not ok.any():
+        return q
+    c = np.where(ok[:, None], curve, 0.0)
+    j = np.argmin(c, axis=1)
+    edge = (j <= 1) | (j >= nt - 2)
+    with np.errstate(invalid="ignore"):
+        edge |= np.abs(rv) > max(abs(v[1]), abs(v[-2]))
+    med = np.median(c, axis=1)
+    depth = med - c[np.arange(ns), j]
+    # local minima (end points: lower than their one neighbour)
+    left = np.concatenate([np.full((ns, 1), np.inf), c[:, :-1]], axis=1)
+    right = np.concatenate([c[:, 1:], np.full((ns, 1), np.inf)], axis=1)
+    local = (c < left) & (c < right)
+    far = np.abs(np.arange(nt)[None, :] - j[:, None]) >= separation
+    with np.errstate(invalid="ignore", divide="ignore"):
+        rel = np.where(local & far, (med[:, None] - c) / depth[:, None], -np.inf)
+    amb = (rel.max(axis=1) >= ratio) & (depth > 0)
+    q[ok & edge] |= 1
+    q[ok & amb] |= 2
+    return q
+
+
+def noise_variance(flux, ivar, ormask, i0: int, n: int) -> np.ndarray:
+    """Mean noise variance (1/ivar) over the pixels TM uses in its window.
+
+    The pixels are those of the χ² sums: ``ormask == 0`` (after
+    :meth:`~mspec.rv.chi2_kernels.TMConfig.apply_mask`), ``ivar > 0``, finite flux and ivar,
+    native pixels ``i0 .. i0 + n - 1``. ``tm_chi2_min / noise_variance`` is the reduced χ²
+    of the unweighted fit (≈ 1 for a perfect template and Gaussian noise).
+
+    Parameters
+    ----------
+    flux, ivar, ormask : numpy.ndarray
+        ``(n_spectra, npix)``.
+    i0, n : int
+        Window start and length (pixels).
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(n_spectra,)`` float64 (flux units squared); NaN without usable pixels.
+    """
+    f = np.asarray(flux)[:, i0 : i0 + n]
+    iv = np.asarray(ivar, dtype=np.float64)[:, i0 : i0 + n]
+    m = np.asarray(ormask)[:, i0 : i0 + n]
+    good = (m == 0) & (iv > 0) & np.isfinite(f) & np.isfinite(iv)
+    var = np.where(good, 1.0 / np.where(good, iv, 1.0), 0.0)
+    cnt = good.sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(cnt > 0, var.sum(axis=1) / cnt, np.nan)
+
+
 def match_block(flux, ivar, ormask, flux1a, *, wave1a, cfg, token, engine="numba", device=None):
     """Template matching of one block of spectra with any leading shape.
 
@@ -295,25 +399,35 @@ def match_block(flux, ivar, ormask, flux1a, *, wave1a, cfg, token, engine="numba
     Returns
     -------
     tuple of numpy.ndarray
-        ``rv, err, err_stat, template, chi2_min, chi2, status`` shaped like ``flux[..., 0]``
-        (``chi2`` with a trailing velocity axis).
+        ``rv, err, err_stat, template, chi2_min, chi2, status, quality, chi2_red`` shaped
+        like ``flux[..., 0]`` (``chi2`` with a trailing velocity axis): ``quality`` from
+        :func:`curve_quality`, ``chi2_red`` = ``chi2_min`` / :func:`noise_variance`.
     """
     shape = flux.shape[:-1]
     if not int(np.prod(shape)):  # zero spectra (issue 17): empty outputs, the usual dtypes
         e = [np.zeros(shape, dt) for dt in (np.float64,) * 3 + (np.int32, np.float64)]
-        return (*e, np.zeros((*shape, 2 * cfg.n_trial + 1)), np.zeros(shape, np.int8))
+        st = [np.zeros(shape, np.int8), np.zeros(shape, np.int8), np.zeros(shape)]
+        return (*e, np.zeros((*shape, 2 * cfg.n_trial + 1)), *st)
     run = _engine_function(engine)
     kw = {"device": device} if engine == "torch" else {}
+    f2 = flux.reshape(-1, flux.shape[-1])
+    iv2 = ivar.reshape(-1, flux.shape[-1])
+    om2 = ormask.reshape(-1, flux.shape[-1])
     r = run(
-        flux.reshape(-1, flux.shape[-1]),
-        ivar.reshape(-1, flux.shape[-1]),
-        ormask.reshape(-1, flux.shape[-1]),
+        f2,
+        iv2,
+        om2,
         flux1a,
         wave1a,
         cfg,
         token=token,
         **kw,
     )
+    p = prepared(flux1a, wave1a, cfg, token)
+    quality = curve_quality(r["chi2"], cfg.trial_velocity, r["rv"])
+    noise = noise_variance(f2, iv2, cfg.apply_mask(np.asarray(om2)), p["i0"], p["n"])
+    with np.errstate(invalid="ignore", divide="ignore"):
+        chi2_red = np.asarray(r["chi2_min"], dtype=np.float64) / noise
     return (
         r["rv"].reshape(shape),
         r["err"].reshape(shape),
@@ -322,4 +436,6 @@ def match_block(flux, ivar, ormask, flux1a, *, wave1a, cfg, token, engine="numba
         r["chi2_min"].reshape(shape),
         r["chi2"].reshape((*shape, -1)),
         r["status"].reshape(shape),
+        quality.reshape(shape),
+        chi2_red.reshape(shape),
     )

@@ -129,6 +129,7 @@ SIMULATED_VARIABLES = (
     "true_active",
     "true_distance",
     "true_ebv",
+    "true_failure",
 )
 
 #: Version of the simulator's physics; models trained on it and runs using them record it.
@@ -609,6 +610,7 @@ def simulate_survey(
     early_fraction: float = 0.05,
     telluric: bool = True,
     chunk_size: int = 1000,
+    failures: Mapping[str, float] | None = None,
 ):
     """Simulate a LAMOST-like low-resolution survey with known truth.
 
@@ -648,6 +650,12 @@ def simulate_survey(
         flux calibration.
     chunk_size : int
         Spectra rendered at a time (memory only; results do not depend on it).
+    failures : mapping, optional
+        Failure modes the RV reconciliation must catch, mode -> fraction of the M stars
+        (:data:`mspec.simulate.failures.FAILURE_MODES`: ``red_end_anomaly``,
+        ``wave_calibration``, ``emission_dwarf``, ``very_low_snr``,
+        ``lamost_rv_catastrophic``, ``lamost_rv_modest``); adds the truth variable
+        ``true_failure`` (mode or ``""``; all ``""`` by default: no failures).
 
     Returns
     -------
@@ -686,6 +694,10 @@ def simulate_survey(
     snr_range = _check_snr(snr)
     miss = _check_fraction_map("missing", missing, DEFAULT_MISSING)
     perr = _check_fraction_map("pipeline_errors", pipeline_errors, DEFAULT_PIPELINE_ERRORS)
+    if failures is not None:
+        from mspec.simulate.failures import check_failures
+
+        check_failures(failures)
     n = int(n_spectra)
 
     ss = np.random.SeedSequence(int(seed))
@@ -736,6 +748,9 @@ def simulate_survey(
         "true_ebv": (S, xm["_ebv"]),
     }
     ds = xr.Dataset(data, coords={"obsid": (S, obs["obsid"]), "loglam": (("pixels",), loglam)})
+    from mspec.simulate.failures import apply_failures
+
+    ds = apply_failures(ds, failures or {}, int(seed))
     ds = ds[list(SIMULATED_VARIABLES)]
     ds.attrs.update(
         {
