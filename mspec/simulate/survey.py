@@ -529,7 +529,22 @@ def _sky_line_profiles(npix: int = NPIX):
     loglam = loglam_grid(npix)
     lo, hi = sm.pixel_edges(loglam)
     c = SKY_LINES[:, 0]
-    return sm.gauss_pixels(lo, hi, c, sm.inst_sigma(c), SKY_LINES[:, 1] * sm.inst_sigma(c) * 2.5)
+    prof = sm.gauss_pixels(lo, hi, c, sm.inst_sigma(c), SKY_LINES[:, 1] * sm.inst_sigma(c) * 2.5)
+    prof.setflags(write=False)
+    return prof
+
+
+@functools.lru_cache(maxsize=2)
+def _sky_line_support(npix: int = NPIX):
+    """Per sky line, the pixel slice where its profile is nonzero, and the summed profile."""
+    prof = _sky_line_profiles(npix)
+    cols = []
+    for row in prof:
+        nz = np.nonzero(row)[0]
+        cols.append(slice(int(nz[0]), int(nz[-1]) + 1) if nz.size else slice(0, 0))
+    total = prof.sum(axis=0)
+    total.setflags(write=False)
+    return tuple(cols), total
 
 
 def _sky_residual(obs, sl, level):
@@ -537,10 +552,11 @@ def _sky_residual(obs, sl, level):
     lam = 10.0 ** loglam_grid(NPIX)
     cont = 0.6 + 0.4 * (lam / 7000.0) ** 2
     prof = _sky_line_profiles()
+    cols, _ = _sky_line_support()
     coef = obs["sky_scale"][sl, None] + obs["sky_jitter"][sl]
     lines = np.zeros((coef.shape[0], prof.shape[1]))
-    for j in range(prof.shape[0]):  # elementwise, not BLAS: identical for any chunking
-        lines += coef[:, j, None] * prof[j]
+    for j, c in enumerate(cols):  # elementwise, not BLAS: identical for any chunking
+        lines[:, c] += coef[:, j, None] * prof[j, c]
     return level[:, None] * (obs["sky_scale"][sl, None] * cont[None, :] + lines)
 
 
@@ -1255,7 +1271,7 @@ def _render_survey(truth, obs, xm, masks, r_noise, noiseless, telluric, chunk_si
                 spikes.append((i - sl.start, a, b))
             if bit == MASK_BITS["BRIGHTSKY"]:  # poorly subtracted sky line: a real residual
                 r = i - sl.start
-                f[r, a:b] += obs["sky_bad"][i] * level[r] * _sky_line_profiles().sum(axis=0)[a:b]
+                f[r, a:b] += obs["sky_bad"][i] * level[r] * _sky_line_support()[1][a:b]
         zero = (am != 0) | pad
         zero[:, :229] |= obs["blue_dead"][sl, None]
         # reported S/N: LAMOST-style median of flux * sqrt(ivar) over good pixels per band
