@@ -126,6 +126,22 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
 def _cmd_train(args: argparse.Namespace) -> int:
     from mspec.ml.train import train_from_store
 
+    columns = {}
+    for item in args.columns or []:
+        for part in item.split(","):
+            if not part.strip():
+                continue
+            key, sep, col = part.partition("=")
+            if not sep or not key.strip() or not col.strip():
+                raise CLIError(f"--columns: expected LABEL=COLUMN, got {part!r}")
+            columns[key.strip()] = col.strip()
+    extra = {}
+    if args.lr is not None:
+        extra["lr"] = args.lr
+    if args.kind == "tlma":
+        extra["calibration"] = args.calibration
+    elif args.augment:
+        extra["augment"] = True
     metrics = train_from_store(
         kind=args.kind,
         store=args.store,
@@ -134,7 +150,15 @@ def _cmd_train(args: argparse.Namespace) -> int:
         epochs=args.epochs,
         seed=args.seed,
         folds=args.folds,
+        on=args.on,
+        radius_arcsec=args.radius,
+        columns=columns or None,
+        snr_min=args.snr_min if args.snr_min > 0 else None,
+        consistent=not args.no_consistency,
+        finetune=args.finetune,
+        threads=args.threads,
         progress=True,
+        **extra,
     )
 
     def _short(m):  # per-epoch histories stay in model.json; print the summary
@@ -442,10 +466,60 @@ def build_parser() -> argparse.ArgumentParser:
     )
     q.add_argument("kind", choices=["spt", "wdm", "dmgm", "tlma"])
     q.add_argument("--store", required=True, help="Zarr store with the spectra")
-    q.add_argument("--labels", required=True, help="label table (CSV/Parquet) keyed by obsid")
+    q.add_argument(
+        "--labels",
+        required=True,
+        help="label table (CSV/Parquet/FITS), joined to the store on obsid, file name or "
+        "position; columns found under their usual names (APOGEE TEFF/LOGG/M_H/ALPHA_M/"
+        "ASPCAP_CLASS, teff_lit, class, lumclass, rv ...) or mapped with --columns",
+    )
     q.add_argument("--out", required=True, help="output model directory")
+    q.add_argument(
+        "--on",
+        choices=["auto", "obsid", "file", "position"],
+        default="auto",
+        help="join key (auto: obsid, else file name, else ra/dec)",
+    )
+    q.add_argument("--radius", type=float, default=3.0, help="position-join radius (arcsec)")
+    q.add_argument(
+        "--columns",
+        action="append",
+        metavar="LABEL=COLUMN",
+        help="map labels to table columns, e.g. m_h=feh_lit,teff=TEFF (repeatable)",
+    )
+    q.add_argument(
+        "--snr-min", type=float, default=5.0, help="keep S/N_max >= this (paper: 5; 0: off)"
+    )
+    q.add_argument(
+        "--no-consistency",
+        action="store_true",
+        help="keep labelled spectra whose class disagrees with the LAMOST pipeline's",
+    )
+    q.add_argument(
+        "--finetune",
+        metavar="MODEL_DIR",
+        default=None,
+        help="fine-tune this trained model (same kind; a tlma ensemble or dM/gM pair) "
+        "instead of training from scratch",
+    )
     q.add_argument("--epochs", type=int, default=30, help="maximum epochs")
     q.add_argument("--folds", type=int, default=10, help="k-fold ensemble size (tlma)")
+    q.add_argument(
+        "--lr", type=float, default=None, help="learning rate (default 1e-3; 1e-4 fine-tuning)"
+    )
+    q.add_argument(
+        "--calibration",
+        choices=["auto", "holdout", "oof", "none"],
+        default="auto",
+        help="tlma error calibration: held-out set, out-of-fold predictions or none "
+        "(auto: holdout when >= 100 spectra)",
+    )
+    q.add_argument(
+        "--augment",
+        action="store_true",
+        help="classifiers: random RV shifts, flux-calibration tilts and masks while training",
+    )
+    q.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     q.add_argument("--seed", type=int, default=0, help="random seed")
     q.set_defaults(func=_cmd_train)
 

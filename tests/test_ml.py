@@ -319,15 +319,24 @@ def test_ensemble_mean_and_std(tlma_model, tlma_data):
     np.testing.assert_allclose(meta["label_mean"][0], np.mean(lab["teff"]))
     res = predict(_ds(x[:50], 20), out)
     validate(res, [*TLMA_LABELS, *(f"{k}_err" for k in TLMA_LABELS)])
+    validate(res, [f"{k}_err_ens" for k in TLMA_LABELS])
     members = predict_array(x[:50], out, members=True)
     assert members.shape == (3, 50, 4)
     for i, k in enumerate(TLMA_LABELS):
         np.testing.assert_allclose(res[k].values, members[:, :, i].mean(0), rtol=1e-6)
         np.testing.assert_allclose(
-            res[f"{k}_err"].values, members[:, :, i].std(0, ddof=1), rtol=1e-5, atol=1e-9
+            res[f"{k}_err_ens"].values, members[:, :, i].std(0, ddof=1), rtol=1e-5, atol=1e-9
         )
+        # the calibrated error adds a term in quadrature or shrinks by the fitted factor
+        cal = meta["calibration"]
+        if min(cal["scale"][k]) >= 1.0:
+            assert (res[f"{k}_err"].values >= res[f"{k}_err_ens"].values - 1e-9).all()
     # members really differ, and each is the z-scored output mapped back to physical units
-    assert (res["teff_err"].values > 0).all()
+    assert (res["teff_err_ens"].values > 0).all()
+    np.testing.assert_allclose(predict_array(x[:50], out)[:, 4:], np.stack(
+        [res[f"{k}_err"].values for k in TLMA_LABELS], 1), rtol=1e-6)  # fmt: skip
+    np.testing.assert_allclose(predict_array(x[:50], out, errors="ensemble")[:, 4:], np.stack(
+        [res[f"{k}_err_ens"].values for k in TLMA_LABELS], 1), rtol=1e-6)  # fmt: skip
     models, _ = mlio.load_models(out)
     with torch.no_grad():
         z = models[1](torch.from_numpy(x[:50])).numpy()
@@ -429,8 +438,8 @@ def test_bad_arguments_are_named(spt_model, tmp_path):
     _, lab = synth_labels(40)
     with pytest.raises(ValueError, match="folds"):
         train_regressor(ds, lab, tmp_path / "r", folds=1)
-    with pytest.raises(ValueError, match="alpha_m"):
-        train_regressor(ds, {k: lab[k] for k in ("teff", "logg", "m_h")}, tmp_path / "r")
+    with pytest.raises(ValueError, match="at least one of the columns"):  # a missing label
+        train_regressor(ds, {"vsini": lab["teff"]}, tmp_path / "r")  # is allowed, all are not
     with pytest.raises(ValueError, match="batch_size"):
         predict(ds, out, batch_size=0)
     with pytest.raises(ValueError, match="flux_grid"):

@@ -110,7 +110,10 @@ def test_cli_train_and_predict_from_store(store, tmp_path):
     )  # fmt: skip
     assert rc == 0
     meta = read_metadata(tmp_path / "m")
-    assert meta["metrics"]["n_train"] + meta["metrics"]["n_val"] == 180
+    # 180 labelled; the paper's filters drop those LAMOST failed to classify (Unknown)
+    dropped = meta["provenance"]["dropped"]
+    assert 0 < dropped["total"] == dropped["inconsistent_class"] <= 6
+    assert meta["metrics"]["n_train"] + meta["metrics"]["n_val"] == 180 - dropped["total"]
     ds = preprocess(mspec.open_store(path), recipe="cnn")
     res = predict(ds, tmp_path / "m")
     assert res["wdm_prob"].chunks[0][0] == 64  # one task per store chunk
@@ -138,7 +141,8 @@ def test_cli_train_tlma_pair_from_store(store, tmp_path):
         kind="tlma", store=path, labels=tmp_path / "labels.parquet", out_dir=tmp_path / "p",
         epochs=1, seed=0, folds=2, arch=TINY, plots=False,
     )  # fmt: skip
-    assert set(res) == {"dM", "gM"}
+    assert set(res) == {"dM", "gM", "labels"}
+    assert res["labels"]["join"]["key"] == "obsid"
     assert read_metadata(tmp_path / "p")["kind"] == "tlma_pair"
     assert len(read_metadata(tmp_path / "p" / "dM")["members"]) == 2
 

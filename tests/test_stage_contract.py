@@ -261,6 +261,7 @@ def test_predict_tlma_merge(cnn, models):
     alone = _predict(cnn, models, "tlma", merge=False)
     assert set(alone.data_vars) == {
         "teff", "logg", "m_h", "alpha_m", "teff_err", "logg_err", "m_h_err", "alpha_m_err",
+        "teff_err_ens", "logg_err_ens", "m_h_err_ens", "alpha_m_err_ens",  # issue 18
     }  # fmt: skip
     merged = _predict(cnn, models, "tlma")
     assert set(merged.data_vars) == set(cnn.data_vars) | set(alone.data_vars)

@@ -23,7 +23,21 @@ from pathlib import Path
 import numpy as np
 import xarray as xr
 
-__all__ = ["BALANCED_MIX", "simulate_training_survey", "evaluate_simulated", "evaluate_real"]
+__all__ = [
+    "BALANCED_MIX",
+    "CLASS_TEFF_RANGES",
+    "SUBTYPE_SCALES",
+    "STAR_SEQUENCE",
+    "SNR_BINS",
+    "simulate_training_survey",
+    "evaluate_simulated",
+    "evaluate_real",
+    "boundary_distance",
+    "spt_accuracy_report",
+    "binary_accuracy_report",
+    "classifier_accuracy",
+    "inference_speed",
+]
 
 #: Training mix: the 8 CNN-SPT classes + WD equally, M split evenly into dwarfs and giants.
 BALANCED_MIX = {
@@ -39,7 +53,7 @@ def simulate_training_survey(n: int, seed: int = 0, snr=(5.0, 150.0), mix=None) 
     return simulate_survey(int(n), seed=seed, mix=mix or BALANCED_MIX, snr=snr)
 
 
-def _predict_all(ds: xr.Dataset, models: Path, rv, lumclass=None) -> xr.Dataset:
+def _predict_all(ds: xr.Dataset, models: Path, rv, lumclass=None, tlma=True) -> xr.Dataset:
     from mspec.ml.infer import predict
     from mspec.preprocessing.steps import preprocess
 
@@ -50,7 +64,7 @@ def _predict_all(ds: xr.Dataset, models: Path, rv, lumclass=None) -> xr.Dataset:
             res = predict(cnn, models / kind)
             out[f"{kind}_prob"] = res[f"{kind}_prob"]
             out[f"{kind}_class"] = res[f"{kind}_class"]
-    if (models / "tlma" / "model.json").exists():
+    if tlma and (models / "tlma" / "model.json").exists():
         tl = preprocess(ds.assign(_rv=("spectra", np.asarray(rv, float))), recipe="tlma", rv="_rv")
         lum = lumclass if lumclass is not None else out.get("dmgm_class")
         res = predict(tl, models / "tlma", lumclass=lum)
@@ -196,6 +210,315 @@ def _tlma_part(ds, models, rv, part) -> np.ndarray:
 
     tl = preprocess(ds.assign(_rv=("spectra", rv)), recipe="tlma", rv="_rv", merge=False)
     return predict_array(tl["flux_grid"].values, Path(models) / "tlma" / part)
+
+
+# --------------------------------------------------------------------------------------------
+# CNN accuracy away from class boundaries (issue 18)
+# --------------------------------------------------------------------------------------------
+#: Teff ranges (K) the simulator draws each CNN-SPT star class from (mspec.simulate.survey):
+#: the classes abut, so a spectrum next to a boundary is ambiguous by construction. M dwarfs
+#: reach up to 4050 K (abutting K), M giants up to 4000 K.
+CLASS_TEFF_RANGES = {
+    "OB": (10500.0, 20000.0),
+    "A": (7400.0, 10000.0),
+    "F": (6000.0, 7400.0),
+    "G": (5300.0, 6000.0),
+    "K": (4050.0, 5300.0),
+    "dM": (2350.0, 4050.0),
+    "gM": (3050.0, 4000.0),
+}
+#: (Teff of subtype 0, Teff of subtype 9) of the LAMOST-style subtype scale of each hot class
+#: (as mspec.simulate.survey names subtypes): one subtype = log(t0 / t9) / 9 in ln Teff.
+SUBTYPE_SCALES = {
+    "OB": (30000.0, 10001.0),
+    "A": (10000.0, 7301.0),
+    "F": (7300.0, 6001.0),
+    "G": (6000.0, 5301.0),
+    "K": (5300.0, 3951.0),
+}
+#: CNN-SPT star classes in Teff order; neighbours in this list are adjacent types.
+STAR_SEQUENCE = ("OB", "A", "F", "G", "K", "M")
+#: Default S/N_i bins of the accuracy reports.
+SNR_BINS = ((0.0, 10.0), (10.0, 20.0), (20.0, 50.0), (50.0, np.inf))
+
+
+def boundary_distance(true_class, true_teff, true_lumclass=None) -> np.ndarray:
+    """Distance of each simulated spectrum from the nearest class boundary, in subtypes.
+
+    The simulator draws the CNN-SPT star classes over abutting Teff ranges
+    (:data:`CLASS_TEFF_RANGES`). The distance is measured on the star's own class's subtype
+    scale: log Teff steps of :data:`SUBTYPE_SCALES` for OB-K, and the simulator's M-dwarf /
+    M-giant subtype-Teff relations (:func:`mspec.simulate.models.dwarf_subtype`,
+    ``giant_subtype``) for M stars, from the class edges that touch another class (OB's hot
+    end and M's cool end are not boundaries).
+
+    Parameters
+    ----------
+    true_class : array-like of str
+        ``true_class`` of a simulated survey.
+    true_teff : array-like of float
+        ``true_teff`` (K).
+    true_lumclass : array-like of str, optional
+        ``true_lumclass`` (``"dM"``/``"gM"``): giants use the giant scale. Default: all M are
+        dwarfs.
+
+    Returns
+    -------
+    numpy.ndarray of float
+        Subtypes to the nearest boundary (>= 0); ``inf`` for classes without a Teff boundary
+        (GALAXY, QSO, WD) and NaN where ``true_teff`` is not finite for a star class.
+    """
+    from mspec.simulate import models as sm
+
+    cls = np.asarray(true_class).astype(str)
+    t = np.asarray(true_teff, dtype=np.float64)
+    if cls.shape != t.shape or cls.ndim != 1:
+        raise ValueError("true_class and true_teff must be 1-D arrays of the same length")
+    lum = (
+        np.asarray(true_lumclass).astype(str)
+        if true_lumclass is not None
+        else np.where(cls == "M", "dM", "")
+    )
+    if lum.shape != cls.shape:
+        raise ValueError("true_lumclass must have one value per spectrum")
+    out = np.full(cls.size, np.inf)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        for c, (t0, t9) in SUBTYPE_SCALES.items():
+            sel = cls == c
+            if not sel.any():
+                continue
+            w = np.log(t0 / t9) / 9.0
+            lo, hi = CLASS_TEFF_RANGES[c]
+            d_lo = np.log(t[sel] / lo) / w  # towards the cooler neighbour
+            d_hi = np.log(hi / t[sel]) / w if c != "OB" else np.full(sel.sum(), np.inf)
+            out[sel] = np.maximum(np.minimum(d_lo, d_hi), 0.0)
+        dm = (cls == "M") & (lum != "gM")
+        out[dm] = np.maximum(sm.dwarf_subtype(t[dm]) - sm.dwarf_subtype(4050.0), 0.0)
+        gm = (cls == "M") & (lum == "gM")
+        out[gm] = np.maximum(sm.giant_subtype(t[gm]) - sm.giant_subtype(4000.0), 0.0)
+    star = np.isin(cls, STAR_SEQUENCE)
+    out[star & ~np.isfinite(t)] = np.nan
+    return out
+
+
+def _adjacent(a: str, b: str) -> bool:
+    if a in STAR_SEQUENCE and b in STAR_SEQUENCE:
+        return abs(STAR_SEQUENCE.index(a) - STAR_SEQUENCE.index(b)) == 1
+    return False
+
+
+def _bin_label(lo, hi) -> str:
+    return f"{lo:g}-{hi:g}" if np.isfinite(hi) else f">{lo:g}"
+
+
+def spt_accuracy_report(
+    true_class, pred_class, snr_i, distance, *, snr_bins=SNR_BINS, min_distance: float = 1.0
+) -> dict:
+    """CNN-SPT accuracy on all spectra and away from class boundaries, per S/N_i bin.
+
+    Parameters
+    ----------
+    true_class, pred_class : array-like of str
+        True and predicted CNN-SPT classes (spectra whose true class is not one of CNN-SPT's,
+        e.g. WD, are left out).
+    snr_i : array-like of float
+        S/N in the i band.
+    distance : array-like of float
+        :func:`boundary_distance` (subtypes).
+    snr_bins : sequence of (lo, hi)
+        S/N_i bins (lo < S/N_i <= hi); one more entry ``"all"`` covers every spectrum and
+        ``">20"`` every S/N_i > 20.
+    min_distance : float
+        "Away from boundaries" means more than ``min_distance`` subtypes from one.
+
+    Returns
+    -------
+    dict
+        Per bin label: ``n``, ``accuracy`` (all spectra), ``n_away``, ``accuracy_away``,
+        ``n_errors``, ``errors_adjacent`` (fraction of the star-class errors that are between
+        adjacent types), ``errors_near_boundary`` (fraction of all errors within
+        ``min_distance`` of a boundary), ``confusions`` (``"true->pred": count``, every error),
+        ``non_adjacent`` (the star-class confusions that are not between adjacent types).
+    """
+    from mspec.ml.models import CLASSES
+
+    tc = np.asarray(true_class).astype(str)
+    pc = np.asarray(pred_class).astype(str)
+    snr = np.asarray(snr_i, dtype=np.float64)
+    dist = np.asarray(distance, dtype=np.float64)
+    if not (tc.shape == pc.shape == snr.shape == dist.shape):
+        raise ValueError("true_class, pred_class, snr_i and distance must have the same shape")
+    keep = np.isin(tc, CLASSES["spt"])
+    bins = [(_bin_label(lo, hi), (snr > lo) & (snr <= hi)) for lo, hi in snr_bins]
+    bins += [(">20", snr > 20), ("all", np.ones(tc.size, bool))]
+    out = {}
+    for label, sel in bins:
+        s = sel & keep
+        ok = tc[s] == pc[s]
+        away = dist[s] > min_distance
+        err = ~ok
+        star_err = err & np.isin(tc[s], STAR_SEQUENCE) & np.isin(pc[s], STAR_SEQUENCE)
+        adj = np.array([_adjacent(a, b) for a, b in zip(tc[s][star_err], pc[s][star_err])])
+        conf: dict[str, int] = {}
+        for a, b in zip(tc[s][err], pc[s][err]):
+            conf[f"{a}->{b}"] = conf.get(f"{a}->{b}", 0) + 1
+        non_adj = {k: v for k, v in conf.items() if not _adjacent(*k.split("->"))
+                   and k.split("->")[0] in STAR_SEQUENCE and k.split("->")[1] in STAR_SEQUENCE}  # fmt: skip
+        out[label] = {
+            "n": int(s.sum()),
+            "accuracy": float(ok.mean()) if s.any() else None,
+            "n_away": int(away.sum()),
+            "accuracy_away": float(ok[away].mean()) if away.any() else None,
+            "n_errors": int(err.sum()),
+            "errors_adjacent": float(adj.mean()) if adj.size else None,
+            "errors_near_boundary": float((dist[s][err] <= min_distance).mean())
+            if err.any()
+            else None,
+            "confusions": dict(sorted(conf.items(), key=lambda kv: -kv[1])),
+            "non_adjacent": non_adj,
+        }
+    return out
+
+
+def binary_accuracy_report(truth, pred, snr_i, *, classes, snr_bins=SNR_BINS) -> dict:
+    """Accuracy of a two-class CNN (CNN-WDM, CNN-dMgM) per S/N_i bin.
+
+    Parameters
+    ----------
+    truth, pred : array-like of str
+        True and predicted classes; spectra whose truth is not in ``classes`` are left out.
+    snr_i : array-like of float
+        S/N in the i band.
+    classes : sequence of str
+        The network's classes.
+    snr_bins : sequence of (lo, hi)
+        As in :func:`spt_accuracy_report`.
+
+    Returns
+    -------
+    dict
+        Per bin label (and ``">20"``, ``"all"``): ``n``, ``accuracy``, ``recall`` per class.
+    """
+    t = np.asarray(truth).astype(str)
+    p = np.asarray(pred).astype(str)
+    snr = np.asarray(snr_i, dtype=np.float64)
+    keep = np.isin(t, list(classes))
+    bins = [(_bin_label(lo, hi), (snr > lo) & (snr <= hi)) for lo, hi in snr_bins]
+    bins += [(">20", snr > 20), ("all", np.ones(t.size, bool))]
+    out = {}
+    for label, sel in bins:
+        s = sel & keep
+        ok = t[s] == p[s]
+        out[label] = {
+            "n": int(s.sum()),
+            "accuracy": float(ok.mean()) if s.any() else None,
+            "recall": {
+                c: (float(ok[t[s] == c].mean()) if (t[s] == c).any() else None) for c in classes
+            },
+        }
+    return out
+
+
+def inference_speed(model_dir, *, n: int = 4096, batch_size: int = 1024, repeats: int = 3) -> dict:
+    """CPU inference speed of one model directory on one torch thread.
+
+    Parameters
+    ----------
+    model_dir : path-like
+        A single model (classifier or one CNN-TLMA ensemble; all members are run).
+    n : int
+        Spectra per timed pass (random z-scored 5000-pixel inputs).
+    batch_size : int
+        Spectra per forward pass.
+    repeats : int
+        Timed passes; the fastest is reported (the machine may be shared).
+
+    Returns
+    -------
+    dict
+        ``spectra_per_s_per_core`` (best pass, wall clock), ``median_spectra_per_s``,
+        ``spectra_per_cpu_s`` (per second of this process's CPU time: the per-core speed
+        when the machine is shared), ``members``, ``n``, ``batch_size``, ``torch_threads``.
+    """
+    import torch
+
+    from mspec.ml.infer import load_ref, predict_array
+
+    ref = load_ref(model_dir)
+    x = np.random.default_rng(0).standard_normal((int(n), ref.meta["arch"]["n_in"]))
+    x = x.astype(np.float32)
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        predict_array(x[:batch_size], model_dir, batch_size=batch_size, device="cpu")  # warm-up
+        rates, cpu_rates = [], []
+        for _ in range(int(repeats)):
+            t0, c0 = time.perf_counter(), time.process_time()
+            predict_array(x, model_dir, batch_size=batch_size, device="cpu")
+            rates.append(n / (time.perf_counter() - t0))
+            cpu_rates.append(n / max(time.process_time() - c0, 1e-9))
+    finally:
+        torch.set_num_threads(old)
+    return {
+        "spectra_per_s_per_core": float(max(rates)),
+        "median_spectra_per_s": float(np.median(rates)),
+        "spectra_per_cpu_s": float(max(cpu_rates)),
+        "members": len(ref.meta["members"]),
+        "n": int(n),
+        "batch_size": int(batch_size),
+        "torch_threads": 1,
+    }
+
+
+def classifier_accuracy(models, ds: xr.Dataset | None = None, *, n: int = 4000, seed: int = 99,
+                        snr=(5.0, 150.0), mix=None, min_distance: float = 1.0) -> dict:  # fmt: skip
+    """CNN-SPT, CNN-WDM and CNN-dMgM accuracy on a simulated survey, two ways, per S/N_i bin.
+
+    Parameters
+    ----------
+    models : path-like
+        Directory with ``spt/``, ``wdm/``, ``dmgm/`` (those present are evaluated).
+    ds : xarray.Dataset, optional
+        A simulated survey (with ``true_*``); default: ``simulate_survey(n, seed=seed,
+        mix=mix or BALANCED_MIX, snr=snr)``, an independent class-balanced survey with S/N_i
+        log-uniform in ``snr``.
+    n, seed, snr, mix
+        The survey to simulate when ``ds`` is not given.
+    min_distance : float
+        Subtypes from a class boundary beyond which a spectrum counts as "away".
+
+    Returns
+    -------
+    dict
+        ``spt`` (:func:`spt_accuracy_report`), ``wdm`` and ``dmgm``
+        (:func:`binary_accuracy_report`, on WD + M and dM + gM spectra), ``n``, ``seed``.
+    """
+    from mspec.ml.models import CLASSES
+
+    models = Path(models)
+    if ds is None:
+        from mspec.simulate import simulate_survey
+
+        ds = simulate_survey(int(n), seed=seed, mix=mix or BALANCED_MIX, snr=snr)
+    for v in ("true_class", "true_teff", "true_lumclass", "snr_i"):
+        if v not in ds:
+            raise ValueError(f"ds has no {v!r}: classifier_accuracy needs a simulated survey")
+    out = _predict_all(ds, models, rv=np.zeros(ds.sizes["spectra"]), tlma=False)
+    tc = ds["true_class"].values.astype(str)
+    tl = ds["true_lumclass"].values.astype(str)
+    snr_i = ds["snr_i"].values
+    res: dict = {"n": int(ds.sizes["spectra"]), "seed": ds.attrs.get("seed", seed)}
+    if "spt_class" in out:
+        dist = boundary_distance(tc, ds["true_teff"].values, tl)
+        res["spt"] = spt_accuracy_report(tc, out["spt_class"].values, snr_i, dist,
+                                         min_distance=min_distance)  # fmt: skip
+    if "wdm_class" in out:
+        res["wdm"] = binary_accuracy_report(tc, out["wdm_class"].values, snr_i,
+                                            classes=CLASSES["wdm"])  # fmt: skip
+    if "dmgm_class" in out:
+        res["dmgm"] = binary_accuracy_report(tl, out["dmgm_class"].values, snr_i,
+                                             classes=CLASSES["dmgm"])  # fmt: skip
+    return res
 
 
 def main(argv=None) -> int:  # pragma: no cover - exercised by the documented runs

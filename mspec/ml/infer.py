@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import numbers
 import threading
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,6 +21,7 @@ import numpy as np
 import torch
 import xarray as xr
 
+from mspec.ml.calibrate import CalibrationWarning, apply_calibration, noise_proxy
 from mspec.ml.io import (
     ModelFileError,
     model_from_bytes,
@@ -42,6 +44,7 @@ _OUTPUTS = (
     *(f"{k}_{v}" for k in CLASSES for v in ("prob", "class")),
     *TLMA_LABELS,
     *(f"{k}_err" for k in TLMA_LABELS),
+    *(f"{k}_err_ens" for k in TLMA_LABELS),
 )
 
 
@@ -146,11 +149,20 @@ def _classify_block(x, *, ref, batch_size, device):
 
 
 def _regress_members(ref: ModelRef, x, batch_size, device) -> np.ndarray:
-    """Per-member labels in physical units: (members, n, 4) float64."""
+    """Per-member labels in physical units: (members, n, 4) float64.
+
+    Labels the model was not trained on (``labels_trained`` in its metadata) are NaN.
+    """
     raw = _members_forward(ref, x, batch_size, device).astype(np.float64)
     mean = np.asarray(ref.meta["label_mean"], dtype=np.float64)
     std = np.asarray(ref.meta["label_std"], dtype=np.float64)
-    return raw * std + mean
+    out = raw * std + mean
+    trained = ref.meta.get("labels_trained")
+    if trained is not None:
+        for i, k in enumerate(TLMA_LABELS):
+            if k not in trained:
+                out[..., i] = np.nan
+    return out
 
 
 def _ensemble_stats(vals: np.ndarray) -> np.ndarray:
@@ -160,18 +172,38 @@ def _ensemble_stats(vals: np.ndarray) -> np.ndarray:
     return np.concatenate([mean, std], axis=-1)
 
 
+def _regress_stats(ref: ModelRef, x, batch_size, device) -> np.ndarray:
+    """(n, 12): ensemble means, calibrated errors, ensemble stds (TLMA_LABELS order each)."""
+    k = len(TLMA_LABELS)
+    st = _ensemble_stats(_regress_members(ref, x, batch_size, device))
+    err = apply_calibration(ref.meta.get("calibration"), st[:, k:], noise_proxy(x), TLMA_LABELS)
+    return np.concatenate([st[:, :k], err, st[:, k:]], axis=1)
+
+
 def _regress_block(x, lum=None, *, refs, batch_size, device):
     n = x.shape[0]
-    out = np.full((n, 2 * len(TLMA_LABELS)), np.nan, dtype=np.float64)
+    out = np.full((n, 3 * len(TLMA_LABELS)), np.nan, dtype=np.float64)
     if lum is None:
         (ref,) = refs.values()
-        return _ensemble_stats(_regress_members(ref, x, batch_size, device))
+        return _regress_stats(ref, x, batch_size, device)
     lum = np.asarray(lum).astype(str)
     for part, ref in refs.items():
         rows = np.flatnonzero(lum == part)
         if rows.size:
-            out[rows] = _ensemble_stats(_regress_members(ref, x[rows], batch_size, device))
+            out[rows] = _regress_stats(ref, x[rows], batch_size, device)
     return out
+
+
+def _warn_uncalibrated(refs: dict) -> None:
+    for ref in refs.values():
+        if ref.meta.get("calibration") is None:
+            warnings.warn(
+                f"CNN-TLMA model {ref.path} has no error calibration (trained by an older "
+                "mspec or with calibration='none'): its *_err equal the ensemble std "
+                "*_err_ens, which underestimates the true error; retrain it to calibrate",
+                CalibrationWarning,
+                stacklevel=4,
+            )
 
 
 def _class_names(p, *, classes):
@@ -274,7 +306,7 @@ def _check_device(device, gpu) -> None:
     module="SCM",
     inputs=["flux_grid"],
     outputs=_OUTPUTS,
-    version="1",
+    version="2",
     description="CNN inference: CNN-SPT, CNN-WDM, CNN-dMgM classes or CNN-TLMA labels",
 )
 def predict(
@@ -325,8 +357,11 @@ def predict(
     xarray.Dataset
         For classifier kind ``k`` in {spt, wdm, dmgm}: ``k_prob`` (spectra,
         k_classes; softmax probabilities, mean over members) and ``k_class`` (most probable
-        class); for CNN-TLMA: ``teff, logg, m_h, alpha_m`` (ensemble mean, K / dex) and
-        ``teff_err, logg_err, m_h_err, alpha_m_err`` (ensemble std, ddof=1).
+        class); for CNN-TLMA: ``teff, logg, m_h, alpha_m`` (ensemble mean, K / dex),
+        ``teff_err, logg_err, m_h_err, alpha_m_err`` (calibrated errors, same units:
+        :mod:`mspec.ml.calibrate`) and ``teff_err_ens, ...`` (the paper's error, the ensemble
+        std with ddof=1). A model without a calibration (older model directories) gives
+        ``_err == _err_ens`` with a :class:`~mspec.ml.calibrate.CalibrationWarning`.
 
     Raises
     ------
@@ -409,6 +444,7 @@ def predict(
     else:  # pragma: no cover - read_metadata rejects unknown kinds
         raise ModelFileError(f"unknown model kind {kind!r}")
 
+    _warn_uncalibrated(refs)
     with dask.annotate(**ann):
         res = xr.apply_ufunc(
             _regress_block,
@@ -417,17 +453,27 @@ def predict(
             output_core_dims=[["tlma_out"]],
             dask="parallelized",
             output_dtypes=[np.float64],
-            dask_gufunc_kwargs={"output_sizes": {"tlma_out": 2 * len(TLMA_LABELS)}},
+            dask_gufunc_kwargs={"output_sizes": {"tlma_out": 3 * len(TLMA_LABELS)}},
             kwargs={"refs": refs, "batch_size": batch_size, "device": device},
         )
     new = {}
+    k = len(TLMA_LABELS)
     for i, name in enumerate(TLMA_LABELS):
         new[name] = res.isel(tlma_out=i, drop=True)
-        new[f"{name}_err"] = res.isel(tlma_out=len(TLMA_LABELS) + i, drop=True)
+        new[f"{name}_err"] = res.isel(tlma_out=k + i, drop=True)
+        new[f"{name}_err_ens"] = res.isel(tlma_out=2 * k + i, drop=True)
     return annotate(xr.Dataset(new), list(new))
 
 
-def predict_array(x, model_dir, *, batch_size: int = 1024, device=None, members: bool = False):
+def predict_array(
+    x,
+    model_dir,
+    *,
+    batch_size: int = 1024,
+    device=None,
+    members: bool = False,
+    errors: str = "calibrated",
+):
     """Direct (eager) inference on a numpy array of preprocessed spectra.
 
     Parameters
@@ -443,13 +489,18 @@ def predict_array(x, model_dir, *, batch_size: int = 1024, device=None, members:
     members : bool
         Return the per-member outputs (members, n, n_out): classifier probabilities or
         regressor labels in physical units, instead of the ensemble summary.
+    errors : {"calibrated", "ensemble"}
+        Regressor errors: the calibrated errors (:mod:`mspec.ml.calibrate`; the ensemble std
+        for a model without calibration) or the raw ensemble std (ddof=1).
 
     Returns
     -------
     numpy.ndarray
-        Classifier: probabilities (n, n_classes). Regressor: (n, 8) = 4 means then 4 stds
-        (order :data:`mspec.ml.models.TLMA_LABELS`).
+        Classifier: probabilities (n, n_classes). Regressor: (n, 8) = 4 means then 4 errors
+        (order :data:`mspec.ml.models.TLMA_LABELS`; K and dex).
     """
+    if errors not in ("calibrated", "ensemble"):
+        raise ValueError(f"errors must be 'calibrated' or 'ensemble', got {errors!r}")
     ref = load_ref(model_dir)
     x = np.atleast_2d(np.asarray(x, dtype=np.float32))
     if x.shape[1] != ref.meta["arch"]["n_in"]:
@@ -460,5 +511,10 @@ def predict_array(x, model_dir, *, batch_size: int = 1024, device=None, members:
             e = np.exp(raw - raw.max(axis=-1, keepdims=True))
             return (e / e.sum(axis=-1, keepdims=True)).astype(np.float32)
         return _classify_block(x, ref=ref, batch_size=int(batch_size), device=device)
-    vals = _regress_members(ref, x, int(batch_size), device)
-    return vals if members else _ensemble_stats(vals)
+    if members:
+        return _regress_members(ref, x, int(batch_size), device)
+    st = _regress_stats(ref, x, int(batch_size), device)
+    k = len(TLMA_LABELS)
+    return (
+        st[:, : 2 * k] if errors == "calibrated" else np.concatenate([st[:, :k], st[:, 2 * k :]], 1)
+    )

@@ -1,0 +1,286 @@
+"""Label transfer (issue 18): label-table joins, training filters, training and fine-tuning on
+the real DR7 M dwarfs of ../shared/data with their literature labels.csv."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import xarray as xr
+
+from mspec.ml.labels import (
+    join_labels,
+    label_columns,
+    lumclass_from_aspcap,
+    read_label_table,
+    training_filters,
+)
+
+TINY = {"channels": (4, 8, 8, 8), "kernels": (5, 5, 3, 3)}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread():
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def _store_like(n=6):
+    """Per-spectrum variables of a store (what the joins read)."""
+    return xr.Dataset(
+        {
+            "file": ("spectra", np.array([f"spec-5{i}-X_sp01-00{i}.fits" for i in range(n)])),
+            "ra": ("spectra", 10.0 + np.arange(n) * 0.01),
+            "dec": ("spectra", np.full(n, 20.0)),
+            "snr_u": ("spectra", np.full(n, 1.0)),
+            "snr_g": ("spectra", np.full(n, 2.0)),
+            "snr_r": ("spectra", np.full(n, 3.0)),
+            "snr_i": ("spectra", np.array([30.0, 4.0, 30.0, 30.0, 30.0, np.nan][:n])),
+            "snr_z": ("spectra", np.full(n, 1.0)),
+            "lamost_class": (
+                "spectra",
+                np.array(["STAR", "STAR", "STAR", "GALAXY", "STAR", "STAR"][:n]),
+            ),  # fmt: skip
+            "lamost_subclass": ("spectra", np.array(["M2", "gM1", "K5", "", "dM3", "M0"][:n])),
+        },
+        coords={"obsid": ("spectra", np.arange(n, dtype=np.int64) + 100)},
+    )
+
+
+def test_join_on_obsid_reports_unmatched_rows():
+    ds = _store_like()
+    t = pd.DataFrame({"OBSID": [105, 101, 999, 103], "teff": [3000.0, 3100, 3200, 3300]})
+    j = join_labels(ds, t)
+    assert j.key == "obsid" and j.report["column"] == "OBSID"
+    np.testing.assert_array_equal(j.table["_table_row"], [-1, 1, -1, 3, -1, 0])
+    np.testing.assert_array_equal(j.table["teff"].to_numpy()[[1, 3, 5]], [3100, 3300, 3000])
+    assert np.isnan(j.table["teff"].to_numpy()[[0, 2, 4]]).all()
+    assert j.report["n_table_unmatched"] == 1 and j.report["unmatched"] == [{"OBSID": 999}]
+    assert list(j.unmatched["OBSID"]) == [999]
+    with pytest.raises(ValueError, match="duplicate obsid"):
+        join_labels(ds, pd.DataFrame({"obsid": [100, 100]}))
+    with pytest.raises(ValueError, match="no obsid"):
+        join_labels(ds, pd.DataFrame({"obsid": [1, 2]}))
+
+
+def test_join_on_file_name_ignores_paths_and_gz():
+    ds = _store_like()
+    t = pd.DataFrame({"file_name": ["/data/dr7/spec-52-X_sp01-002.fits.gz",
+                                    "spec-50-X_sp01-000.fits", "spec-77-nope.fits"],
+                      "teff": [1.0, 2.0, 3.0]})  # fmt: skip
+    j = join_labels(ds, t)
+    assert j.key == "file"
+    np.testing.assert_array_equal(j.table["_table_row"], [1, -1, 0, -1, -1, -1])
+    assert j.report["n_table_unmatched"] == 1
+    assert j.report["unmatched"][0]["file_name"] == "spec-77-nope.fits"
+    with pytest.raises(ValueError, match="file-name column"):
+        join_labels(ds, pd.DataFrame({"teff": [1.0], "ra": [10.0], "dec": [20.0]}), on="file")
+
+
+def test_join_by_position_within_radius():
+    ds = _store_like()
+    arcsec = 1 / 3600
+    t = pd.DataFrame({
+        "RA": [10.0 + 2 * arcsec, 10.02 + 5 * arcsec, 10.04, 10.04 + 0.5 * arcsec, 50.0],
+        "DEC": [20.0, 20.0, 20.0 + 1 * arcsec, 20.0, 20.0],
+        "TEFF": [1.0, 2.0, 3.0, 4.0, 5.0],
+    })  # fmt: skip
+    j = join_labels(ds, t)  # auto: no obsid, no file -> position
+    assert j.key == "position" and j.report["radius_arcsec"] == 3.0
+    # spectrum 0: 2" away -> row 0; spectrum 2: 5" away -> unmatched; spectrum 4: two rows
+    # within 3", the nearest (0.5") wins
+    np.testing.assert_array_equal(j.table["_table_row"], [0, -1, -1, -1, 3, -1])
+    assert j.table["_sep_arcsec"].to_numpy()[0] == pytest.approx(2.0 * np.cos(np.radians(20)),
+                                                                 rel=1e-3)  # fmt: skip
+    assert j.report["n_spectra_with_several_rows"] == 1
+    assert j.report["n_table_unmatched"] == 3  # rows 1, 2 and 4
+    j6 = join_labels(ds, t, radius_arcsec=6.0)
+    assert j6.table["_table_row"].to_numpy()[2] == 1
+    with pytest.raises(ValueError, match="radius"):
+        join_labels(ds, t, radius_arcsec=0)
+    with pytest.raises(ValueError, match="within"):
+        join_labels(ds, t.assign(RA=200.0))
+    with pytest.raises(ValueError, match="join key"):
+        join_labels(ds, pd.DataFrame({"teff": [1.0]}))
+    with pytest.raises(ValueError, match="on must be"):
+        join_labels(ds, t, on="name")
+
+
+def test_label_columns_aliases_and_mapping():
+    apogee = pd.DataFrame(columns=["APOGEE_ID", "TEFF", "LOGG", "M_H", "ALPHA_M", "FE_H",
+                                   "ASPCAP_CLASS", "obsid"])  # fmt: skip
+    assert label_columns(apogee, "tlma") == {
+        "teff": "TEFF",
+        "logg": "LOGG",
+        "m_h": "M_H",
+        "alpha_m": "ALPHA_M",
+        "aspcap_class": "ASPCAP_CLASS",
+    }
+    lit = pd.DataFrame(columns=["file_name", "teff_lit", "logg_lit", "feh_lit"])
+    assert label_columns(lit, "tlma") == {"teff": "teff_lit", "logg": "logg_lit",
+                                          "m_h": "feh_lit"}  # fmt: skip
+    assert label_columns(lit, "tlma", {"m_h": "logg_lit"})["m_h"] == "logg_lit"
+    assert label_columns(pd.DataFrame(columns=["obsid", "class"]), "spt") == {"class": "class"}
+    assert label_columns(apogee, "dmgm") == {"class": "ASPCAP_CLASS"}
+    with pytest.raises(ValueError, match="none of the CNN-TLMA"):
+        label_columns(pd.DataFrame(columns=["obsid"]), "tlma")
+    with pytest.raises(ValueError, match="no column 'x'"):
+        label_columns(lit, "tlma", {"teff": "x"})
+    with pytest.raises(ValueError, match="unknown label"):
+        label_columns(lit, "tlma", {"vsini": "teff_lit"})
+    with pytest.raises(ValueError, match="class column"):
+        label_columns(lit, "wdm")
+    np.testing.assert_array_equal(lumclass_from_aspcap(["Md_d", "Mg_b", "GKg_c", ""]),
+                                  ["dM", "gM", "", ""])  # fmt: skip
+
+
+def test_training_filters_snr_and_consistency():
+    ds = _store_like()
+    keep, n = training_filters(ds, None, kind="tlma")
+    # S/N_max < 5 (row 1: max 4) and all-NaN... row 5 has snr_i NaN but snr_r 3 -> < 5
+    np.testing.assert_array_equal(keep, [True, False, True, True, True, False])
+    assert n == {"snr_max": 2}
+    lum = np.array(["dM", "gM", "dM", "dM", "gM", ""])
+    keep, n = training_filters(ds, lum, kind="tlma", snr_min=None)
+    # LAMOST: M2 dwarf ok, gM1 giant ok, K5 not M -> inconsistent, GALAXY -> inconsistent,
+    # dM3 vs gM -> inconsistent, no label -> kept
+    np.testing.assert_array_equal(keep, [True, True, False, False, False, True])
+    assert n == {"inconsistent_class": 3}
+    spt = np.array(["M", "M", "K", "GALAXY", "G", ""])
+    keep, _ = training_filters(ds, spt, kind="spt", snr_min=None)
+    np.testing.assert_array_equal(keep, [True, True, True, True, False, True])
+    keep, _ = training_filters(ds, spt, kind="spt", snr_min=None, consistent=False)
+    assert keep.all()
+
+
+def test_read_label_table_formats(tmp_path):
+    t = pd.DataFrame({"obsid": [1, 2], "TEFF": [3000.0, 3100.0], "ASPCAP_CLASS": ["Md_d", "Mg_b"]})
+    t.to_csv(tmp_path / "a.csv", index=False)
+    t.to_parquet(tmp_path / "a.parquet")
+    from astropy.table import Table
+
+    Table.from_pandas(t).write(tmp_path / "a.fits")
+    for name in ("a.csv", "a.parquet", "a.fits"):
+        r = read_label_table(tmp_path / name)
+        assert list(r["obsid"]) == [1, 2] and list(r["ASPCAP_CLASS"]) == ["Md_d", "Mg_b"]
+    with pytest.raises(ValueError, match="does not exist"):
+        read_label_table(tmp_path / "none.csv")
+    (tmp_path / "a.txt.xz").write_text("x")
+    with pytest.raises(ValueError, match="expected"):
+        read_label_table(tmp_path / "a.txt.xz")
+
+
+# ------------------------------------------------------------------ real spectra, real labels
+@pytest.fixture(scope="module")
+def real_store(tmp_path_factory):
+    from mspec.data import shared_data_dir
+
+    src = shared_data_dir() / "lamost_dr7_mdwarfs"
+    if not (src / "labels.csv").is_file():
+        pytest.skip("no ../shared/data/lamost_dr7_mdwarfs")
+    import mspec
+
+    d = tmp_path_factory.mktemp("dr7")
+    mspec.ingest([str(src)], str(d / "s.zarr"), chunk_size=16, client="sync")
+    return d / "s.zarr", src / "labels.csv"
+
+
+def _json_tail(out: str) -> dict:
+    """The JSON summary the CLI prints after its per-epoch progress lines."""
+    return json.loads(out[out.index("\n{") + 1 :] if not out.startswith("{") else out)
+
+
+@pytest.mark.realdata
+def test_cli_label_transfer_on_real_store(real_store, tmp_path, capsys):
+    """mspec train tlma --labels labels.csv (keyed by file name) runs end to end."""
+    from mspec.cli import main
+    from mspec.ml.infer import predict
+    from mspec.ml.io import read_metadata
+
+    store, labels = real_store
+    rc = main(["train", "tlma", "--store", str(store), "--labels", str(labels),
+               "--out", str(tmp_path / "m"), "--epochs", "2", "--folds", "3",
+               "--threads", "1"])  # fmt: skip
+    assert rc == 0
+    printed = _json_tail(capsys.readouterr().out)
+    assert printed["labels"]["join"]["key"] == "file"
+    assert printed["labels"]["join"]["n_table_matched"] == 36
+    assert printed["labels"]["columns"] == {"teff": "teff_lit", "logg": "logg_lit",
+                                            "m_h": "feh_lit"}  # fmt: skip
+    assert printed["n"] == 34 and printed["n_no_data"] == 2  # two files have no LAMOST RV
+    meta = read_metadata(tmp_path / "m")
+    assert meta["labels_trained"] == ["teff", "logg", "m_h"]
+    assert meta["calibration"]["source"] == "oof"
+    assert meta["provenance"]["join"]["column"] == "file_name"
+    assert len(meta["provenance"]["label_table_sha256"]) == 64
+    import mspec
+    from mspec.preprocessing.steps import preprocess
+
+    ds = mspec.open_store(store)
+    res = predict(preprocess(ds, recipe="tlma", rv="lamost_rv"), tmp_path / "m").compute()
+    ok = np.isfinite(ds["lamost_rv"].values)
+    assert np.isfinite(res["teff"].values[ok]).all() and np.isnan(res["alpha_m"].values).all()
+    assert (res["teff_err"].values[ok] > 0).all()
+    # position join of the same table, and a column mapping, through the CLI
+    rc = main(["train", "tlma", "--store", str(store), "--labels", str(labels), "--on",
+               "position", "--columns", "teff=teff_lit", "--out", str(tmp_path / "p"),
+               "--epochs", "1", "--folds", "2", "--threads", "1"])  # fmt: skip
+    assert rc == 0
+    assert _json_tail(capsys.readouterr().out)["labels"]["join"]["n_spectra_matched"] == 36
+    assert main(["train", "tlma", "--store", str(store), "--labels", str(labels), "--out",
+                 str(tmp_path / "q"), "--columns", "teff"]) == 2  # fmt: skip
+    assert "LABEL=COLUMN" in capsys.readouterr().err
+
+
+@pytest.mark.realdata
+def test_finetune_changes_the_model_and_keeps_the_format(real_store, tmp_path):
+    """Transfer learning: a simulator-trained ensemble fine-tuned on the real labelled set."""
+    import mspec
+    from mspec.ml.infer import predict_array
+    from mspec.ml.io import FORMAT, FORMAT_VERSION, load_models, read_metadata
+    from mspec.ml.models import TLMA_LABELS
+    from mspec.ml.train import train_from_store, train_regressor
+    from mspec.preprocessing.steps import preprocess
+
+    store, labels = real_store
+    sim = mspec.simulate_survey(150, seed=5, mix={"dM": 1.0}, snr=(20.0, 100.0))
+    tl = preprocess(sim, recipe="tlma", rv="true_rv")
+    lab = {k: sim[f"true_{k}"].values for k in TLMA_LABELS}
+    train_regressor(tl, lab, tmp_path / "base", folds=3, epochs=2, arch=TINY, plots=False)
+    m = train_from_store(kind="tlma", store=store, labels=labels, out_dir=tmp_path / "ft",
+                         finetune=tmp_path / "base", epochs=3, threads=1, plots=False)  # fmt: skip
+    base_meta, ft_meta = read_metadata(tmp_path / "base"), read_metadata(tmp_path / "ft")
+    assert ft_meta["format"] == FORMAT and ft_meta["format_version"] == FORMAT_VERSION
+    assert ft_meta["arch"] == base_meta["arch"] and ft_meta["label_mean"] == base_meta["label_mean"]
+    assert [x["file"] for x in ft_meta["members"]] == [f"member_0{i}.safetensors" for i in range(3)]
+    assert ft_meta["finetuned_from"]["labels_from_base"] == ["alpha_m"]
+    assert ft_meta["labels_trained"] == list(TLMA_LABELS)  # alpha_m kept from the base
+    assert m["folds"] == 3 and m["n"] == 34
+    base_models, _ = load_models(tmp_path / "base")
+    ft_models, _ = load_models(tmp_path / "ft")
+    for b, f in zip(base_models, ft_models):
+        sb, sf = b.state_dict(), f.state_dict()
+        assert set(sb) == set(sf)
+        assert any(not np.array_equal(sb[k].numpy(), sf[k].numpy()) for k in sb)
+    x = preprocess(mspec.open_store(store), recipe="tlma", rv="lamost_rv")["flux_grid"].values
+    ok = np.isfinite(x).any(axis=1)
+    pb, pf = predict_array(x[ok], tmp_path / "base"), predict_array(x[ok], tmp_path / "ft")
+    assert np.isfinite(pf).all() and not np.allclose(pb[:, 0], pf[:, 0])
+    # the fine-tuned model fits its real training labels better than the base model
+    t = pd.read_csv(labels).set_index("file_name")
+    files = mspec.open_store(store)["file"].values[ok]
+    teff = t.loc[files, "teff_lit"].to_numpy()
+    assert np.mean((pf[:, 0] - teff) ** 2) < np.mean((pb[:, 0] - teff) ** 2)
+    with pytest.raises(ValueError, match="arch"):
+        train_regressor(tl, lab, tmp_path / "x", finetune=tmp_path / "base", arch=TINY)
+    from mspec.ml.io import ModelFileError
+
+    with pytest.raises(ModelFileError):
+        train_from_store(kind="tlma", store=store, labels=labels, out_dir=tmp_path / "y",
+                         finetune=tmp_path / "nothing")  # fmt: skip
