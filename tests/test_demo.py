@@ -51,7 +51,7 @@ def test_demo_end_to_end(tmp_path):
     assert list(cat.columns[:3]) == ["obsid", "ra", "dec"] and "spectra" not in cat
     head = [c for c in cat.columns if c in CATALOG_ORDER]
     assert head == [c for c in CATALOG_ORDER if c in cat.columns]
-    assert cat.loc[cat["spt_class"] != "M", "teff"].isna().all()
+    assert cat.loc[~cat["is_m"].astype(bool), "teff"].isna().all()
     import pyarrow.parquet as pq
 
     units = json.loads(pq.read_schema(tmp_path / "catalog.parquet" / "part.0.parquet")

@@ -84,7 +84,7 @@ def test_run_end_to_end(reference):
         assert col in cat, col
     assert "spectra" not in cat.columns
     # TLMA only for spectra classified M
-    notm = cat["spt_class"] != "M"
+    notm = ~cat["is_m"].astype(bool)
     assert cat.loc[notm, "teff"].isna().all()
     # what is not built is said, not faked
     assert any("reconcile" in x for x in res.not_available)

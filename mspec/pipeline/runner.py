@@ -152,6 +152,7 @@ def _stamp(stage: PipelineStage, ctx: RunContext, chunk: int, upstream: dict) ->
             for k in stage.uses_models
         },
         "templates": ctx.templates_hash if stage.uses_templates else "",
+        "decisions": ctx.decisions_hash if stage.uses_decisions else "",
         "upstream": {n: upstream[n] for n in stage.needs},
     }
 
@@ -170,6 +171,8 @@ def _differences(old: dict, new: dict) -> list[str]:
             what.append(f"model {k!r}")
     if old.get("templates", "") != new["templates"]:
         what.append("template set")
+    if old.get("decisions", "") != new.get("decisions", ""):
+        what.append("reviewers' decisions (review/decisions.csv)")
     for n, h in new["upstream"].items():
         if old.get("upstream", {}).get(n) != h:
             what.append(f"upstream stage {n!r}")
@@ -286,7 +289,7 @@ def _run_stage(stage, ctx, run_dir, ds_store, n, chunk, client, scheduler, progr
             raise StageChangedError(
                 f"stage {stage.name!r} ({stage.module}) was computed with a different "
                 f"{', '.join(diff)}; refusing to resume. Rerun with --redo {stage.name} "
-                f"(recomputes it and every stage after it)"
+                f"(recomputes it and every stage that needs it)"
             )
     else:
         # no stamp: any group or records are leftovers of an interrupted first start
@@ -356,7 +359,8 @@ def _run_stage(stage, ctx, run_dir, ds_store, n, chunk, client, scheduler, progr
 CATALOG_ORDER = (
     "obsid", "ra", "dec", "mjd", "lmjd", "snr_u", "snr_g", "snr_r", "snr_i", "snr_z",
     "orp_u", "orp_g", "orp_r", "orp_i", "orp_z", "lamost_class", "lamost_subclass",
-    "lamost_rv", "spt_class", "wdm_class", "dmgm_class", "M_G_0", "bp_rp_0", "W1_W2_0",
+    "lamost_rv", "spt_class", "wdm_class", "is_m", "scm_class", "scm_prob", "scm_reason",
+    "dmgm_class", "luminosity_class", "dgcm_prob", "dgcm_reason", "M_G_0", "bp_rp_0", "W1_W2_0",
     "CMD_flag", "CMD_pos", "rv_tm", "rv_tm_err",
     "rv_tm_err_stat", "tm_template", "tm_status", "rv_tml7500", "rv_tml7500_err",
     "tml7500_status", "rv_dsal1", "rv_dsal1_err", "rv_dsal2", "rv_dsal2_err", "rv_dsel",
@@ -378,8 +382,8 @@ def catalog_columns(names) -> list[str]:
 def _catalog(run_dir: Path, ds_store: xr.Dataset, n: int) -> Path:
     """Per-spectrum table of the store metadata and every stage's per-spectrum outputs.
 
-    CNN-TLMA parameters are kept only for spectra CNN-SPT classifies as M (and CNN-WDM does
-    not call a white dwarf); elsewhere they are NaN. Units go to the Parquet metadata
+    CNN-TLMA parameters are kept only for spectra SCM decides are M (``is_m``; without SCM's
+    decision: CNN-SPT says M and CNN-WDM not WD); elsewhere they are NaN. Units go to the Parquet metadata
     (key ``mspec_units``: column -> unit).
     """
     names = [s.name for s in PIPELINE if _stage_paths(run_dir, s.name)["group"].exists()]
@@ -391,10 +395,13 @@ def _catalog(run_dir: Path, ds_store: xr.Dataset, n: int) -> Path:
     ]
     table = ds[[c for c in cols if c != "obsid"]].reset_coords(drop=True)
     table = table.assign(obsid=("spectra", ds["obsid"].data))
-    if "spt_class" in table and "teff" in table:
-        is_m = table["spt_class"] == "M"
-        if "wdm_class" in table:
-            is_m = is_m & (table["wdm_class"] != "WD")
+    if "teff" in table and ("is_m" in table or "spt_class" in table):
+        if "is_m" in table:  # SCM's decision
+            is_m = table["is_m"]
+        else:
+            is_m = table["spt_class"] == "M"
+            if "wdm_class" in table:
+                is_m = is_m & (table["wdm_class"] != "WD")
         table = table.assign({v: table[v].where(is_m) for v in _TLMA if v in table})
     order = catalog_columns(cols)
     units = {c: str(ds[c].attrs.get("units", "")) for c in order if c in ds.variables}
@@ -447,7 +454,7 @@ def run(
     config : mspec.config.Config or path-like
         The run configuration, or the path of its TOML file.
     redo : iterable of str
-        Stages to recompute from scratch, with every stage after them.
+        Stages to recompute from scratch, with every stage that needs them.
     client : distributed.Client, optional
         Use this cluster (otherwise the config's ``[cluster]``: a scheduler address, a local
         scheduler name ``threads``/``sync``/``processes``, or a new LocalCluster).
@@ -548,13 +555,15 @@ def run(
             ctx.model_hashes = model_hashes(ctx.models_dir)
         if any(s.uses_templates for s in selected):
             ctx.templates, ctx.templates_hash = _templates(cfg)
+        ctx.decisions, ctx.decisions_hash = _decisions(run_dir, ds)
         _record_inputs(run_dir, ctx)
-        # --redo: the named stages and everything after them
+        # --redo: the named stages and every stage that needs them
         if redo:
-            first = min(known.index(r) for r in redo)
-            for s in PIPELINE[first:]:
-                log.info("redo: removing the outputs of stage %s", s.name)
-                _wipe_stage(run_dir, s.name)
+            from mspec.pipeline.stages import downstream
+
+            for name in downstream(redo):
+                log.info("redo: removing the outputs of stage %s", name)
+                _wipe_stage(run_dir, name)
         upstream: dict[str, str] = {}
         for stage in selected:
             log.info("stage %s (%s): %s", stage.name, stage.module, ", ".join(stage.steps))
@@ -640,12 +649,29 @@ def _models(cfg) -> Path:
     return d
 
 
+#: Reviewers' decisions a run honours (written by hand or from ``mspec inspect``).
+DECISIONS_FILE = Path("review") / "decisions.csv"
+
+
+def _decisions(run_dir: Path, ds: xr.Dataset):
+    """(decisions DataFrame or None, sha256 of the file or "")."""
+    path = run_dir / DECISIONS_FILE
+    if not path.is_file():
+        return None, ""
+    from mspec.review import read_decisions
+
+    table = read_decisions(path, known_obsids=np.asarray(ds["obsid"].values))
+    log.info("honouring %d reviewers' decisions from %s", len(table), path)
+    return table, hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 def _record_inputs(run_dir: Path, ctx: RunContext) -> None:
     info = {
         "models_dir": str(ctx.models_dir or ""),
         "models_sha256": ctx.model_hashes,
         "templates_set": ctx.config.templates.set,
         "templates_sha256": ctx.templates_hash,
+        "decisions_sha256": ctx.decisions_hash,
     }
     atomic_write(run_dir / "inputs.json", json.dumps(info, indent=1, sort_keys=True))
 

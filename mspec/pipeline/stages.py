@@ -32,6 +32,9 @@ class RunContext:
     templates: xr.Dataset | None = None
     templates_hash: str = ""
     model_hashes: dict = field(default_factory=dict)
+    #: reviewers' decisions (``RUN/review/decisions.csv`` read by mspec.review), or None
+    decisions: object = None
+    decisions_hash: str = ""
 
 
 def _has(module: str) -> bool:
@@ -91,6 +94,7 @@ def has_gaia(ctx: RunContext, ds: xr.Dataset) -> bool:
 
 def _scm(ctx: RunContext, ds: xr.Dataset) -> xr.Dataset:
     from mspec import cmd
+    from mspec.scm import select_m_stars
 
     parts = [_predict(ctx, ds, "spt"), _predict(ctx, ds, "wdm")]
     gaia = _gaia_columns(ctx, ds)
@@ -100,17 +104,29 @@ def _scm(ctx: RunContext, ds: xr.Dataset) -> xr.Dataset:
         if ctx.config.gaia.table:  # keep the joined columns the catalog needs
             joined = [v for v in gaia.data_vars if v not in ds.data_vars]
             parts.append(gaia[joined])
-    return xr.merge(parts, compat="override", join="exact")
+    measured = xr.merge(parts, compat="override", join="exact")
+    decided = select_m_stars(
+        ds.assign(measured.data_vars),
+        decisions=ctx.decisions,
+        entry=ctx.config.selection.entry,
+        merge=False,
+    )
+    return xr.merge([measured, decided], compat="override", join="exact")
 
 
 def _dgcm(ctx: RunContext, ds: xr.Dataset) -> xr.Dataset:
+    from mspec.dgcm import split_dwarfs_giants
     from mspec.indices import spectral_indices
 
     parts = [
         _predict(ctx, ds, "dmgm"),
         spectral_indices(ds, rv="rv_tm", merge=False),
     ]
-    return xr.merge(parts, compat="override", join="exact")
+    measured = xr.merge(parts, compat="override", join="exact")
+    decided = split_dwarfs_giants(
+        ds.assign(measured.data_vars), decisions=ctx.decisions, merge=False
+    )
+    return xr.merge([measured, decided], compat="override", join="exact")
 
 
 def _rvmm(ctx: RunContext, ds: xr.Dataset) -> xr.Dataset:
@@ -156,7 +172,7 @@ def _spmm(ctx: RunContext, ds: xr.Dataset) -> xr.Dataset:
     return predict(
         rest,
         ctx.models_dir / "tlma",
-        lumclass=ds["dmgm_class"],
+        lumclass=ds["luminosity_class"],
         batch_size=ctx.config.ml.batch_size,
         device=ctx.config.ml.device or None,
         merge=False,
@@ -192,6 +208,8 @@ class PipelineStage:
         Model kinds whose hashes stamp the stage.
     uses_templates : bool
         Whether the template library's hash stamps the stage.
+    uses_decisions : bool
+        Whether the reviewers' decisions (``RUN/review/decisions.csv``) stamp the stage.
     planned : tuple of (str, callable)
         Parts of the paper module not built yet: (description, availability check).
     """
@@ -206,6 +224,7 @@ class PipelineStage:
     build: Callable[[RunContext, xr.Dataset], xr.Dataset] | None
     uses_models: tuple[str, ...] = ()
     uses_templates: bool = False
+    uses_decisions: bool = False
     planned: tuple[tuple[str, Callable[[], bool]], ...] = ()
 
     def unavailable(self) -> list[str]:
@@ -239,11 +258,16 @@ PIPELINE: tuple[PipelineStage, ...] = (
         needs=("preprocess",),
         inputs=("flux_grid",),
         sections=("ml", "gaia"),
-        steps=("CNN-SPT", "CNN-WDM", "Gaia CMD placement where Gaia data exist"),
-        version="2",
+        steps=(
+            "CNN-SPT",
+            "CNN-WDM",
+            "Gaia CMD placement where Gaia data exist",
+            "SCM decision rules (select_m_stars)",
+        ),
+        version="3",
         build=_scm,
         uses_models=("spt", "wdm"),
-        planned=(("SCM decision rules (select_m_stars)", _never),),
+        uses_decisions=True,
     ),
     PipelineStage(
         name="rvmm",
@@ -263,26 +287,27 @@ PIPELINE: tuple[PipelineStage, ...] = (
     PipelineStage(
         name="dgcm",
         module="DGCM",
-        needs=("preprocess", "rvmm"),
-        inputs=("flux_grid", "flux", "ivar", "ormask", "rv_tm"),
+        needs=("preprocess", "scm", "rvmm"),
+        inputs=("flux_grid", "flux", "ivar", "ormask", "rv_tm", "is_m"),
         sections=("ml",),
         steps=(
             "CNN-dMgM",
-            "spectral indices (CaH, TiO5, zeta, K I, Na I, Ca II) in the TM rest frame",
+            "spectral indices (CaH, TiO5, zeta, K I, Na I, Ca II, ZrO, C2) in the TM rest frame",
+            "DGCM decision rules (split_dwarfs_giants)",
         ),
-        version="2",
+        version="3",
         build=_dgcm,
         uses_models=("dmgm",),
-        planned=(("DGCM decision rules (split_dwarfs_giants)", _never),),
+        uses_decisions=True,
     ),
     PipelineStage(
         name="spmm",
         module="SPMM",
         needs=("dgcm", "rvmm"),
-        inputs=("flux", "ivar", "ormask", "rv_tm", "dmgm_class"),
+        inputs=("flux", "ivar", "ormask", "rv_tm", "luminosity_class"),
         sections=("preprocess", "ml"),
-        steps=("CNN-TLMA dM/gM ensembles in the TM rest frame",),
-        version="1",
+        steps=("CNN-TLMA dM/gM ensembles (by DGCM's luminosity class) in the TM rest frame",),
+        version="2",
         build=_spmm,
         uses_models=("tlma",),
     ),
@@ -295,3 +320,12 @@ CATALOG_PLANNED = ("parameter_flag", "M_Catalog V0-V3, recommended and non-M cat
 def stage_names() -> list[str]:
     """Persisted stage names in run order."""
     return [s.name for s in PIPELINE]
+
+
+def downstream(names) -> list[str]:
+    """The named stages and every stage that needs them, directly or not, in run order."""
+    hit = set(names)
+    for s in PIPELINE:
+        if hit.intersection(s.needs):
+            hit.add(s.name)
+    return [s.name for s in PIPELINE if s.name in hit]
