@@ -4,6 +4,9 @@
 - :mod:`mspec.ml.train`: training from a lazy (Zarr/dask) Dataset, chunk by chunk.
 - :mod:`mspec.ml.infer`: lazy, batched inference over spectrum chunks (``map_blocks``).
 - :mod:`mspec.ml.io`: model directories (safetensors weights + JSON metadata, no pickle).
+- :mod:`mspec.ml.calibrate`: calibrated CNN-TLMA errors.
+- :mod:`mspec.ml.labels`: label tables joined to a store (label transfer from real spectra).
+- :mod:`mspec.ml.evaluate`: accuracy runs (per S/N_i bin, away from class boundaries).
 
 torch is imported when a function is first used, so ``import mspec.ml`` stays cheap.
 """
@@ -25,6 +28,15 @@ _LAZY = {
     "build_model": "mspec.ml.models",
     "CLASSES": "mspec.ml.models",
     "TLMA_LABELS": "mspec.ml.models",
+    "augment_batch": "mspec.ml.train",
+    "join_labels": "mspec.ml.labels",
+    "read_label_table": "mspec.ml.labels",
+    "noise_proxy": "mspec.ml.calibrate",
+    "fit_calibration": "mspec.ml.calibrate",
+    "apply_calibration": "mspec.ml.calibrate",
+    "CalibrationWarning": "mspec.ml.calibrate",
+    "classifier_accuracy": "mspec.ml.evaluate",
+    "inference_speed": "mspec.ml.evaluate",
 }
 
 __all__ = sorted(_LAZY)
