@@ -92,6 +92,14 @@ def test_run_end_to_end(reference):
     assert not any("Gaia" in x for x in res.not_available)
     assert cat["CMD_pos"].isin(["dM", "gM", "other", ""]).all() and (cat["CMD_pos"] == "dM").any()
     assert "idx_tio5" in cat and cat["idx_tio5"].notna().any()
+    # the paper's catalogs, with the cascade V0 >= V1 >= V2 >= V3
+    assert set(res.catalogs) >= {"M_Catalog_V0", "M_Catalog_V1", "M_Catalog_V2", "M_Catalog_V3",
+                                 "recommended", "non_M_Catalog"}  # fmt: skip
+    sizes = {k: len(pd.read_parquet(p)) for k, p in res.catalogs.items()}
+    assert sizes["M_Catalog_V0"] >= sizes["M_Catalog_V1"] >= sizes["M_Catalog_V2"]
+    assert sizes["M_Catalog_V2"] >= sizes["M_Catalog_V3"]
+    assert (run_dir / "catalog" / "summary.csv").is_file()
+    assert res.report and Path(res.report).is_file()
     saved = json.loads((run_dir / "run.json").read_text())
     assert saved["n_spectra"] == N
     assert (run_dir / "config.resolved.toml").is_file() and (run_dir / "run.log").is_file()

@@ -83,6 +83,9 @@ class RunResult:
         Ingest summary (empty when no sources were given).
     report : str
         Path of the HTML run report (``RUN/report/index.html``; empty if it failed).
+    catalogs : dict
+        The paper's catalogs written as Parquet under ``RUN/catalog/`` (name -> path):
+        M_Catalog_V0..V3, recommended, non_M_Catalog (:func:`mspec.catalog.build_catalog`).
     """
 
     run_dir: str
@@ -93,6 +96,7 @@ class RunResult:
     seconds: float = 0.0
     ingest: dict = field(default_factory=dict)
     report: str = ""
+    catalogs: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -589,10 +593,12 @@ def run(
         t0 = time.perf_counter()
         with _no_space_is_run_error("catalog", run_dir):
             result.catalog = str(_catalog(run_dir, ds, n))
+            result.catalogs = _catalogs(run_dir)
         result.stages["catalog"] = {
             "module": "catalog",
             "status": "done",
             "seconds": round(time.perf_counter() - t0, 2),
+            "catalogs": sorted(result.catalogs),
             "not_available": list(CATALOG_PLANNED),
         }
         for part in CATALOG_PLANNED:
@@ -603,6 +609,21 @@ def run(
         for line in result.not_available:
             log.info("not available: %s", line)
     return result
+
+
+def _catalogs(run_dir: Path) -> dict:
+    """M_Catalog_V0..V3, recommended and non_M_Catalog as Parquet, plus the count summary."""
+    from mspec.catalog import build_catalog, catalog_summary, write
+
+    cats = build_catalog(run_dir)
+    out = run_dir / "catalog"
+    written = write(cats, out, formats=("parquet",))
+    atomic_write(out / "summary.csv", catalog_summary(cats).to_csv(index=False))
+    for note in getattr(cats, "notes", []) or []:
+        log.info("catalog: %s", note)
+    return {
+        k: (v.get("parquet", "") if isinstance(v, dict) else str(v)) for k, v in written.items()
+    }
 
 
 def _report(run_dir: Path, cfg) -> str:

@@ -313,8 +313,8 @@ PIPELINE: tuple[PipelineStage, ...] = (
     ),
 )
 
-#: Catalog parts not built yet (issue: flags and the V0–V3 catalog).
-CATALOG_PLANNED = ("parameter_flag", "M_Catalog V0-V3, recommended and non-M catalogs")
+#: Catalog parts not built yet.
+CATALOG_PLANNED: tuple[str, ...] = ()
 
 
 def stage_names() -> list[str]:
