@@ -14,6 +14,7 @@ import xarray as xr
 
 from benchmarks._common import size
 from mspec.ml import io as mlio
+from mspec.ml.calibrate import fit_calibration, noise_proxy
 from mspec.ml.infer import clear_cache, predict, predict_array
 from mspec.ml.models import CLASSES, TLMA_LABELS, build_model
 
@@ -29,6 +30,12 @@ def _write_random_model(path, kind, members):
     else:
         meta.update(labels=list(TLMA_LABELS), label_mean=[3600, 4.8, -0.2, 0.05],
                     label_std=[200, 0.2, 0.3, 0.05])  # fmt: skip
+        # a calibration table (issue 18), so the calibrated-error path is what is timed
+        rng = np.random.default_rng(1)
+        nu = np.exp(rng.uniform(-5, 0, 600))
+        err = rng.uniform(0.5, 1.5, (600, 4)) * [20, 0.02, 0.03, 0.01]
+        meta["calibration"] = fit_calibration(err * rng.normal(0, 3, (600, 4)), err, nu,
+                                              TLMA_LABELS)  # fmt: skip
     mlio.write_model(path, meta, [m.state_dict() for m in models])
 
 
@@ -75,3 +82,13 @@ class CNNInference:
 
         with dask.config.set(scheduler="synchronous"):
             predict(self.ds, self.model, lumclass=None, merge=False).compute()
+
+
+class NoiseProxy:
+    """The per-spectrum noise measure behind the calibrated CNN-TLMA errors (issue 18)."""
+
+    def setup(self):
+        self.x = np.random.default_rng(0).normal(size=(size(4096, 32), 5000)).astype(np.float32)
+
+    def time_noise_proxy(self):
+        noise_proxy(self.x)
