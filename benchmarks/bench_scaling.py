@@ -21,9 +21,9 @@ from pathlib import Path
 
 from benchmarks._common import size
 
-N_SPECTRA = size([300, 1200], [12])
+N_SPECTRA = size([200, 800], [12])
 N_WORKERS = size([1, 2], [1])
-CHUNK = size(150, 6)
+CHUNK = size(100, 6)
 STAGES = ("preprocess", "scm", "rvmm", "dgcm", "spmm", "catalog")
 
 
@@ -79,7 +79,7 @@ class PipelineWorkers:
             write_lamost_fits(survey, work / "fits", layout="image")
             files = sorted(str(p) for p in (work / "fits").glob("*.fits"))
             models = build_default_models(
-                work / "models", n_train=size(300, 200), epochs=1, folds=size(10, 2), seed=0
+                work / "models", n_train=size(1200, 200), epochs=1, folds=size(10, 2), seed=0
             )
             stores = {}
             for n in N_SPECTRA:

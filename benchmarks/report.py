@@ -28,6 +28,7 @@ import datetime as _dt
 import itertools
 import json
 import math
+import os
 import platform
 import sys
 from importlib import metadata
@@ -195,6 +196,13 @@ def _utc(ms) -> str:
     return _dt.datetime.fromtimestamp(ms / 1000, tz=_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
 
 
+def _load() -> str:
+    try:
+        return " / ".join(f"{x:.1f}" for x in os.getloadavg()) + " (1 / 5 / 15 min)"
+    except (AttributeError, OSError):
+        return "unknown"
+
+
 def _cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -299,7 +307,9 @@ def scaling_with_workers(data: dict) -> tuple[list[str], dict]:
         per_n.setdefault(p["n_spectra"], {})[p["n_workers"]] = v
     rates = {
         (p["n_spectra"], p["n_workers"]): v
-        for p, v in data["results"].get("bench_scaling.PipelineWorkers.track_spectra_per_second", [])
+        for p, v in data["results"].get(
+            "bench_scaling.PipelineWorkers.track_spectra_per_second", []
+        )
     }
     for n in sorted(per_n):
         t = per_n[n]
@@ -432,7 +442,10 @@ def render(data: dict, *, figure: str | None = FIGURE) -> str:
         f"({_cpu_model()}, {mach.get('arch', '?')}), {ram} RAM, {mach.get('os', '?')} |",
         f"| software | Python {platform.python_version()}, {_versions()} |",
         f"| commit | `{str(run.get('commit_hash', '?'))[:10]}` |",
+        f"| benchmarks | {len(data['results'])} of the {len(data['benchmarks'])} in the suite "
+        "(`make bench` runs them all, `make bench BENCH=regex` the matching ones) |",
         f"| run | {when} (commit date {_utc(run.get('date'))}) |",
+        f"| load average when reported | {_load()} (other jobs on the machine slow every figure) |",
         "",
     ]
     if figure:
