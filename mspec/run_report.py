@@ -81,6 +81,7 @@ RV_FROM_VALUES: tuple[str, ...] = (
     "NoRV_waveErr",
 )
 _C_KMS = 299792.458
+_SCM_ORDER = ("M", "K", "G", "F", "A", "OB", "WD", "GALAXY", "QSO", "S", "C")
 _LUM_COLOUR = {"dM": OKABE_ITO["blue"], "gM": OKABE_ITO["vermillion"]}
 _OTHER = "#999999"
 _AXIS = {
@@ -1138,7 +1139,7 @@ def _counts_sections(r: _Run) -> list[tuple[str, str, list[str], list[list]]]:
         for k, v in _count_table(_str(cat, "CMD_pos"), ("dM", "gM", "other"), zeros=True):
             rows.append(["Gaia CMD position", k if k != "(none)" else "(not placed)", v])
     if "scm_class" in cat:
-        for k, v in _count_table(_str(cat, "scm_class")):
+        for k, v in _count_table(_str(cat, "scm_class"), _SCM_ORDER):
             rows.append(["SCM final class (scm_class)", k, v])
     if "spt_class" in cat:
         spt = _str(cat, "spt_class")
