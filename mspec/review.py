@@ -158,7 +158,6 @@ def build_queue(ds: xr.Dataset, *, inspect_abs_rv: float = 150.0) -> pd.DataFram
     if "obsid" not in ds.variables:
         raise ValueError("ds has no obsid (coordinate or variable)")
     obsid = _str(ds["obsid"].values)
-    n = obsid.size
     rows = []
     inspect = {v: m for v, m in INSPECT_VARIABLES.items() if v in ds.variables}
     for v in ds.data_vars:
@@ -213,7 +212,6 @@ def build_queue(ds: xr.Dataset, *, inspect_abs_rv: float = 150.0) -> pd.DataFram
     q = pd.concat(rows, ignore_index=True)
     q["_m"] = q["module"].map({m: i for i, m in enumerate(MODULES)}).fillna(len(MODULES))
     q = q.sort_values(["_order", "_m"], kind="stable").drop(columns=["_order", "_m"])
-    del n
     return q.reset_index(drop=True)[list(QUEUE_COLUMNS)]
 
 

@@ -271,6 +271,8 @@ def test_decisions_honoured(branches):
         reconcile_rv(ds, sigmas=_sigmas(), decisions=dec.assign(decision="XX"), merge=False)
     with pytest.raises(TypeError, match="decisions"):
         reconcile_rv(ds, sigmas=_sigmas(), decisions={"obsid": 1}, merge=False)
+    with pytest.raises(ValueError, match="no obsid"):
+        reconcile_rv(ds.drop_vars("obsid"), sigmas=_sigmas(), decisions=dec, merge=False)
 
 
 def test_lazy_chunked_equals_unchunked(branches):
@@ -424,7 +426,7 @@ def test_tm_quality_catches_a_stars(a_stars):
     wrong = a & (np.abs(tm.rv_tm.values - ds.true_rv.values) > 100)
     assert wrong.sum() >= 3  # TM does go wrong on A stars at S/N 9
     assert not (usable & wrong).any()
-    # A stars are unusable, M dwarfs mostly not (measured: 97.5 % / 12 %, of which the
+    # A stars are unusable, M dwarfs mostly not (measured: 100 % / 12 %, of which the
     # paper's status codes 7 %)
     assert (~usable[a]).mean() >= 0.9
     assert (~usable[m]).mean() <= 0.2

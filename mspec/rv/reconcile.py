@@ -851,7 +851,9 @@ def reconcile_rv(
     names = [*INPUTS, *[v for v in OPTIONAL if v in ds.variables]]
     args = [ds[v] for v in names]
     core = [["lines"] if v in _LINE_VARS else [] for v in names]
-    obsid = ds["obsid"] if "obsid" in ds.coords else None
+    obsid = ds["obsid"] if "obsid" in ds.variables else None
+    if decisions is not None and len(decisions) and obsid is None:
+        raise ValueError("decisions were given but ds has no obsid to match them to")
     if decisions is not None and obsid is not None and len(decisions):
         table = decisions[["obsid", "decision"]].copy()
         dec = xr.apply_ufunc(
@@ -918,8 +920,8 @@ def reconcile_rv(
         ),
     )
     out = xr.Dataset(dict(zip(OUTPUTS, outs, strict=True)))
-    if obsid is not None:
-        out = out.assign_coords(obsid=obsid)
+    if "obsid" in ds.coords:
+        out = out.assign_coords(obsid=ds["obsid"])
     out = annotate(out)
     out["rv_flag"].attrs.update(
         flag_values=np.array([0, 1], np.int8), flag_meanings="not_recommended recommended"
