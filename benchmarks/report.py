@@ -52,7 +52,11 @@ class ReportError(RuntimeError):
 
 
 def load_results(results_dir, machine: str | None = None) -> dict:
-    """Read the newest asv results file of one machine.
+    """Read the newest asv results of one machine.
+
+    Every benchmark comes from the newest results file that holds it (so a run of a subset,
+    ``make bench BENCH=...``, updates those benchmarks and keeps the others); ``commits``
+    says which commit each came from.
 
     Parameters
     ----------
@@ -90,7 +94,7 @@ def load_results(results_dir, machine: str | None = None) -> dict:
             f"machine {machine!r} has no results in {results_dir} ({sorted(machines)})"
         )
 
-    def newest(folder: Path):
+    def all_runs(folder: Path):
         runs = []
         for f in folder.glob("*.json"):
             if f.name == "machine.json":
@@ -100,44 +104,52 @@ def load_results(results_dir, machine: str | None = None) -> dict:
             except (OSError, ValueError):
                 continue
             if isinstance(d, dict) and "results" in d:
-                runs.append((d.get("date") or 0, f, d))
-        return max(runs, key=lambda r: r[0]) if runs else None
+                runs.append((d.get("date") or 0, f.stat().st_mtime, f, d))
+        return sorted(runs, key=lambda r: r[:2], reverse=True)
 
-    candidates = {m: newest(p) for m, p in machines.items() if machine in (None, m)}
-    candidates = {m: r for m, r in candidates.items() if r is not None}
+    candidates = {m: all_runs(p) for m, p in machines.items() if machine in (None, m)}
+    candidates = {m: r for m, r in candidates.items() if r}
     if not candidates:
         raise ReportError(f"no asv results file in {results_dir}")
-    name = max(candidates, key=lambda m: candidates[m][0])
-    _, path, run = candidates[name]
+    name = max(candidates, key=lambda m: candidates[m][0][:2])
+    _, _, path, run = candidates[name][0]
     mfile = machines[name] / "machine.json"
     mach = json.loads(mfile.read_text()) if mfile.exists() else {"machine": name}
     benches = json.loads(bench_file.read_text())
     benches.pop("version", None)
 
-    cols = run.get("result_columns", ["result", "params"])
-    results, finished = {}, 0
-    for bname, row in run["results"].items():
-        rec = dict(zip(cols, row))
-        finished = max(finished, rec.get("started_at") or 0)
-        values = rec.get("result")
-        params = rec.get("params") or []
-        names = benches.get(bname, {}).get("param_names", [])
-        combos = list(itertools.product(*params)) if params else [()]
-        if not isinstance(values, list):
-            values = [values] * len(combos)
-        cases = []
-        for combo, value in zip(combos, values):
-            p = {n: _literal(v) for n, v in zip(names, combo)}
-            cases.append((p, _number(value)))
-        results[bname] = cases
+    results, finished, commits = {}, 0, {}
+    for _, _, _, older in candidates[name]:
+        cols = older.get("result_columns", ["result", "params"])
+        for bname, row in older["results"].items():
+            if bname in results or bname not in benches:
+                continue  # a newer results file has it, or it left the suite
+            rec = dict(zip(cols, row))
+            commits.setdefault(str(older.get("commit_hash", "?"))[:10], []).append(bname)
+            finished = max(finished, rec.get("started_at") or 0)
+            results[bname] = _cases(rec, benches.get(bname, {}).get("param_names", []))
     return {
         "machine": mach,
         "run": run,
         "path": str(path),
         "benchmarks": benches,
         "results": results,
+        "commits": commits,
         "finished": finished or None,
     }
+
+
+def _cases(rec: dict, names) -> list:
+    """One asv result record -> [(params dict, value or None)] over the parameter grid."""
+    values = rec.get("result")
+    params = rec.get("params") or []
+    combos = list(itertools.product(*params)) if params else [()]
+    if not isinstance(values, list):
+        values = [values] * len(combos)
+    return [
+        ({n: _literal(v) for n, v in zip(names, combo)}, _number(value))
+        for combo, value in zip(combos, values)
+    ]
 
 
 def _literal(text):
@@ -441,7 +453,9 @@ def render(data: dict, *, figure: str | None = FIGURE) -> str:
         f"| machine | `{mach.get('machine', '?')}`: {mach.get('num_cpu', '?')} cores "
         f"({_cpu_model()}, {mach.get('arch', '?')}), {ram} RAM, {mach.get('os', '?')} |",
         f"| software | Python {platform.python_version()}, {_versions()} |",
-        f"| commit | `{str(run.get('commit_hash', '?'))[:10]}` |",
+        "| commit | "
+        + "; ".join(f"`{c}` ({len(b)} benchmarks)" for c, b in (data.get("commits") or {}).items())
+        + " |",
         f"| benchmarks | {len(data['results'])} of the {len(data['benchmarks'])} in the suite "
         "(`make bench` runs them all, `make bench BENCH=regex` the matching ones) |",
         f"| run | {when} (commit date {_utc(run.get('date'))}) |",

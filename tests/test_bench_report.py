@@ -144,3 +144,27 @@ def test_missing_results_are_a_clear_error(tmp_path, capsys):
         report.main(["--results", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x.md")]) == 2
     )
     assert "run asv first" in capsys.readouterr().err
+
+
+def test_subset_runs_keep_older_results(results):
+    """A newer results file with a subset updates those benchmarks and keeps the others."""
+    box = results / "box"
+    newer = json.loads((box / "abcdef01-existing.json").read_text())
+    newer.update(commit_hash="fedcba9876543210", date=newer["date"] + 1000)
+    newer["results"] = {
+        "bench_simulate.Simulate.time_simulate_survey": [
+            [2.0, 20.0],
+            [["1000", "10000"]],
+            "v",
+            9,
+            1.0,
+        ]
+    }
+    (box / "fedcba98-existing.json").write_text(json.dumps(newer))
+    data = report.load_results(results)
+    sim = data["results"]["bench_simulate.Simulate.time_simulate_survey"]
+    assert [v for _, v in sim] == [2.0, 20.0]
+    assert "bench_rv.TMPerSpectrum.time_tm_one_spectrum" in data["results"]
+    assert data["commits"]["fedcba9876"] == ["bench_simulate.Simulate.time_simulate_survey"]
+    assert len(data["commits"]["abcdef0123"]) == 4
+    assert "`fedcba9876` (1 benchmarks)" in report.render(data, figure=None)
