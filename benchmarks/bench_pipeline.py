@@ -84,6 +84,8 @@ class Pipeline:
         ctx.templates, _ = _templates(self.cfg)
         total = 0
         for s in PIPELINE:
+            if s.prepare is not None:  # population statistics (computed, not counted)
+                ctx.stats[s.name] = s.prepare(ctx, ds)
             out = s.build(ctx, ds)
             total += len(xr.Dataset(out.data_vars).__dask_graph__())
             ds = ds.assign(out.data_vars)

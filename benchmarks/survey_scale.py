@@ -79,7 +79,7 @@ def _tasks_per_chunk(cfg, models) -> dict:
     import xarray as xr
 
     from mspec.io.store import open_store
-    from mspec.pipeline.runner import _templates
+    from mspec.pipeline.runner import _json_hook, _templates
     from mspec.pipeline.stages import PIPELINE, RunContext
 
     ds = open_store(cfg.store)
@@ -89,6 +89,9 @@ def _tasks_per_chunk(cfg, models) -> dict:
     full = ds
     out = {}
     for s in PIPELINE:
+        stats = Path(cfg.run_dir) / "stages" / f"{s.name}.stats.json"
+        if s.prepare is not None:  # the run's own population statistics
+            ctx.stats[s.name] = json.loads(stats.read_text(), object_hook=_json_hook)
         res = s.build(ctx, full)
         graph = xr.Dataset(res.data_vars).__dask_graph__()
         out[s.name] = round(len(graph) / nchunks, 1)

@@ -8,12 +8,14 @@ Paper modules (Li et al. 2025) and where they live:
 
 * preprocessing (steps 1–5): :mod:`mspec.preprocessing` (:func:`preprocess`);
 * SCM, the M / non-M decision: CNN-SPT and CNN-WDM (:mod:`mspec.ml`), the Gaia CMD
-  (:mod:`mspec.cmd`);
+  (:mod:`mspec.cmd`), the rules (:mod:`mspec.scm`, :func:`select_m_stars`);
 * DGCM, dwarf / giant: CNN-dMgM (:mod:`mspec.ml`), the CMD, spectral indices
-  (:mod:`mspec.indices`);
+  (:mod:`mspec.indices`), the rules (:mod:`mspec.dgcm`, :func:`split_dwarfs_giants`);
 * RVMM, radial velocities: TM/TML7500 (:mod:`mspec.rv.matching`), DSAL I/II and DSEL
-  (:mod:`mspec.rv.lines`);
+  (:mod:`mspec.rv.lines`), the reconciliation (:mod:`mspec.rv.reconcile`,
+  :func:`reconcile_rv`) and the inspection queue (:mod:`mspec.review`);
 * SPMM, stellar parameters: the CNN-TLMA ensembles (:mod:`mspec.ml`);
+* flags and the catalogs V0–V3: :mod:`mspec.flags`, :mod:`mspec.catalog` (:func:`build_catalog`);
 * the pipeline that runs them in order, resumably: :mod:`mspec.pipeline` (:func:`run`).
 """
 
@@ -23,12 +25,15 @@ import importlib
 
 from mspec import cmd, io, pipeline, rv, stage, variables  # noqa: E402
 from mspec._version import __version__  # noqa: E402
+from mspec.catalog import build_catalog  # noqa: E402
 from mspec.config import Config, ConfigError, load_config  # noqa: E402
+from mspec.dgcm import split_dwarfs_giants  # noqa: E402
 from mspec.indices import spectral_indices  # noqa: E402
 from mspec.io.store import ingest, open_store  # noqa: E402
 from mspec.pipeline import RunError, RunResult, StageChangedError, run  # noqa: E402
 from mspec.preprocessing import preprocess  # noqa: E402
-from mspec.rv import line_rvs, template_match  # noqa: E402
+from mspec.rv import line_rvs, reconcile_rv, template_match  # noqa: E402
+from mspec.scm import select_m_stars  # noqa: E402
 from mspec.simulate import simulate_survey  # noqa: E402
 from mspec.variables import validate  # noqa: E402
 
@@ -38,6 +43,7 @@ _LAZY_MODULES = {"ml"}
 __all__ = [
     "__version__",
     "Config",
+    "build_catalog",
     "ConfigError",
     "RunError",
     "RunResult",
@@ -51,10 +57,13 @@ __all__ = [
     "open_store",
     "pipeline",
     "preprocess",
+    "reconcile_rv",
     "run",
     "rv",
+    "select_m_stars",
     "simulate_survey",
     "spectral_indices",
+    "split_dwarfs_giants",
     "stage",
     "template_match",
     "validate",

@@ -209,6 +209,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         print(f"  {name:<10} {info.get('seconds', 0):8.1f} s{extra}")
     for line in res.not_available:
         print(f"  not available: {line}")
+    if res.report:
+        print(f"report: {res.report}")
     return 0
 
 
@@ -381,6 +383,14 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         print(
             f"decisions: {len(decisions)} used, {len(decisions.attrs['skipped'])} rows skipped"
         )
+        from mspec._exec import atomic_write
+        from mspec.pipeline.runner import DECISIONS_FILE
+
+        target = run_dir / DECISIONS_FILE
+        if Path(args.decisions).resolve() != target.resolve():
+            atomic_write(target, Path(args.decisions).read_bytes())
+        print(f"decisions saved to {target}: the next `mspec run` honours them "
+              "(the deciding stages are redone with --redo scm)")  # fmt: skip
     q = write_queue(run_dir, decisions=decisions, max_plots=args.max_plots)
     counts = q.groupby("module").size().to_dict() if len(q) else {}
     print(f"queue: {len(q)} spectra {counts}; {run_dir / 'review' / 'queue.parquet'}")
@@ -412,7 +422,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--redo",
         action="append",
         metavar="STAGE",
-        help="recompute STAGE and every stage after it (repeatable)",
+        help="recompute STAGE and every stage that needs it (repeatable)",
     )
     q.add_argument("--quiet", action="store_true", help="no progress bars")
     q.set_defaults(func=_cmd_run)
@@ -530,8 +540,9 @@ def build_parser() -> argparse.ArgumentParser:
         "every |RV| > 150 km/s, with their candidate values) and one PNG per queued spectrum "
         "(the eight DSAL lines marked at each candidate RV). With --decisions, the decisions "
         "(CSV: obsid,module,decision) are checked (bad rows reported and skipped), applied "
-        "to the RV reconciliation, and decided spectra leave the queue; pass the same file "
-        "as rv.decisions to the next run.",
+        "to the RV reconciliation, and decided spectra leave the queue; the file is saved as "
+        "RUN/review/decisions.csv, which the next `mspec run` honours (SCM, DGCM and the RV "
+        "reconciliation; rerun with --redo scm to apply them).",
         formatter_class=_Formatter,
     )
     q.add_argument("run", help="run directory")

@@ -63,7 +63,9 @@ def test_demo_end_to_end(tmp_path):
     from mspec.io.zarrio import check_uniform_chunks
 
     stores = [tmp_path / "spectra.zarr", *(tmp_path / "run" / "stages").glob("*.zarr")]
-    assert len(stores) == 6
+    from mspec.pipeline import PIPELINE
+
+    assert len(stores) == 1 + len(PIPELINE)
     for store in stores:
         chunks = check_uniform_chunks(store)
         assert len(chunks) == 4, (store, chunks)

@@ -134,11 +134,41 @@ def _stage_paths(run_dir: Path, name: str) -> dict[str, Path]:
         "group": base / f"{name}.zarr",
         "done": base / f"{name}.done",
         "stamp": base / f"{name}.json",
+        "stats": base / f"{name}.stats.json",
     }
+
+
+def _json_default(o):
+    if isinstance(o, np.ndarray):
+        return {"__ndarray__": o.tolist(), "dtype": str(o.dtype)}
+    if isinstance(o, np.generic):
+        return o.item()
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def _json_hook(d):
+    if "__ndarray__" in d:
+        return np.asarray(d["__ndarray__"], dtype=d["dtype"])
+    return d
+
+
+def _stage_stats(stage, ctx, ds_in, paths) -> dict:
+    """A stage's population statistics: computed once, then reused when resuming."""
+    path = paths["stats"]
+    if path.is_file() and paths["stamp"].is_file():
+        return json.loads(path.read_text(), object_hook=_json_hook)
+    stats = stage.prepare(ctx, ds_in)
+    # NaN/inf are valid JSON numbers for Python's json module (allow_nan)
+    atomic_write(path, json.dumps(stats, default=_json_default, indent=1))
+    stats = json.loads(path.read_text(), object_hook=_json_hook)  # the same on resume
+    log.info("stage %s: population statistics computed over %d spectra", stage.name,
+             ds_in.sizes["spectra"])  # fmt: skip
+    return stats
 
 
 def _wipe_stage(run_dir: Path, name: str) -> None:
     p = _stage_paths(run_dir, name)
+    p["stats"].unlink(missing_ok=True)
     shutil.rmtree(p["group"], ignore_errors=True)
     shutil.rmtree(p["done"], ignore_errors=True)
     p["stamp"].unlink(missing_ok=True)
@@ -299,6 +329,8 @@ def _run_stage(stage, ctx, run_dir, ds_store, n, chunk, client, scheduler, progr
         # no stamp: any group or records are leftovers of an interrupted first start
         _wipe_stage(run_dir, stage.name)
     ds_in = _with_upstream(ds_store, run_dir, stage.needs, n)
+    if stage.prepare is not None:
+        ctx.stats[stage.name] = _stage_stats(stage, ctx, ds_in, paths)
     out = stage.build(ctx, ds_in)
     out = out.drop_vars([c for c in ("loglam",) if c in out.coords])
     _prepare_group(paths["group"], out, n)
@@ -367,7 +399,7 @@ CATALOG_ORDER = (
     "dmgm_class", "luminosity_class", "dgcm_prob", "dgcm_reason", "M_G_0", "bp_rp_0", "W1_W2_0",
     "CMD_flag", "CMD_pos", "rv_tm", "rv_tm_err",
     "rv_tm_err_stat", "tm_template", "tm_status", "rv_tml7500", "rv_tml7500_err",
-    "tml7500_status", "rv_dsal1", "rv_dsal1_err", "rv_dsal2", "rv_dsal2_err", "rv_dsel",
+    "tml7500_status", "rv", "rv_err", "rv_from", "rv_flag", "rv_inspect", "rv_dsal1", "rv_dsal1_err", "rv_dsal2", "rv_dsal2_err", "rv_dsel",
     "rv_dsel_err", "teff", "teff_err", "logg", "logg_err", "m_h", "m_h_err", "alpha_m",
     "alpha_m_err",
 )  # fmt: skip

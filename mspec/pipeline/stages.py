@@ -14,7 +14,6 @@ decision, only when a quantity is computed.
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -35,10 +34,8 @@ class RunContext:
     #: reviewers' decisions (``RUN/review/decisions.csv`` read by mspec.review), or None
     decisions: object = None
     decisions_hash: str = ""
-
-
-def _has(module: str) -> bool:
-    return importlib.util.find_spec(module) is not None
+    #: population statistics of stages with a ``prepare`` step, by stage name
+    stats: dict = field(default_factory=dict)
 
 
 def _outputs(res: xr.Dataset, names) -> xr.Dataset:
@@ -142,16 +139,39 @@ def _rvmm(ctx: RunContext, ds: xr.Dataset) -> xr.Dataset:
         mask_tellurics=rv.mask_tellurics,
         engine=rv.engine,
         device=rv.device or None,
+        quality=True,  # edge / ambiguous-minimum bits and reduced chi2 for reconciliation
         merge=False,
     )
     tm = template_match(ds, **opts)
     tml = template_match(ds, wave_max=rv.tml_wave_max, **opts)
     parts = [tm, tml]
-    if _has("mspec.rv.lines"):
-        from mspec.rv.lines import line_rvs
+    from mspec.rv.lines import line_rvs
 
-        parts.append(line_rvs(ds.assign(rv_tm=tm["rv_tm"]), rv_init="rv_tm", merge=False))
+    parts.append(line_rvs(ds.assign(rv_tm=tm["rv_tm"]), rv_init="rv_tm", merge=False))
     return xr.merge(parts, compat="override", join="exact")
+
+
+def _reconcile_stats(ctx: RunContext, ds: xr.Dataset) -> dict:
+    """The run's residual distributions (paper: σ of TM − LAMOST, DSAL − LAMOST), M stars."""
+    from mspec.rv.reconcile import rv_residual_sigmas
+
+    where = ds["is_m"] if "is_m" in ds.variables else None
+    return rv_residual_sigmas(ds, where=where)
+
+
+def _reconcile(ctx: RunContext, ds: xr.Dataset) -> xr.Dataset:
+    from mspec.rv.reconcile import reconcile_rv
+
+    th = ctx.config.thresholds
+    return reconcile_rv(
+        ds,
+        sigmas=ctx.stats["reconcile"],
+        decisions=ctx.decisions,
+        tm_sigma=th.tm_sigma,
+        dsal_sigma=th.dsal_sigma,
+        inspect_abs_rv=th.inspect_abs_rv,
+        merge=False,
+    )
 
 
 def _spmm(ctx: RunContext, ds: xr.Dataset) -> xr.Dataset:
@@ -210,6 +230,10 @@ class PipelineStage:
         Whether the template library's hash stamps the stage.
     uses_decisions : bool
         Whether the reviewers' decisions (``RUN/review/decisions.csv``) stamp the stage.
+    prepare : callable, optional
+        ``(RunContext, Dataset) -> dict``: population statistics computed once over the
+        whole input before the chunks (persisted as ``RUN/stages/<name>.stats.json`` and
+        reused on resume; ``--redo`` recomputes them).
     planned : tuple of (str, callable)
         Parts of the paper module not built yet: (description, availability check).
     """
@@ -226,6 +250,7 @@ class PipelineStage:
     uses_templates: bool = False
     uses_decisions: bool = False
     planned: tuple[tuple[str, Callable[[], bool]], ...] = ()
+    prepare: Callable[[RunContext, xr.Dataset], dict] | None = None
 
     def unavailable(self) -> list[str]:
         """Parts of this paper module that are not available in this mspec."""
@@ -235,10 +260,6 @@ class PipelineStage:
         """Version including the optional parts present (their arrival changes results)."""
         extra = [desc for desc, ok in self.planned if ok()]
         return self.version + ("+" + "+".join(extra) if extra else "")
-
-
-def _never() -> bool:
-    return False
 
 
 PIPELINE: tuple[PipelineStage, ...] = (
@@ -257,7 +278,7 @@ PIPELINE: tuple[PipelineStage, ...] = (
         module="SCM",
         needs=("preprocess",),
         inputs=("flux_grid",),
-        sections=("ml", "gaia"),
+        sections=("ml", "gaia", "selection"),
         steps=(
             "CNN-SPT",
             "CNN-WDM",
@@ -275,14 +296,10 @@ PIPELINE: tuple[PipelineStage, ...] = (
         needs=(),
         inputs=("flux", "ivar", "ormask"),
         sections=("rv", "templates"),
-        steps=("TM", "TML7500"),
-        version="1",
+        steps=("TM", "TML7500", "line-by-line RVs DSAL I/II, DSEL (line_rvs)"),
+        version="3",
         build=_rvmm,
         uses_templates=True,
-        planned=(
-            ("line-by-line RVs DSAL I/II, DSEL (line_rvs)", lambda: _has("mspec.rv.lines")),
-            ("RV reconciliation (reconcile_rv) and inspection queue", _never),
-        ),
     ),
     PipelineStage(
         name="dgcm",
@@ -299,6 +316,18 @@ PIPELINE: tuple[PipelineStage, ...] = (
         build=_dgcm,
         uses_models=("dmgm",),
         uses_decisions=True,
+    ),
+    PipelineStage(
+        name="reconcile",
+        module="RVMM",
+        needs=("scm", "rvmm"),
+        inputs=("lamost_rv", "mjd", "rv_tm", "tm_status"),
+        sections=("thresholds",),
+        steps=("RV reconciliation (reconcile_rv): rv, rv_err, rv_from, rv_flag, rv_inspect",),
+        version="1",
+        build=_reconcile,
+        uses_decisions=True,
+        prepare=_reconcile_stats,
     ),
     PipelineStage(
         name="spmm",
