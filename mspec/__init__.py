@@ -23,7 +23,20 @@ from __future__ import annotations
 
 import importlib
 
-from mspec import cmd, io, pipeline, rv, stage, variables  # noqa: E402
+from mspec import (  # noqa: E402
+    catalog,
+    cmd,
+    compare,
+    dgcm,
+    flags,
+    io,
+    pipeline,
+    review,
+    rv,
+    scm,
+    stage,
+    variables,
+)
 from mspec._version import __version__  # noqa: E402
 from mspec.catalog import build_catalog  # noqa: E402
 from mspec.config import Config, ConfigError, load_config  # noqa: E402
@@ -42,6 +55,12 @@ _LAZY_MODULES = {"ml"}
 
 __all__ = [
     "__version__",
+    "scm",
+    "review",
+    "flags",
+    "dgcm",
+    "compare",
+    "catalog",
     "Config",
     "build_catalog",
     "ConfigError",
