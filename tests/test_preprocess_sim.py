@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dask
 import numpy as np
 import pytest
 import xarray as xr
@@ -11,6 +10,7 @@ from mspec.preprocessing import kernels as K
 from mspec.preprocessing import reference as R
 from mspec.preprocessing.steps import preprocess
 from mspec.simulate import model_spectrum, simulate_survey
+from mspec.testing import raise_if_computes
 from mspec.variables import SDSS_BANDS, loglam_grid
 
 WAVE = 10.0 ** loglam_grid()
@@ -21,14 +21,10 @@ def survey():
     return simulate_survey(40, seed=3)
 
 
-def _boom(*args, **kwargs):
-    raise AssertionError("dask computed while building the graph")
-
-
 @pytest.mark.parametrize("recipe", ["cnn", "tlma", "tm"])
 def test_simulated_survey_matches_reference(survey, recipe):
     rv = "true_rv" if recipe == "tlma" else None
-    with dask.config.set(scheduler=_boom):
+    with raise_if_computes():
         lazy = preprocess(survey.chunk({"spectra": 7}), recipe=recipe, rv=rv, merge=False)
     out = lazy.compute(scheduler="sync")
     xr.testing.assert_identical(out, preprocess(survey, recipe=recipe, rv=rv, merge=False))

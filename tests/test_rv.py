@@ -19,6 +19,7 @@ from mspec.rv.templates import (
     save_templates,
 )
 from mspec.rv.tm_engine import make_config, match_arrays
+from mspec.testing import raise_if_computes
 from mspec.variables import C_KMS, NPIX, loglam_grid, validate
 
 LOGLAM = loglam_grid()
@@ -234,15 +235,11 @@ def test_bad_arguments(lib):
 # --- wrapper ------------------------------------------------------------------------------------
 
 
-def _boom(*args, **kwargs):
-    raise RuntimeError("template_match computed something while building the graph")
-
-
 def test_wrapper_lazy_chunked_equals_unchunked(lib):
     ds = as_dataset(*fake_spectra(lib, [5.0, -60.0, 120.0, 33.0, -7.0], snr=25, seed=5))
     shifts = np.arange(-500, 501, 250)
     eager = template_match(ds, templates=lib, merge=False, shifts=shifts)
-    with dask.config.set(scheduler=_boom):
+    with raise_if_computes():
         lazy = template_match(ds.chunk({"spectra": 2}), templates=lib, merge=False, shifts=shifts)
         lazy7 = template_match(
             ds.chunk({"spectra": -1}), templates=lib, merge=False, wave_max=7500, shifts=shifts

@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import dask
 import numpy as np
 import pytest
 import xarray as xr
@@ -14,6 +13,7 @@ from mspec.rv import lines_kernels as K
 from mspec.rv.lines import line_rvs, lines_arrays
 from mspec.rv.lines_reference import clip_1sigma_ref, dsal1_ref, lines_spectrum_ref
 from mspec.stage import STAGES, MergeWarning
+from mspec.testing import raise_if_computes
 from mspec.variables import C_KMS, DLOGLAM, LOGLAM0, NPIX, VariableError, loglam_grid, validate
 
 LOGLAM = loglam_grid()
@@ -80,10 +80,6 @@ def mixed():
     om[6, 2000:2400] = 1  # a masked stretch (no line there)
     rv_init = rv + np.array([5.0, -8.0, 0.0, 12.0, -3.0, 2.0, 0.0, np.nan])
     return as_dataset(flux, ivar, om, rv_init), rv
-
-
-def _boom(*args, **kwargs):
-    raise RuntimeError("line_rvs computed something while building the graph")
 
 
 # --- kernel vs reference -------------------------------------------------------------------
@@ -311,7 +307,7 @@ def test_spike_without_clipping_hurts():
 def test_chunked_equals_unchunked_and_lazy(mixed, chunks):
     ds, _ = mixed
     eager = line_rvs(ds, merge=False)
-    with dask.config.set(scheduler=_boom):
+    with raise_if_computes():
         lazy = line_rvs(ds.chunk(chunks), merge=False)
         # rv_init as a lazy DataArray, chunked differently from the spectra
         lazy2 = line_rvs(ds.chunk(chunks), rv_init=ds.rv_tm.chunk({"spectra": 2}), merge=False)
@@ -329,7 +325,7 @@ def test_zarr_store_lazy(mixed, tmp_path):
     ds, _ = mixed
     ds.chunk({"spectra": 3}).to_zarr(tmp_path / "s.zarr", zarr_format=3, consolidated=False)
     store = xr.open_zarr(tmp_path / "s.zarr", consolidated=False)
-    with dask.config.set(scheduler=_boom):
+    with raise_if_computes():
         lazy = line_rvs(store, merge=False)
     xr.testing.assert_identical(line_rvs(ds, merge=False), lazy.compute())
 

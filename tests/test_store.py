@@ -26,13 +26,10 @@ from test_io_lamost import (  # noqa: E402  (tests/ is on sys.path under pytest)
 
 from mspec.io import read_lamost, read_metadata, read_quarantine, write_lamost_fits
 from mspec.io.store import StoreError, ingest, open_store, resolve_sources, store_state
+from mspec.testing import raise_if_computes
 from mspec.variables import NPIX, validate
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _boom(*args, **kwargs):
-    raise AssertionError("dask computed something")
 
 
 def _fits_dir(tmp_path, n=10, seed=0, layout="image", gz=False, name="fits"):
@@ -120,7 +117,7 @@ def test_open_store_lazy_validated(tmp_path):
     _, d, _ = _fits_dir(tmp_path, n=6)
     mspec.ingest(d, tmp_path / "s.zarr", chunk_size=4)  # the flat public API
     assert mspec.open_store(tmp_path / "s.zarr", chunks={"spectra": 8}).flux.chunks[0] == (6,)
-    with dask.config.set(scheduler=_boom):
+    with raise_if_computes():
         ds = open_store(tmp_path / "s.zarr")
         validate(ds)
         assert ds.flux.chunks == ((4, 2), (NPIX,))
