@@ -111,12 +111,17 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
 
     from mspec.io.store import ingest, resolve_sources
 
-    if not resolve_sources(args.sources):
+    if not resolve_sources(args.sources, allow_outside=args.allow_outside):
         raise CLIError(f"sources: nothing to ingest in {args.sources} (no FITS files matched)")
     with ExitStack() as stack:
         client = _local_or_client(args.scheduler, stack)
         summary = ingest(
-            args.sources, args.store, chunk_size=args.chunk_size, client=client, progress=True
+            args.sources,
+            args.store,
+            chunk_size=args.chunk_size,
+            client=client,
+            progress=True,
+            allow_outside=args.allow_outside,
         )
     log.info("ingest summary: %s", summary)
     print(json.dumps(summary, indent=1))
@@ -380,9 +385,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     if args.decisions:
         obsids = load_run(run_dir)["obsid"].values
         decisions = read_decisions(args.decisions, known_obsids=obsids)
-        print(
-            f"decisions: {len(decisions)} used, {len(decisions.attrs['skipped'])} rows skipped"
-        )
+        print(f"decisions: {len(decisions)} used, {len(decisions.attrs['skipped'])} rows skipped")
         from mspec._exec import atomic_write
         from mspec.pipeline.runner import DECISIONS_FILE
 
@@ -462,6 +465,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     q.add_argument("store", help="path of the Zarr store to create or append to")
     q.add_argument("--chunk-size", type=int, default=1000, help="spectra per chunk")
+    q.add_argument(
+        "--allow-outside",
+        action="store_true",
+        help="let catalogue paths point outside the catalogue's folder",
+    )
     q.add_argument(
         "--scheduler",
         default=None,

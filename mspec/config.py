@@ -1090,6 +1090,8 @@ def load_config(path: str | os.PathLike) -> Config:
             data = toml.load(fh)
     except toml.TOMLDecodeError as e:
         raise ConfigError(source, "", f"invalid TOML: {e}", "TOML") from None
+    except UnicodeDecodeError:
+        raise ConfigError(source, "", "not a text file (invalid UTF-8): not TOML", "TOML") from None
     return Config.from_dict(data, source=source, base_dir=p.absolute().parent)
 
 
