@@ -284,7 +284,7 @@ def _cmd_models(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from mspec.report import write_run_report
+    from mspec.run_report import write_run_report
 
     path = write_run_report(args.run, out_dir=args.out, n_examples=args.examples)
     print(path)

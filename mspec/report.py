@@ -60,7 +60,6 @@ __all__ = [
     "confusion_matrix",
     "accuracy_metrics",
     "write_report",
-    "write_run_report",
 ]
 
 # Copies of mspec.ml.models.CLASSES (that module imports torch; a test keeps them equal).
@@ -896,71 +895,3 @@ def write_report(
         json.dumps(doc, indent=2, allow_nan=False, ensure_ascii=False), encoding="utf-8"
     )
     return path
-
-
-def write_run_report(
-    run_dir,
-    *,
-    out_dir=None,
-    n_examples: int = 4,
-    max_points: int = 50_000,
-    snr_min: float = 20.0,
-    tm_sigma: float = 3.0,
-    dsal_sigma: float = 2.0,
-    dpi: int = 100,
-    figures: Sequence[str] | None = None,
-) -> Path:
-    """Write the HTML report of a run directory: ``RUN/report/index.html`` and its PNGs.
-
-    One self-contained page (figures embedded as base64 PNG, opens offline) with per-stage
-    counts, run time and cost, the quarantine summary and the figures; stages or inputs the
-    run does not have are stated, not drawn empty. See :mod:`mspec.run_report` (this is
-    :func:`mspec.run_report.write_run_report`).
-
-    Parameters
-    ----------
-    run_dir : path-like
-        A run directory (``mspec run`` / :func:`mspec.run` output).
-    out_dir : path-like, optional
-        Output directory (default ``RUN/report``).
-    n_examples : int
-        Example spectra drawn (0-12).
-    max_points : int
-        At most this many random points per scatter panel (per class in the error panels;
-        >= 100); statistics use every spectrum.
-    snr_min : float
-        S/N_i cut (exclusive) of the truth comparisons.
-    tm_sigma, dsal_sigma : float
-        Widths, in standard deviations, of the TM - LAMOST and DSAL - LAMOST bands (the
-        paper's 3 and 2).
-    dpi : int
-        Resolution of the PNGs (dots per inch, 50-300).
-    figures : sequence of str, optional
-        Draw only these figures (:data:`mspec.run_report.FIGURE_NAMES`); the others are
-        stated as not requested. Default: all.
-
-    Returns
-    -------
-    pathlib.Path
-        The path of ``index.html``.
-
-    Raises
-    ------
-    FileNotFoundError
-        ``run_dir`` does not exist.
-    ValueError
-        ``run_dir`` is not a run directory, or a bad option (named in the message).
-    """
-    from mspec.run_report import write_run_report as _write
-
-    return _write(
-        run_dir,
-        out_dir=out_dir,
-        n_examples=n_examples,
-        max_points=max_points,
-        snr_min=snr_min,
-        tm_sigma=tm_sigma,
-        dsal_sigma=dsal_sigma,
-        dpi=dpi,
-        figures=figures,
-    )

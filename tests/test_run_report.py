@@ -25,8 +25,13 @@ import pytest
 
 from mspec.config import Config
 from mspec.pipeline import run
-from mspec.report import write_run_report
-from mspec.run_report import _FIGURES, FIGURE_NAMES, RV_FROM_VALUES, clipped_mean_std
+from mspec.run_report import (
+    _FIGURES,
+    FIGURE_NAMES,
+    RV_FROM_VALUES,
+    clipped_mean_std,
+    write_run_report,
+)
 from mspec.testing import tiny_models, tiny_survey_store
 
 N, CHUNK = 64, 16
