@@ -518,6 +518,9 @@ def run(
 
     cfg = config if isinstance(config, Config) else load_config(config)
     cfg.check_complete()
+    # relative paths mean "from here": make them absolute so the saved config, the report
+    # and the catalogs (which reload it from the run directory) see the same files
+    cfg = Config.from_dict(cfg.to_dict(), source="<run>", base_dir=Path.cwd())
     known = [s.name for s in PIPELINE]
     redo = [redo] if isinstance(redo, str) else list(redo)
     for r in redo:
