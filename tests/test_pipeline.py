@@ -261,3 +261,15 @@ def test_outputs_lazy_builders(store, models):
             out = s.build(ctx, full)
         full = full.assign(out.data_vars)
     assert np.isin(["teff", "rv_tm", "spt_class", "rv_from"], list(full.data_vars)).all()
+
+
+def test_relative_paths_resolve_from_the_working_directory(tmp_path, store, models, monkeypatch):
+    """A config with relative paths (as `mspec demo --out demo_output` makes) runs to the end."""
+    from mspec.config import load_config
+
+    monkeypatch.chdir(store.parent)
+    cfg = _config(store.name, "relrun", models)
+    res = run(cfg, stages=["preprocess"])
+    saved = load_config(store.parent / "relrun" / "config.resolved.toml")
+    assert Path(saved.store) == store and Path(saved.run_dir) == store.parent / "relrun"
+    assert res.catalogs and Path(res.run_dir).is_absolute()
