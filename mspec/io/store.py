@@ -36,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mspec._exec import atomic_write
 from mspec.io.lamost import (
     MASK_NODATA,
     META_VARIABLES,
@@ -244,12 +245,7 @@ def _meta_dir(store: Path) -> Path:
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    atomic_write(path, data)  # the shared commit primitive (mspec._exec)
 
 
 def _atomic_parquet(df, path: Path) -> None:
