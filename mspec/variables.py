@@ -371,7 +371,10 @@ for _p, _u, _d in (
     ("alpha_m", "dex", "alpha enhancement [alpha/M]"),
 ):
     register(_p, S, "f", _u, f"CNN-TLMA {_d}: mean over the k-fold ensemble")
-    register(f"{_p}_err", S, "f", _u, f"CNN-TLMA {_d} error: std (ddof=1) over the ensemble")
+    register(
+        f"{_p}_err", S, "f", _u,
+        f"CNN-TLMA {_d} error: calibrated (ensemble std with a fitted floor; raw std in {_p}_err_ens)",
+    )  # fmt: skip
 
 
 def attrs_for(name: str) -> dict[str, str]:
@@ -624,17 +627,6 @@ for _p, _u, _d in (
         f"CNN-TLMA {_d}: raw std (ddof=1) over the k-fold ensemble (the paper's error; "
         f"{_p}_err is the calibrated error)",
     )
-
-# --- catalog flags (issue 15) --------------------------------------------------------------
-register(
-    "parameter_flag",
-    S,
-    "int8",
-    "",
-    "1: the CNN-TLMA parameters are recommended (paper Sect. 4.1: S/N_i > 0, error within "
-    "mean + 3 std of its fitted model, values inside Table 10); 0 otherwise",
-)
-register("parameter_flag_reason", S, "S", "", "why parameter_flag is 0 ('' when 1)")
 
 # --- catalog flags (issue 15) --------------------------------------------------------------
 register(
