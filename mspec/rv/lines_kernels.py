@@ -49,6 +49,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from mspec._numba import jit
+from mspec.rv.chi2_kernels import solve_small_nb
 from mspec.variables import C_KMS
 
 __all__ = [
@@ -247,36 +248,11 @@ def line_table(lines=None):
 
 @jit
 def _solve(mat, rhs, out):
-    """Solve ``mat @ out = rhs`` (Gaussian elimination, partial pivoting); False if singular."""
-    n = rhs.size
-    a = mat.copy()
-    b = rhs.copy()
-    for c in range(n):
-        piv = c
-        for r in range(c + 1, n):
-            if abs(a[r, c]) > abs(a[piv, c]):
-                piv = r
-        if not (abs(a[piv, c]) > 1e-300):
-            return False
-        if piv != c:
-            for k in range(n):
-                tmp = a[c, k]
-                a[c, k] = a[piv, k]
-                a[piv, k] = tmp
-            tmp = b[c]
-            b[c] = b[piv]
-            b[piv] = tmp
-        for r in range(c + 1, n):
-            f = a[r, c] / a[c, c]
-            for k in range(c, n):
-                a[r, k] -= f * a[c, k]
-            b[r] -= f * b[c]
-    for r in range(n - 1, -1, -1):
-        s = b[r]
-        for k in range(r + 1, n):
-            s -= a[r, k] * out[k]
-        out[r] = s / a[r, r]
-        if not math.isfinite(out[r]):
+    """Solve ``mat @ out = rhs`` (the TM solver); False if singular or not finite."""
+    if not solve_small_nb(mat, rhs, out):
+        return False
+    for k in range(out.size):
+        if not math.isfinite(out[k]):
             return False
     return True
 
