@@ -128,18 +128,24 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_train(args: argparse.Namespace) -> int:
-    from mspec.ml.train import train_from_store
-
+def _column_map(items, what: str) -> dict[str, str]:
+    """``--columns`` values (``NAME=COLUMN``, comma-separated, repeatable) as a dict."""
     columns = {}
-    for item in args.columns or []:
+    for item in items or []:
         for part in item.split(","):
             if not part.strip():
                 continue
             key, sep, col = part.partition("=")
             if not sep or not key.strip() or not col.strip():
-                raise CLIError(f"--columns: expected LABEL=COLUMN, got {part!r}")
+                raise CLIError(f"--columns: expected {what}=COLUMN, got {part!r}")
             columns[key.strip()] = col.strip()
+    return columns
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from mspec.ml.train import train_from_store
+
+    columns = _column_map(args.columns, "LABEL")
     extra = {}
     if args.lr is not None:
         extra["lr"] = args.lr
@@ -332,15 +338,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     from mspec.catalog import CatalogError
     from mspec.compare import compare_catalogs, comparison_figure, internal_error_figure
 
-    columns = {}
-    for item in args.columns or []:
-        for part in item.split(","):
-            if not part.strip():
-                continue
-            key, sep, col = part.partition("=")
-            if not sep or not key.strip() or not col.strip():
-                raise CLIError(f"--columns: expected QUANTITY=COLUMN, got {part!r}")
-            columns[key.strip()] = col.strip()
+    columns = _column_map(args.columns, "QUANTITY")
     try:
         res = compare_catalogs(
             args.catalog,
