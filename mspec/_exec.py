@@ -1,19 +1,22 @@
 """Chunk execution for resumable work: locks, atomic commits, done records, a bounded runner.
 
-Used by the pipeline runner (:mod:`mspec.pipeline.runner`); the pieces are generic:
+Used by ingest (:mod:`mspec.io.store`) and the pipeline runner (:mod:`mspec.pipeline.runner`);
+the pieces are generic:
 
 * :func:`atomic_write` — write a file so a reader sees the old or the new content, never a
   part (temporary file in the same directory, fsync, ``os.replace``);
 * :class:`DirLock` — one writer per directory (``fcntl.flock``: the kernel drops the lock of
   a killed process, so a lock file left by ``kill -9`` is detected as stale and taken over);
-* :class:`DoneRecords` — one small record per finished chunk, written only after the chunk's
-  data are on disk, so a partly written chunk is never taken as done;
+* :class:`DoneRecords` — one small record per finished chunk (with what the caller wants to
+  keep, e.g. the failures of the chunk), written only after the chunk's data are on disk, so
+  a partly written chunk is never taken as done;
 * :func:`run_bounded` — compute many per-chunk dask graphs with at most a few in flight,
-  reporting each as it finishes.
+  handing each result to the caller as it finishes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -29,6 +32,8 @@ __all__ = [
     "atomic_write",
     "DirLock",
     "DoneRecords",
+    "chunk_ranges",
+    "clean_partials",
     "run_bounded",
 ]
 
@@ -98,39 +103,77 @@ class DirLock:
     Parameters
     ----------
     directory : path-like
-        Directory to lock (created); the lock file is ``<directory>/.lock``.
+        Directory to lock (created); named in the refusal message.
     what : str
-        Named in the refusal message (``"run directory"``, ``"store"``).
+        What the directory is, for the refusal message (``"run directory"``, ``"store"``).
+    lock_file : str
+        Lock file, relative to ``directory`` (parent folders are created).
+    by : str
+        Who holds such locks, for the refusal message (``"mspec process"``, ``"ingest"``).
 
     Raises
     ------
     LockError
         On :meth:`acquire` when a live process holds the lock (its pid, host and start time
         are in the message).
+
+    Notes
+    -----
+    A lock file that still holds its writer's pid but is not ``flock``-ed belongs to a
+    killed process: it is taken over (logged, and kept in :attr:`stale`). The file is removed
+    on release while still locked, and :meth:`acquire` checks that the file it locked is
+    still the one at the path, so two processes racing a release never both hold it.
     """
 
-    def __init__(self, directory, what: str = "run directory"):
+    def __init__(
+        self,
+        directory,
+        what: str = "run directory",
+        *,
+        lock_file: str = ".lock",
+        by: str = "mspec process",
+    ):
         self.directory = Path(directory)
-        self.path = self.directory / ".lock"
+        self.path = self.directory / lock_file
         self.what = what
+        self.by = by
         self._fh = None
         self.stale: dict | None = None
 
+    @staticmethod
+    def _describe(text: str) -> str:
+        try:
+            h = json.loads(text)
+            when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(float(h["started"])))
+            return f"pid {h['pid']} on {h['host']}, started {when}"
+        except (ValueError, TypeError, KeyError):
+            return text or "unknown process"
+
     def acquire(self) -> DirLock:
+        """Take the lock (non-blocking); returns ``self``."""
         import fcntl
 
-        self.directory.mkdir(parents=True, exist_ok=True)
-        fh = open(self.path, "a+")
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            fh.seek(0)
-            holder = fh.read().strip() or "unknown process"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            fh = open(self.path, "a+")
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                fh.seek(0)
+                holder = self._describe(fh.read().strip())
+                fh.close()
+                raise LockError(
+                    f"{self.what} {self.directory} is in use by another {self.by} ({holder}); "
+                    "wait for it to finish or stop it"
+                ) from None
+            # a holder that just released removed the file we opened: lock the new one
+            try:
+                same = os.fstat(fh.fileno()).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
             fh.close()
-            raise LockError(
-                f"{self.what} {self.directory} is in use by another mspec process ({holder}); "
-                "wait for it to finish or stop it"
-            ) from None
         fh.seek(0)
         old = fh.read().strip()
         if old:
@@ -139,7 +182,12 @@ class DirLock:
                 self.stale = json.loads(old)
             except ValueError:
                 self.stale = {"holder": old}
-            log.warning("taking over a stale lock of %s left by %s", self.directory, old)
+            log.warning(
+                "taking over a stale lock of %s %s left by %s",
+                self.what,
+                self.directory,
+                self._describe(old),
+            )
         fh.seek(0)
         fh.truncate()
         fh.write(
@@ -150,19 +198,20 @@ class DirLock:
         return self
 
     def release(self) -> None:
+        """Give the lock up and remove the lock file (a no-op when not held)."""
         if self._fh is None:
             return
         try:
             self._fh.seek(0)
             self._fh.truncate()
             self._fh.flush()
+            # removed while still held: see the inode check in acquire
+            self.path.unlink(missing_ok=True)
+        except OSError:
+            pass
         finally:
             self._fh.close()
             self._fh = None
-        try:
-            self.path.unlink()
-        except OSError:
-            pass
 
     def __enter__(self) -> DirLock:
         return self.acquire()
@@ -187,15 +236,43 @@ class DoneRecords:
         return self.directory / f"{int(start):012d}-{int(stop):012d}.json"
 
     def is_done(self, start: int, stop: int) -> bool:
-        """Whether chunk ``[start, stop)`` finished (exactly that range)."""
-        return self._path(start, stop).is_file()
+        """Whether chunk ``[start, stop)`` finished (exactly that range, readable record)."""
+        return self.read(start, stop) is not None
+
+    def read(self, start: int, stop: int) -> dict | None:
+        """The record of chunk ``[start, stop)`` (with the ``info`` given to :meth:`mark`).
+
+        Returns
+        -------
+        dict or None
+            None when the chunk has no record, or one that cannot be read (damaged): either
+            way the chunk is not done.
+        """
+        try:
+            rec = json.loads(self._path(start, stop).read_text())
+        except (OSError, ValueError):
+            return None
+        return rec if isinstance(rec, dict) else None
 
     def mark(self, start: int, stop: int, info: dict | None = None) -> None:
-        """Record chunk ``[start, stop)`` as finished (call only after its data are written)."""
+        """Record chunk ``[start, stop)`` as finished (call only after its data are written).
+
+        Parameters
+        ----------
+        start, stop : int
+            The chunk's range.
+        info : dict, optional
+            JSON-serialisable values kept in the record (e.g. the items of the chunk that
+            failed, with reasons); read back with :meth:`read`.
+        """
         atomic_write(
             self._path(start, stop),
             json.dumps({"start": int(start), "stop": int(stop), **(info or {})}),
         )
+
+    def forget(self, start: int, stop: int) -> None:
+        """Remove the record of chunk ``[start, stop)`` (it will be done again)."""
+        self._path(start, stop).unlink(missing_ok=True)
 
     def ranges(self) -> list[tuple[int, int]]:
         """Finished ranges, sorted."""
@@ -226,28 +303,34 @@ def chunk_ranges(n: int, chunk: int) -> list[tuple[int, int]]:
 
 def run_bounded(
     jobs: Sequence[tuple[object, object]],
-    on_done: Callable[[object], None],
+    on_done: Callable[[object, object], None],
     *,
     client=None,
     scheduler: str | None = None,
     max_in_flight: int = 4,
+    local_batch: int = 1,
     progress: Iterable | None = None,
 ) -> int:
-    """Compute ``(key, dask collection)`` jobs with at most ``max_in_flight`` at a time.
+    """Compute ``(key, dask collection)`` jobs with at most a few in flight.
 
     Parameters
     ----------
     jobs : sequence of (key, dask collection)
         One per chunk, e.g. a delayed region write.
     on_done : callable
-        Called with ``key`` in the calling process after the job finished (write the done
-        record here).
+        Called as ``on_done(key, result)`` in the calling process after the job finished
+        (write the done record here; ``result`` is the computed value of the collection).
     client : distributed.Client, optional
-        Cluster to run on; without one, jobs run one after another on ``scheduler``.
+        Cluster to run on, with at most ``max_in_flight`` jobs submitted at once.
     scheduler : str, optional
         Local dask scheduler (``"threads"``, ``"sync"``, ``"processes"``) when no client.
     max_in_flight : int
-        Jobs submitted at once (bounds memory: each holds about one chunk).
+        Jobs submitted to the cluster at once (bounds memory: each holds about one chunk).
+    local_batch : int
+        Without a client: jobs computed together by one ``dask.compute`` call, their
+        ``on_done`` called when all of them finished. 1 (default) runs jobs one after
+        another, each using all of the scheduler's workers (jobs of many tasks); jobs of one
+        task each need about 2 x the workers to keep them busy.
     progress : tqdm-like, optional
         ``update(1)`` is called per finished job.
 
@@ -255,17 +338,45 @@ def run_bounded(
     -------
     int
         Jobs completed.
+
+    Raises
+    ------
+    ValueError
+        ``max_in_flight`` or ``local_batch`` below 1.
     """
     import dask
 
+    for name, v in (("max_in_flight", max_in_flight), ("local_batch", local_batch)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {v!r}")
     done = 0
+
+    def finished(key, result):
+        nonlocal done
+        on_done(key, result)
+        done += 1
+        if progress is not None:
+            progress.update(1)
+
     if client is None:
-        for key, job in jobs:
-            dask.compute(job, scheduler=scheduler or "threads")
-            on_done(key)
-            done += 1
-            if progress is not None:
-                progress.update(1)
+        jobs = list(jobs)
+        scheduler = scheduler or "threads"
+        with contextlib.ExitStack() as stack:
+            kwargs = {}
+            if scheduler in ("processes", "multiprocessing") and len(jobs) > local_batch:
+                # one process pool for every call (dask would start a new one per call)
+                from concurrent.futures import ProcessPoolExecutor
+
+                from dask.multiprocessing import get_context
+
+                kwargs["pool"] = stack.enter_context(
+                    ProcessPoolExecutor(os.cpu_count(), mp_context=get_context())
+                )
+            for i in range(0, len(jobs), local_batch):
+                part = jobs[i : i + local_batch]
+                results = dask.compute(*(job for _, job in part), scheduler=scheduler, **kwargs)
+                for (key, _), result in zip(part, results):
+                    finished(key, result)
         return done
 
     from distributed import as_completed
@@ -283,12 +394,9 @@ def run_bounded(
     for _ in range(min(max_in_flight, len(pending))):
         submit()
     for fut in ac:
-        fut.result()  # re-raise a task's error here
-        on_done(keys.pop(fut.key))
+        result = fut.result()  # re-raise a task's error here
         fut.release()
-        done += 1
-        if progress is not None:
-            progress.update(1)
+        finished(keys.pop(fut.key), result)
         if pending:
             submit()
     return done

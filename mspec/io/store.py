@@ -8,24 +8,30 @@ Layout of a store directory (details in ``docs/store.md``)::
       quarantine.parquet/part-<batch>.parquet   skipped files with a reason code
       _mspec/state.json                         committed size, chunk size, string widths
       _mspec/log/batch-<batch>.parquet          every file seen, its status and row (the plan)
-      _mspec/done/batch-<batch>/<row>           finished write units of the pending batch
+      _mspec/done/batch-<batch>/<a>-<b>.json    done records of the pending batch's write units
+      _mspec/lock                               held while an ingest writes
 
 An ingest proceeds in *batches* of files. Each batch is (1) scanned in parallel on the dask
 cluster (read, validate, metadata), (2) planned on the client (quarantine bad files, drop
 duplicate obsids keeping the first, assign store rows in source order) and the plan saved
 atomically, (3) written: the arrays are resized, the metadata written, and the spectra read
 again and written by parallel *units*, each covering the rows of exactly one Zarr chunk (so
-no two tasks touch one chunk) and leaving a marker when done, (4) committed atomically
-(``state.json``). A rerun after a crash or ``kill -9`` finishes the pending batch from its
-saved plan, skipping finished units, then continues with the files not yet seen, so the
-store is identical to an uninterrupted one. Files already in the store's log are skipped,
-which is also how appending works.
+no two tasks touch one chunk) and leaving a done record (with the files that could not be
+read again) once its data are written, (4) committed atomically (``state.json``). A rerun
+after a crash or ``kill -9`` finishes the pending batch from its saved plan, skipping units
+with a done record, then continues with the files not yet seen, so the store is identical
+to an uninterrupted one. Files already in the store's log are skipped, which is also how
+appending works.
+
+The lock, the done records, the atomic commits and the bounded task runner are the ones the
+pipeline runner uses (:mod:`mspec._exec`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import glob as globmod
+import io
 import json
 import logging
 import os
@@ -36,7 +42,14 @@ from pathlib import Path
 
 import numpy as np
 
-from mspec._exec import atomic_write
+from mspec._exec import (
+    DirLock,
+    DoneRecords,
+    LockError,
+    atomic_write,
+    clean_partials,
+    run_bounded,
+)
 from mspec.io.lamost import (
     MASK_NODATA,
     META_VARIABLES,
@@ -45,7 +58,14 @@ from mspec.io.lamost import (
 )
 from mspec.variables import NPIX, VARIABLES, attrs_for, loglam_grid, validate
 
-__all__ = ["ingest", "open_store", "resolve_sources", "store_state", "StoreError"]
+__all__ = [
+    "ingest",
+    "open_store",
+    "resolve_sources",
+    "store_state",
+    "StoreError",
+    "StoreLockedError",
+]
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +107,10 @@ def _quiet():
 
 class StoreError(RuntimeError):
     """The store is not an mspec store, is inconsistent, or is locked by another ingest."""
+
+
+class StoreLockedError(StoreError, LockError):
+    """Another live ingest holds the store's lock (a :class:`mspec._exec.LockError` too)."""
 
 
 # --------------------------------------------------------------------------- sources
@@ -244,14 +268,10 @@ def _meta_dir(store: Path) -> Path:
     return store / "_mspec"
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    atomic_write(path, data)  # the shared commit primitive (mspec._exec)
-
-
 def _atomic_parquet(df, path: Path) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    df.to_parquet(tmp, index=False)
-    os.replace(tmp, path)
+    buf = io.BytesIO()
+    df.to_parquet(buf, index=False)
+    atomic_write(path, buf.getvalue())
 
 
 def store_state(store: str | os.PathLike) -> dict:
@@ -279,9 +299,7 @@ def store_state(store: str | os.PathLike) -> dict:
 
 
 def _write_state(store: Path, state: dict) -> None:
-    _atomic_write(
-        _meta_dir(store) / "state.json", json.dumps(state, indent=1, sort_keys=True).encode()
-    )
+    atomic_write(_meta_dir(store) / "state.json", json.dumps(state, indent=1, sort_keys=True))
 
 
 def _storage_dtype(name: str):
@@ -430,37 +448,18 @@ def _check_store_path(store: Path) -> None:
 
 
 @contextlib.contextmanager
-def _locked(store: Path):
-    """One ingest per store (``flock`` on ``_mspec/lock``; the file is removed on release)."""
+def _store_lock(store: Path):
+    """One ingest per store: :class:`mspec._exec.DirLock` on ``_mspec/lock`` (the file the
+    ingests of earlier versions lock too); a lock left by a killed ingest is taken over."""
+    lock = DirLock(store, "store", lock_file="_mspec/lock", by="ingest")
     try:
-        import fcntl
-    except ImportError:  # pragma: no cover - not POSIX: no cross-process lock
-        _meta_dir(store).mkdir(parents=True, exist_ok=True)
-        yield
-        return
-    _meta_dir(store).mkdir(parents=True, exist_ok=True)
-    path = _meta_dir(store) / "lock"
-    while True:
-        fh = open(path, "a")
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            fh.close()
-            raise StoreError(f"store: {store} is being written by another ingest") from None
-        # the previous holder removes the file on release: make sure ours is still the one
-        try:
-            same = os.fstat(fh.fileno()).st_ino == os.stat(path).st_ino
-        except FileNotFoundError:
-            same = False
-        if same:
-            break
-        fh.close()
+        lock.acquire()
+    except LockError as exc:
+        raise StoreLockedError(str(exc)) from None
     try:
-        yield
+        yield lock
     finally:
-        with contextlib.suppress(OSError):
-            path.unlink()  # while still holding it (see the inode check above)
-        fh.close()
+        lock.release()
 
 
 def _log_path(store: Path, batch: int) -> Path:
@@ -509,10 +508,12 @@ def _to_retry(entry: tuple, path: str) -> bool:
 # --------------------------------------------------------------------------- dask execution
 
 
-class _Runner:
-    """Run a list of calls on the dask cluster (or a local dask scheduler), in order."""
+_LOCAL_SCHEDULERS = {"threads", "threading", "sync", "synchronous", "single-threaded", "processes"}
 
-    _LOCAL = {"threads", "threading", "sync", "synchronous", "single-threaded", "processes"}
+
+class _Compute:
+    """Where ingest's tasks run (a ``distributed`` client or a local dask scheduler); they
+    run through :func:`mspec._exec.run_bounded`, as the pipeline's chunks do."""
 
     def __init__(self, client):
         self.client = None
@@ -526,7 +527,7 @@ class _Runner:
             except (ImportError, ValueError):
                 self.scheduler = "threads"
         elif isinstance(client, str):
-            if client in self._LOCAL:
+            if client in _LOCAL_SCHEDULERS:
                 self.scheduler = client
             elif "://" in client or ":" in client:
                 from distributed import Client
@@ -541,7 +542,7 @@ class _Runner:
             else:
                 raise ValueError(
                     f"client must be None, a distributed.Client, a scheduler address "
-                    f"(tcp://host:port) or one of {sorted(self._LOCAL)}; got {client!r}"
+                    f"(tcp://host:port) or one of {sorted(_LOCAL_SCHEDULERS)}; got {client!r}"
                 )
         else:
             try:
@@ -551,7 +552,7 @@ class _Runner:
             if not isinstance(client, Client):
                 raise TypeError(
                     "client must be None, a distributed.Client, a scheduler address or one of "
-                    f"{sorted(self._LOCAL)}; got {type(client).__name__}"
+                    f"{sorted(_LOCAL_SCHEDULERS)}; got {type(client).__name__}"
                 )
             self.client = client
 
@@ -571,30 +572,28 @@ class _Runner:
         if self._own:
             self.client.close()
 
-    def map(self, fn, calls: list[tuple], desc: str, progress: bool) -> list:
+    def run(self, fn, calls: list[tuple], on_done, desc: str, progress: bool) -> None:
+        """``fn(*args)`` for every ``(key, args)`` of ``calls``; ``on_done(key, result)`` in
+        this process as each finishes. Each call is one task, so about two per thread are
+        kept in flight (and computed together on a local scheduler)."""
+        import dask
         from tqdm.auto import tqdm
 
         if not calls:
-            return []
-        bar = tqdm(total=len(calls), desc=desc, disable=not progress, unit="task")
+            return
+        jobs = [(key, dask.delayed(fn, pure=False, traverse=False)(*args)) for key, args in calls]
+        width = 2 * self.nthreads()
+        bar = tqdm(total=len(jobs), desc=desc, disable=not progress, unit="task")
         try:
-            if self.client is not None:
-                from distributed import as_completed
-
-                futures = [self.client.submit(fn, *c, pure=False) for c in calls]
-                for _ in as_completed(futures):
-                    bar.update()
-                return self.client.gather(futures)
-            import dask
-            from dask.callbacks import Callback
-
-            class _Bar(Callback):
-                def _posttask(self, key, result, dsk, state, worker_id):
-                    bar.update()
-
-            tasks = [dask.delayed(fn, pure=False, traverse=False)(*c) for c in calls]
-            with _Bar():
-                return list(dask.compute(*tasks, scheduler=self.scheduler))
+            run_bounded(
+                jobs,
+                on_done,
+                client=self.client,
+                scheduler=self.scheduler,
+                max_in_flight=width,
+                local_batch=width,
+                progress=bar,
+            )
         finally:
             bar.close()
 
@@ -631,11 +630,11 @@ def _scan_files(items: list[tuple[str, dict]]) -> list[dict]:
     return out
 
 
-def _write_unit(store: str, batch: int, start: int, paths: list[str]) -> list:
+def _write_unit(store: str, start: int, paths: list[str]) -> list:
     """Pass 2: read the files of rows [start, start + len(paths)) and write their spectra.
 
-    Returns (and records in the unit's done marker) ``[row, reason]`` of every file that could
-    not be read again; the caller quarantines those and re-plans the batch."""
+    Returns ``[row, reason]`` of every file that could not be read again (the caller keeps
+    them in the unit's done record, quarantines them and re-plans the batch)."""
     import zarr
 
     n = len(paths)
@@ -657,18 +656,7 @@ def _write_unit(store: str, batch: int, start: int, paths: list[str]) -> list:
         sl = slice(start, start + n)
         for name, arr in zip(SPECTRAL, (flux, ivar, andm, orm)):
             group[name][sl] = arr
-    marker = _meta_dir(Path(store)) / "done" / f"batch-{batch:06d}" / f"{start:012d}"
-    marker.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(marker, json.dumps(failed).encode() if failed else b"")
     return failed
-
-
-def _marker_failures(marker: Path) -> list:
-    try:
-        text = marker.read_text()
-        return [list(x) for x in json.loads(text)] if text.strip() else []
-    except (OSError, ValueError):
-        return []
 
 
 # --------------------------------------------------------------------------- planning
@@ -736,33 +724,54 @@ def _meta_columns(df) -> list[str]:
     return [c for c in df.columns if c not in skip and c in VARIABLES]
 
 
-def _write_batch(store: Path, state: dict, batch: int, df, runner: _Runner, progress: bool):
+def _done_records(store: Path, batch: int) -> DoneRecords:
+    """Done records of the write units of ``batch`` (one per unit, ``[start, stop)`` rows).
+
+    Units marked by ingests of earlier versions (``done/batch-N/<start>``, no ``.json``) are
+    not read: their units are written again, which is idempotent."""
+    return DoneRecords(_meta_dir(store) / "done" / f"batch-{batch:06d}")
+
+
+def _write_batch(store: Path, state: dict, batch: int, df, compute: _Compute, progress: bool):
     """Resize, write metadata and spectra of a planned batch (idempotent, resumable).
 
-    A file that cannot be read again when its spectrum is written (moved, truncated, being
+    Units with a done record are skipped; a unit's record is written (by this process)
+    only after its spectra are, so a unit cut short by a kill is written again. A file that cannot be read again when its spectrum is written (moved, truncated, being
     rewritten) is quarantined as :data:`CHANGED_CODE` and the batch re-planned without it (the
     later rows move up and their units are written again), so no row is ever stored empty.
     Returns the final plan."""
     n_old = int(state["n_spectra"])
     chunk = int(state["chunk_size"])
-    done_dir = _meta_dir(store) / "done" / f"batch-{batch:06d}"
+    records = _done_records(store, batch)
     while True:
         good = df[df["status"] == "stored"].sort_values("row")
         n_new = n_old + len(good)
         meta_cols = _meta_columns(df)
         with _quiet():
             _write_batch_meta(store, state, df, meta_cols, n_old, n_new, good)
-        done = {int(p.name) for p in done_dir.glob("[0-9]*")} if done_dir.exists() else set()
+        units = _units(n_old, n_new, chunk)
         paths = good["path"].tolist()
         calls = [
-            (str(store), batch, a, paths[a - n_old : b - n_old])
-            for a, b in _units(n_old, n_new, chunk)
-            if a not in done
+            ((a, b), (str(store), a, paths[a - n_old : b - n_old]))
+            for a, b in units
+            if not records.is_done(a, b)
         ]
-        runner.map(_write_unit, calls, desc=f"write batch {batch}", progress=progress)
+        compute.run(
+            _write_unit,
+            calls,
+            lambda key, failed: records.mark(*key, {"failed": failed}),
+            desc=f"write batch {batch}",
+            progress=progress,
+        )
         failed = {}
-        for a, _b in _units(n_old, n_new, chunk):
-            for row, reason in _marker_failures(done_dir / f"{a:012d}"):
+        for a, b in units:
+            rec = records.read(a, b)
+            if rec is None:
+                raise StoreError(
+                    f"store: {store}: the done record of rows {a}-{b} of batch {batch} "
+                    "vanished while the ingest was running; run the ingest again"
+                )
+            for row, reason in rec.get("failed", []):
                 failed[int(row)] = str(reason)
         if not failed:
             return df
@@ -783,12 +792,11 @@ def _write_batch(store: Path, state: dict, batch: int, df, runner: _Runner, prog
         df.loc[keep, "row"] = n_old + np.arange(int(keep.sum()))
         df["row"] = df["row"].astype("int64")
         # units from the one holding the first failed row on must be written again: forget
-        # their markers first, then save the new plan (a kill in between redoes them anyway)
+        # their records first, then save the new plan (a kill in between redoes them anyway)
         redo_from = max(n_old, first // chunk * chunk)
-        if done_dir.exists():
-            for m in done_dir.glob("[0-9]*"):
-                if int(m.name) >= redo_from:
-                    m.unlink(missing_ok=True)
+        for a, b in records.ranges():
+            if a >= redo_from:
+                records.forget(a, b)
         _atomic_parquet(df, _log_path(store, batch))
         df = _read_log(store, batch)
 
@@ -849,8 +857,6 @@ def _publish(store: Path, batches: int) -> None:
 
 
 def _commit(store: Path, state: dict, batch: int, df) -> dict:
-    import shutil
-
     good = df[df["status"] == "stored"].sort_values("row")
     meta_cols = ["obsid", "row", *_meta_columns(df)]
     sdir = _staged(store)
@@ -875,14 +881,15 @@ def _commit(store: Path, state: dict, batch: int, df) -> dict:
     )
     _write_state(store, state)  # the commit
     _publish(store, batch + 1)
-    shutil.rmtree(_meta_dir(store) / "done" / f"batch-{batch:06d}", ignore_errors=True)
+    _done_records(store, batch).clear()
     return state
 
 
 def _cleanup(store: Path, batches: int) -> None:
-    """Remove what a killed ingest can leave behind: temporary files, zarr's ``*.partial``
-    chunk files (a kill inside a chunk write), markers of committed batches (killed between
-    the commit and their removal); publish the staged tables of committed batches."""
+    """Remove what a killed ingest can leave behind: temporary files (``*.partial`` of
+    :func:`mspec._exec.atomic_write` and of zarr, a kill inside a chunk write; ``*.tmp*`` of
+    earlier versions), done records of committed batches (killed between the commit and their
+    removal); publish the staged tables of committed batches. Called holding the lock."""
     import shutil
 
     for folder in (
@@ -896,18 +903,9 @@ def _cleanup(store: Path, batches: int) -> None:
         if folder.exists():
             for p in folder.rglob("*.tmp*"):
                 p.unlink(missing_ok=True)
-    with _quiet():
-        arrays = [p for p in store.iterdir() if p.is_dir() and (p / "zarr.json").exists()]
-    n_partial = 0
-    for a in arrays:
-        for p in a.rglob("*.partial"):
-            p.unlink(missing_ok=True)
-            n_partial += 1
-    for p in store.glob("zarr.*.partial"):
-        p.unlink(missing_ok=True)
-        n_partial += 1
+    n_partial = clean_partials(store)
     if n_partial:
-        log.warning("removed %d partly written chunk file(s) left by a killed ingest", n_partial)
+        log.warning("removed %d partly written file(s) left by a killed ingest", n_partial)
     _publish(store, batches)
     for table in _TABLES:  # parts of uncommitted batches (stores written before staging)
         d = store / f"{table}.parquet"
@@ -1042,8 +1040,13 @@ def ingest(
     FileNotFoundError
         A source that does not exist.
     StoreError
-        ``store`` is a file, exists but is not an mspec store, or another ingest holds its
-        lock. Nothing is created or left behind (no lock file) when an ingest is refused.
+        ``store`` is a file or exists but is not an mspec store. Nothing is created or left
+        behind (no lock file) when an ingest is refused.
+    StoreLockedError
+        Another live ingest holds the store's lock (a ``StoreError`` and a
+        :class:`mspec._exec.LockError`, the error of a locked run directory; the message
+        names the store and the holder's pid, host and start time). A lock left by a killed
+        ingest is taken over (logged).
 
     Notes
     -----
@@ -1076,7 +1079,7 @@ def ingest(
                 f"store: {store} has chunk_size {have}, more than this machine can write "
                 f"(at most {max_chunk_size()}); ingest into a new store"
             )
-    runner = _Runner(client)
+    compute = _Compute(client)
     counts = {"stored": 0, "quarantined": 0, "duplicates": 0, "resampled": 0, "read": 0}
     codes: dict[str, int] = {}
 
@@ -1091,8 +1094,8 @@ def ingest(
             codes[c] = codes.get(c, 0) + 1
 
     try:
-        with _locked(store):
-            batch_chunks = max(BATCH_CHUNKS, 2 * runner.nthreads())
+        with _store_lock(store):
+            batch_chunks = max(BATCH_CHUNKS, 2 * compute.nthreads())
             state = _ensure_store(store, int(chunk_size), batch_chunks)
             if int(state["chunk_size"]) != int(chunk_size):
                 warnings.warn(
@@ -1106,7 +1109,7 @@ def ingest(
             if _log_path(store, batch).exists():  # an interrupted ingest: finish its plan
                 log.info("resuming batch %d of %s", batch, store)
                 df = _read_log(store, batch)
-                df = _write_batch(store, state, batch, df, runner, progress)
+                df = _write_batch(store, state, batch, df, compute, progress)
                 state = _commit(store, state, batch, df)
                 tally(df)
                 batch += 1
@@ -1125,15 +1128,19 @@ def ingest(
             for b0 in range(0, len(todo), per_batch):
                 part = todo[b0 : b0 + per_batch]
                 group = max(1, min(SCAN_GROUP, chunk))
-                calls = [(part[i : i + group],) for i in range(0, len(part), group)]
-                results = runner.map(
-                    _scan_files, calls, desc=f"scan batch {batch}", progress=progress
+                scanned: dict[int, list] = {}
+                compute.run(
+                    _scan_files,
+                    [(i, (part[i : i + group],)) for i in range(0, len(part), group)],
+                    scanned.__setitem__,
+                    desc=f"scan batch {batch}",
+                    progress=progress,
                 )
-                records = [r for res in results for r in res]
+                records = [r for i in sorted(scanned) for r in scanned[i]]
                 df = _plan(records, int(state["n_spectra"]), obsids, store)
                 _atomic_parquet(df, _log_path(store, batch))
                 df = _read_log(store, batch)  # same dtypes as a resumed run sees
-                df = _write_batch(store, state, batch, df, runner, progress)
+                df = _write_batch(store, state, batch, df, compute, progress)
                 state = _commit(store, state, batch, df)
                 counts["read"] += len(part)
                 tally(df)
@@ -1150,7 +1157,7 @@ def ingest(
                 obsids = np.concatenate([obsids, new])
                 batch += 1
     finally:
-        runner.close()
+        compute.close()
     seconds = time.perf_counter() - t0
     summary = {
         "store": str(store),

@@ -351,7 +351,7 @@ def _run_stage(stage, ctx, run_dir, ds_store, n, chunk, client, scheduler, progr
         bar = tqdm(total=len(todo), desc=f"{stage.name:<10}", unit="chunk", leave=True)
     delay = _fault_delay()
 
-    def done(key):
+    def done(key, _result):
         a, b = key
         records.mark(a, b, {"stage": stage.name, "time": time.time()})
         if delay:

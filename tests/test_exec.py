@@ -1,0 +1,196 @@
+"""mspec._exec: the lock, done records and bounded runner shared by ingest and the pipeline."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+
+import dask
+import pytest
+
+import mspec._exec as ex
+from mspec._exec import DirLock, DoneRecords, LockError, chunk_ranges, run_bounded
+
+# --------------------------------------------------------------------------- DirLock
+
+
+def _flock_free(path) -> bool:
+    """Whether another open file description could lock ``path`` now."""
+    with open(path, "a") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return False
+        fcntl.flock(fh, fcntl.LOCK_UN)
+        return True
+
+
+def test_dirlock_refusal_names_directory_and_holder(tmp_path):
+    with DirLock(tmp_path / "s", "store", lock_file="_mspec/lock", by="ingest") as held:
+        assert held.path == tmp_path / "s" / "_mspec" / "lock"
+        with pytest.raises(LockError) as err:
+            DirLock(tmp_path / "s", "store", lock_file="_mspec/lock", by="ingest").acquire()
+        msg = str(err.value)
+        assert msg.startswith(f"store {tmp_path / 's'} is in use by another ingest")
+        assert f"pid {os.getpid()} on " in msg and "started 20" in msg
+    assert not held.path.exists()  # removed on release
+    # the default names: a run directory and its .lock
+    with DirLock(tmp_path / "r"), pytest.raises(LockError, match="run directory .* mspec process"):
+        DirLock(tmp_path / "r").acquire()
+
+
+def test_dirlock_stale_lock_of_a_killed_process_is_taken_over(tmp_path, caplog):
+    code = (
+        "import os, signal, sys\n"
+        "from mspec._exec import DirLock\n"
+        "DirLock(sys.argv[1], 'store', lock_file='_mspec/lock').acquire()\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "s")])
+    assert proc.returncode == -signal.SIGKILL
+    path = tmp_path / "s" / "_mspec" / "lock"
+    assert json.loads(path.read_text())["pid"]  # left behind, but nobody holds the flock
+    lock = DirLock(tmp_path / "s", "store", lock_file="_mspec/lock")
+    with caplog.at_level(logging.WARNING, logger="mspec.exec"), lock:
+        assert lock.stale is not None and lock.stale["pid"] > 0
+        assert json.loads(path.read_text())["pid"] == os.getpid()
+        assert not _flock_free(path)
+    assert "taking over a stale lock of store" in caplog.text
+    assert not path.exists()
+
+
+def test_dirlock_does_not_settle_for_a_released_lock_file(tmp_path, monkeypatch):
+    """A holder releasing between our open() and flock() removed the file we opened: the
+    lock we then get is on a file nobody else sees, so acquire() must lock the new one."""
+    first = DirLock(tmp_path)
+    first.acquire()
+    orphan = open(first.path, "a+")  # opened just before the holder releases
+    first.release()
+    assert not first.path.exists()
+    real_open, calls = open, []
+
+    def racing_open(path, mode="r", *a, **k):
+        calls.append(path)
+        return orphan if len(calls) == 1 else real_open(path, mode, *a, **k)
+
+    monkeypatch.setattr(ex, "open", racing_open, raising=False)
+    with DirLock(tmp_path) as second:
+        assert len(calls) == 2  # retried after seeing the orphaned inode
+        assert second.path.exists() and not _flock_free(second.path)
+    assert orphan.closed
+
+
+# --------------------------------------------------------------------------- DoneRecords
+
+
+def test_done_records_keep_info_and_forget(tmp_path):
+    rec = DoneRecords(tmp_path / "done")
+    assert rec.ranges() == [] and rec.read(0, 3) is None and not rec.is_done(0, 3)
+    rec.mark(0, 3, {"failed": [[1, "not_found: gone"]]})
+    rec.mark(3, 5)
+    assert rec.read(0, 3) == {"start": 0, "stop": 3, "failed": [[1, "not_found: gone"]]}
+    assert rec.is_done(0, 3) and not rec.is_done(0, 5)  # exactly that range
+    assert rec.ranges() == [(0, 3), (3, 5)]
+    rec.forget(0, 3)
+    rec.forget(7, 9)  # nothing to forget: fine
+    assert rec.ranges() == [(3, 5)]
+    # a damaged record (not written by mark) does not count as done
+    (tmp_path / "done" / f"{3:012d}-{5:012d}.json").write_text("{trunc")
+    assert rec.read(3, 5) is None and not rec.is_done(3, 5)
+    assert not list((tmp_path / "done").glob("*.partial"))
+    rec.clear()
+    assert not (tmp_path / "done").exists()
+
+
+def test_chunk_ranges():
+    assert chunk_ranges(7, 3) == [(0, 3), (3, 6), (6, 7)]
+    assert chunk_ranges(0, 3) == []
+    with pytest.raises(ValueError, match="chunk"):
+        chunk_ranges(5, 0)
+
+
+# --------------------------------------------------------------------------- run_bounded
+
+
+class _Bar:
+    def __init__(self):
+        self.n = 0
+
+    def update(self, k):
+        self.n += k
+
+
+@pytest.mark.parametrize("local_batch", [1, 3, 10])
+def test_run_bounded_local_hands_results_in_order(local_batch, monkeypatch):
+    calls = []
+    orig = dask.compute
+
+    def counting(*args, **kw):
+        calls.append(len(args))
+        return orig(*args, **kw)
+
+    monkeypatch.setattr(dask, "compute", counting)
+    jobs = [((i, i + 1), dask.delayed(lambda x: x * x, pure=False)(i)) for i in range(7)]
+    got, bar = [], _Bar()
+    n = run_bounded(
+        jobs,
+        lambda k, r: got.append((k, r)),
+        scheduler="sync",
+        local_batch=local_batch,
+        progress=bar,
+    )
+    assert n == 7 and bar.n == 7
+    assert got == [((i, i + 1), i * i) for i in range(7)]
+    assert calls == [min(local_batch, 7 - s) for s in range(0, 7, local_batch)]
+
+
+def test_run_bounded_processes_scheduler_and_errors():
+    jobs = [(i, dask.delayed(abs, pure=False)(-i)) for i in range(5)]
+    got = {}
+    assert run_bounded(jobs, got.__setitem__, scheduler="processes", local_batch=2) == 5
+    assert got == {i: i for i in range(5)}
+    with pytest.raises(ValueError, match="local_batch"):
+        run_bounded(jobs, got.__setitem__, local_batch=0)
+    with pytest.raises(ValueError, match="max_in_flight"):
+        run_bounded(jobs, got.__setitem__, max_in_flight=True)
+    # a job's error reaches the caller; no on_done for it
+    seen = []
+    bad = [(0, dask.delayed(int, pure=False)("x"))]
+    with pytest.raises(ValueError, match="invalid literal"):
+        run_bounded(bad, lambda k, r: seen.append(k), scheduler="sync")
+    assert seen == []
+
+
+@pytest.mark.distributed
+def test_run_bounded_distributed_keeps_at_most_max_in_flight():
+    from distributed import Client, LocalCluster
+
+    with (
+        LocalCluster(n_workers=1, threads_per_worker=2, processes=False, dashboard_address=":0")
+        as cluster,
+        Client(cluster) as client,
+    ):  # fmt: skip
+        submitted = []
+        orig = client.compute
+
+        def tracking(job):
+            submitted.append(job)
+            return orig(job)
+
+        client.compute = tracking
+        in_flight = []
+        jobs = [(i, dask.delayed(pow, pure=False)(i, 2)) for i in range(9)]
+        got = {}
+
+        def done(k, r):
+            in_flight.append(len(submitted) - len(got))
+            got[k] = r
+
+        assert run_bounded(jobs, done, client=client, max_in_flight=3) == 9
+        assert got == {i: i * i for i in range(9)}
+        assert max(in_flight) <= 3
