@@ -106,6 +106,10 @@ class TMConfig:
         Fewer usable pixels in the window gives status "no coverage".
     mask_tellurics : bool
         Also drop the pixels of :data:`TELLURIC_BANDS` (observed frame). Not in the paper.
+    dense_step : int
+        Step 2 computes its dense χ² curve exactly where the re-measurements can use it and
+        proves the rest higher from samples every ``dense_step`` lattice points (results
+        identical to the full curve; see :func:`_dense_core`); 0 computes every point.
     """
 
     loglam0: float
@@ -121,6 +125,7 @@ class TMConfig:
     weighting: str = "none"
     min_pixels: int = 200
     mask_tellurics: bool = False
+    dense_step: int = 10
 
     def __post_init__(self):
         if self.weighting not in WEIGHTINGS:
@@ -133,6 +138,8 @@ class TMConfig:
             raise ValueError(f"fit_halfwidth={self.fit_halfwidth!r} must be >= 2")
         if len(self.shifts) < 1:
             raise ValueError("shifts must hold at least one velocity")
+        if int(self.dense_step) < 0:
+            raise ValueError(f"dense_step={self.dense_step!r} must be >= 0")
 
     # --- lattice ------------------------------------------------------------------------
     @property
@@ -674,6 +681,166 @@ def _chi2_premoments(s, n, pw, x, midx, nmask, ta, sumo2, nval, b, a, coef):
 
 
 @jit
+def _dense_point(
+    m, mhi, k, n, poly, use_mom, mom, mm, pw, qw, x, midx, nmask, sumo2, nval, b, a, coef
+):
+    """χ² of the best template at lattice index ``m`` from its polyphase lattice ``poly``."""
+    d = mhi - m
+    off = d // k
+    if use_mom:
+        return _chi2_premoments(
+            poly[d % k, off : off + n],
+            n,
+            pw,
+            x,
+            midx,
+            nmask,
+            mom[m + mm],
+            sumo2,
+            nval,
+            b,
+            a,
+            coef,
+        )
+    return _chi2_slice(poly[d % k], off, n, pw, qw, sumo2, nval, b, a, coef)
+
+
+@jit
+def _dense_core(
+    dense,
+    mlo,
+    mhi,
+    m0,
+    mt,
+    ms,
+    halfwidth,
+    step,
+    k,
+    n,
+    poly,
+    use_mom,
+    mom,
+    mm,
+    pw,
+    qw,
+    x,
+    midx,
+    nmask,
+    sumo2,
+    nval,
+    b,
+    a,
+    coef,
+):
+    """Fill the part of step 2's dense curve that the re-measurements can use.
+
+    Every re-measurement's minimum and fit window lie within (halfwidth + 1.5) trial steps
+    of the initial RV ``m0``: that core is computed exactly. The rest of the curve (about
+    80% of the paper's 2,201 points) only has to be proven higher than every
+    re-measurement's lowest core point; it is sampled every ``step`` lattice points, and
+    when the lowest sample, less twice the largest change between neighbouring samples (a
+    bound on what the curve can do between them), stays above that level the unsampled
+    points are left at +inf. Otherwise (a curve without one clear minimum) every point is
+    computed. Either way each re-measurement sees exactly the values of the full curve
+    where they matter, so the results are identical to computing all points. Returns
+    whether every point was computed.
+    """
+    tstep = mt[1] - mt[0]
+    w = (halfwidth + 1) * tstep + tstep // 2 + 2
+    clo = max(mlo, m0 - w)
+    chi = min(mhi, m0 + w)
+    ok = True
+    for m in range(clo, chi + 1):
+        v = _dense_point(
+            m, mhi, k, n, poly, use_mom, mom, mm, pw, qw, x, midx, nmask, sumo2, nval, b, a, coef
+        )
+        dense[m - mlo] = v
+        if not math.isfinite(v):
+            ok = False
+    # the level to beat: the highest, over re-measurements, of its lowest core point
+    level = -np.inf
+    if ok:
+        for si in range(ms.size):
+            low = np.inf
+            for q in range(mt.size):
+                m = m0 + mt[q] - ms[si]
+                if clo <= m <= chi and dense[m - mlo] < low:
+                    low = dense[m - mlo]
+            if low > level:
+                level = low
+        ok = level < np.inf
+    # samples of the far parts, walking outwards from each end of the core
+    far_min = np.inf
+    max_step = 0.0
+    for side in range(2):
+        if not ok:
+            break
+        edge = clo if side == 0 else chi
+        end = mlo if side == 0 else mhi
+        sgn = -1 if side == 0 else 1
+        prev = dense[edge - mlo]
+        m = edge + sgn
+        while ok and sgn * (m - end) <= 0:
+            v = _dense_point(
+                m,
+                mhi,
+                k,
+                n,
+                poly,
+                use_mom,
+                mom,
+                mm,
+                pw,
+                qw,
+                x,
+                midx,
+                nmask,
+                sumo2,
+                nval,
+                b,
+                a,
+                coef,
+            )
+            dense[m - mlo] = v
+            if not math.isfinite(v):
+                ok = False
+                break
+            far_min = min(far_min, v)
+            max_step = max(max_step, abs(v - prev))
+            prev = v
+            if m == end:
+                break
+            m += sgn * step
+            if sgn * (m - end) > 0:
+                m = end
+    if ok and far_min - 2.0 * max_step > level:
+        return False
+    for m in range(mlo, mhi + 1):
+        if dense[m - mlo] == np.inf:
+            dense[m - mlo] = _dense_point(
+                m,
+                mhi,
+                k,
+                n,
+                poly,
+                use_mom,
+                mom,
+                mm,
+                pw,
+                qw,
+                x,
+                midx,
+                nmask,
+                sumo2,
+                nval,
+                b,
+                a,
+                coef,
+            )
+    return True
+
+
+@jit
 def _stat_error(flux, i0, n, x, qw, smid, slo, shi, dv, coef):
     """Statistical RV error (km/s) from the χ² curvature, with residual (sandwich) variance.
 
@@ -752,6 +919,7 @@ def _one_spectrum(
     halfwidth,
     use_ivar,
     min_pixels,
+    dense_step,
     pw,
     qw,
     curve_out,
@@ -823,42 +991,74 @@ def _one_spectrum(
     mlo = m0 + mt.min() - ms.max()
     mhi = m0 + mt.max() - ms.min()
     dense = np.empty(mhi - mlo + 1)
+    complete = True
+    poly = np.zeros((1, 1))
+    mm = (dense_a.shape[1] - 1) // 2
+    use_mom = False
+    mom = dense_a[best]
     if ms.size * ntr * 4 >= mhi - mlo + 1:
-        # many shifts (the paper's 1001): the whole curve, from a polyphase lattice of the
-        # best template: the value for pixel i at shift m is poly[r, i + q] with
-        # mhi - m = q k + r, so each shift reads one contiguous row and the template is
-        # interpolated once per lattice point, not once per (shift, pixel)
+        # many shifts (the paper's 1001): the curve from a polyphase lattice of the best
+        # template: the value for pixel i at shift m is poly[r, i + q] with mhi - m = q k + r,
+        # so each shift reads one contiguous row and the template is interpolated once per
+        # lattice point, not once per (shift, pixel)
         qmax = (mhi - mlo) // k
         npoly = n + qmax + 1
         poly = _polyphase(flux1a[best], g0, lam_lat, jlo, i0 * k - mhi, k, npoly)
-        mm = (dense_a.shape[1] - 1) // 2
-        if fast and -mm <= mlo and mhi <= mm:
-            # template-only moments of every lattice shift, cached per template and worker
-            if dense_ok[best] == 0:
-                _fill_dense_moments(flux1a[best], g0, lam_lat, jlo, i0, n, k, x, dense_a[best])
-                dense_ok[best] = 1
+        # template-only moments of every lattice shift, cached per template and worker
+        use_mom = fast and -mm <= mlo and mhi <= mm
+        if use_mom and dense_ok[best] == 0:
+            _fill_dense_moments(flux1a[best], g0, lam_lat, jlo, i0, n, k, x, dense_a[best])
+            dense_ok[best] = 1
+        for m in range(mlo, mhi + 1):
+            dense[m - mlo] = np.inf
+        if dense_step > 0:
+            complete = _dense_core(
+                dense,
+                mlo,
+                mhi,
+                m0,
+                mt,
+                ms,
+                halfwidth,
+                dense_step,
+                k,
+                n,
+                poly,
+                use_mom,
+                mom,
+                mm,
+                pw,
+                qw,
+                x,
+                midx,
+                nmask,
+                sumo2,
+                nval,
+                b,
+                a,
+                coef,
+            )
+        else:
             for m in range(mlo, mhi + 1):
-                d = mhi - m
-                off = d // k
-                dense[m - mlo] = _chi2_premoments(
-                    poly[d % k, off : off + n],
+                dense[m - mlo] = _dense_point(
+                    m,
+                    mhi,
+                    k,
                     n,
+                    poly,
+                    use_mom,
+                    mom,
+                    mm,
                     pw,
+                    qw,
                     x,
                     midx,
                     nmask,
-                    dense_a[best, m + mm],
                     sumo2,
                     nval,
                     b,
                     a,
                     coef,
-                )
-        else:
-            for m in range(mlo, mhi + 1):
-                d = mhi - m
-                dense[m - mlo] = _chi2_slice(
-                    poly[d % k], d // k, n, pw, qw, sumo2, nval, b, a, coef
                 )
     else:
         # few shifts: only the lattice points they need
@@ -877,6 +1077,36 @@ def _one_spectrum(
     for si in range(ms.size):
         for q in range(ntr):
             curve[q] = dense[m0 + mt[q] - ms[si] - mlo]
+        if not complete:
+            # fit-window points outside the computed core of the curve are computed now
+            j = 0
+            for q in range(ntr):
+                if curve[q] < curve[j]:
+                    j = q
+            for q in range(max(0, j - halfwidth), min(ntr, j + halfwidth + 1)):
+                if curve[q] == np.inf:
+                    mq = m0 + mt[q] - ms[si]
+                    dense[mq - mlo] = _dense_point(
+                        mq,
+                        mhi,
+                        k,
+                        n,
+                        poly,
+                        use_mom,
+                        mom,
+                        mm,
+                        pw,
+                        qw,
+                        x,
+                        midx,
+                        nmask,
+                        sumo2,
+                        nval,
+                        b,
+                        a,
+                        coef,
+                    )
+                    curve[q] = dense[mq - mlo]
         mu, ymin, code = _fit_curve(vt, curve, halfwidth)
         if code == STATUS_OK:
             # residual of the shifted measurement, Doppler factors composed exactly
@@ -931,6 +1161,7 @@ def tm_block(
     halfwidth,
     use_ivar,
     min_pixels,
+    dense_step,
     rv,
     err,
     err_stat,
@@ -970,6 +1201,7 @@ def tm_block(
             halfwidth,
             use_ivar,
             min_pixels,
+            dense_step,
             pw,
             qw,
             curves[s],

@@ -239,6 +239,7 @@ def match_arrays(flux, ivar, ormask, flux1a, wave1a, cfg: K.TMConfig, token=None
             cfg.fit_halfwidth,
             cfg.weighting == "ivar",
             cfg.min_pixels,
+            int(cfg.dense_step),
             out["rv"],
             out["err"],
             out["err_stat"],
