@@ -36,13 +36,18 @@ Extinction coefficients (``coefficients=``):
     RP (1.8593, 0.3985, -0.1771, 0.0026). C&V give R as a function of Teff, not colour,
     so Teff comes from (BP-RP)_0 through the mean dwarf colour-Teff sequence
     (:data:`TEFF_SEQUENCE`, after Pecaut & Mamajek 2013), clamped to 3000-10000 K; and
-    (BP-RP)_0 is found by fixed-point iteration (:data:`N_ITER` steps, converged to
-    < 1e-6 mag for E(B-V) < 2). Below ~3500 K the MARCS-based fit is extrapolated; the
-    giant colour-Teff relation differs by ~100-300 K, which changes R_G by < 0.02.
-    For M stars this gives R_G ~ 2.2-2.4, smaller than the single numbers below.
+    (BP-RP)_0 solves ``(BP-RP)_0 + (R_BP - R_RP)((BP-RP)_0) E(B-V) = BP - RP`` by bisection
+    (:data:`N_ITER` halvings of a bracket 0.55 |E(B-V)| wide: < 1e-12 mag). The root is
+    unique for E(B-V) < 2.7 (the left side rises with (BP-RP)_0 while
+    |d(R_BP - R_RP)/d(BP-RP)_0| <= 0.37); a fixed-point iteration would not converge for
+    blue stars beyond E(B-V) ~ 0.6, where that slope reaches 1.6. Below ~3500 K the
+    MARCS-based fit is extrapolated; the giant colour-Teff relation differs by ~100-300 K,
+    which changes R_G by < 0.02. For M stars this gives R_G ~ 2.2-2.4, smaller than the
+    single numbers below. :mod:`mspec.simulate` reddens its photometry with these
+    coefficients (:func:`extinction_coefficients` at the true intrinsic colour).
 ``"cv18_fixed"``
     The single values R_G = 2.740, R_BP = 3.374, R_RP = 2.035 (C&V 2018 for a reference
-    spectrum; what :mod:`mspec.simulate` uses to redden its photometry).
+    spectrum).
 
 Three entry points: :func:`place` for pandas / dask DataFrames (the catalogue side),
 :func:`place_dataset` as a lazy pipeline stage on the spectra Dataset, and
@@ -141,14 +146,49 @@ TEFF_SEQUENCE = (
     (-0.10, 0.00, 0.38, 0.82, 0.98, 1.43, 1.84, 2.00, 2.20, 2.45, 2.80, 3.10, 3.55, 4.00, 4.60),
     (11000.0, 9700, 7220, 5770, 5270, 4440, 3850, 3660, 3560, 3430, 3210, 3060, 2810, 2680, 2500),
 )
-#: fixed-point iterations for (BP-RP)_0
-N_ITER = 12
+#: bisection halvings for (BP-RP)_0 (bracket width 0.55 |E(B-V)| / 2**N_ITER)
+N_ITER = 45
 _COEFFS = ("cv18", "cv18_fixed")
 
 
 def _check_coefficients(coefficients):
     if coefficients not in _COEFFS:
         raise ValueError(f"coefficients must be one of {_COEFFS}, got {coefficients!r}")
+
+
+def _r_cv18(c, bands=("G", "BP", "RP")):
+    teff = np.interp(np.where(np.isfinite(c), c, 1.84), *TEFF_SEQUENCE)
+    t4 = np.clip(teff, 3000.0, 10000.0) / 1e4
+    out = []
+    for b in bands:
+        a0, a1, a2, _a3 = CV18[b]  # [Fe/H] = 0
+        out.append(a0 + t4 * (a1 + a2 * t4))
+    return tuple(out)
+
+
+# range of R_BP - R_RP over the clamped Teff range: brackets the (BP-RP)_0 root
+_t4 = np.linspace(0.3, 1.0, 7001)
+_dr = [CV18["BP"][k] - CV18["RP"][k] for k in range(3)]
+_dr = _dr[0] + _t4 * (_dr[1] + _t4 * _dr[2])
+_DR_LO, _DR_HI = float(_dr.min()) - 0.01, float(_dr.max()) + 0.01
+del _dr, _t4
+
+
+def _solve_bp_rp_0(c_obs, ebv):
+    """(BP-RP)_0 with c0 + (R_BP - R_RP)(c0) E(B-V) = c_obs, by vectorised bisection."""
+    # f(a) = (dR(a) - _DR_HI) ebv and f(b) = (dR(b) - _DR_LO) ebv have opposite signs
+    a = c_obs - _DR_HI * ebv
+    b = c_obs - _DR_LO * ebv
+    with np.errstate(invalid="ignore"):
+        bp, rp = _r_cv18(a, ("BP", "RP"))
+        sa = np.sign(a + (bp - rp) * ebv - c_obs)
+        for _ in range(N_ITER):
+            m = 0.5 * (a + b)
+            bp, rp = _r_cv18(m, ("BP", "RP"))
+            same = np.sign(m + (bp - rp) * ebv - c_obs) == sa
+            a = np.where(same, m, a)
+            b = np.where(same, b, m)
+    return 0.5 * (a + b)
 
 
 def extinction_coefficients(bp_rp_0, coefficients: str = "cv18"):
@@ -170,13 +210,7 @@ def extinction_coefficients(bp_rp_0, coefficients: str = "cv18"):
     c = np.asarray(bp_rp_0, dtype=np.float64)
     if coefficients == "cv18_fixed":
         return tuple(np.full(c.shape, CV18_FIXED[b]) for b in ("G", "BP", "RP"))
-    teff = np.interp(np.where(np.isfinite(c), c, 1.84), *TEFF_SEQUENCE)
-    t4 = np.clip(teff, 3000.0, 10000.0) / 1e4
-    out = []
-    for b in ("G", "BP", "RP"):
-        a0, a1, a2, _a3 = CV18[b]  # [Fe/H] = 0
-        out.append(a0 + t4 * (a1 + a2 * t4))
-    return tuple(out)
+    return _r_cv18(c)
 
 
 def deredden(g, bp, rp, dist, ebv, w1=None, w2=None, *, coefficients: str = "cv18"):
@@ -204,10 +238,10 @@ def deredden(g, bp, rp, dist, ebv, w1=None, w2=None, *, coefficients: str = "cv1
     g, bp, rp, dist, ebv = (np.asarray(x, dtype=np.float64) for x in (g, bp, rp, dist, ebv))
     g, bp, rp, dist, ebv = np.broadcast_arrays(g, bp, rp, dist, ebv)
     c_obs = bp - rp
-    c0 = c_obs - (CV18_FIXED["BP"] - CV18_FIXED["RP"]) * ebv
-    for _ in range(N_ITER if coefficients == "cv18" else 1):
-        _, r_bp, r_rp = extinction_coefficients(c0, coefficients)
-        c0 = c_obs - (r_bp - r_rp) * ebv
+    if coefficients == "cv18":
+        c0 = _solve_bp_rp_0(c_obs, ebv)
+    else:
+        c0 = c_obs - (CV18_FIXED["BP"] - CV18_FIXED["RP"]) * ebv
     r_g, _, _ = extinction_coefficients(c0, coefficients)
     a_g = r_g * ebv
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -435,7 +469,7 @@ def _place_arrays(
     module="SCM",
     inputs=_STAGE_INPUTS,
     outputs=["M_G_0", "bp_rp_0", "W1_W2_0", "CMD_flag", "CMD_pos"],
-    version="1",
+    version="2",
     description="extinction-corrected Gaia CMD: M_G_0, bp_rp_0, W1_W2_0, CMD_flag, CMD_pos",
 )
 def place_dataset(ds, *, coefficients: str = "cv18", require_flag: bool = True):

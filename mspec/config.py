@@ -416,9 +416,24 @@ class GaiaConfig(_Section):
     table: str = _f(
         "str",
         "",
-        "Gaia/WISE cross-match table (Parquet/CSV keyed by obsid); empty = none.",
+        "Gaia/WISE cross-match table (Parquet/CSV/FITS), joined on obsid when it has that column, else by position within `radius`; its columns replace those from `hats`; empty = none.",
         units="path",
         path="path",
+    )
+    hats: str = _f(
+        "str",
+        "",
+        "HATS catalogue or collection (directory or URL, e.g. https://data.lsdb.io/hats/gaia_dr3) cross-matched by position within `radius` per chunk with lsdb (extra `mspec[survey]`); empty = none.",
+        units="path or URL",
+        path="path",
+    )
+    radius: float = _f(
+        "float",
+        3.0,
+        "Positional match radius for `hats` and for a `table` without obsid (nearest source within it).",
+        units="arcsec",
+        lo=0.0,
+        lo_open=True,
     )
 
 
@@ -1185,8 +1200,9 @@ def config_reference_markdown() -> str:
         "  `ConfigError: run.toml: rv.oversample must be an int, got str ('69')`. An int is",
         "  accepted for a float key; `true`/`false` never for an int key.",
         "* **Paths** (`sources`, `store`, `run_dir`, `models.dir`, `templates.set` when not a",
-        "  name, `gaia.table`, `numba.cache_dir`) resolve relative to the configuration file's",
-        "  directory; `~` expands; an empty string means unset.",
+        "  name, `gaia.table`, `gaia.hats`, `numba.cache_dir`) resolve relative to the",
+        "  configuration file's directory; `~` expands; a URL (`scheme://...`) is kept as is;",
+        "  an empty string means unset.",
         "* **Safe**: TOML is data; nothing in the file is evaluated.",
         "* **Resume**: the run writes the resolved configuration to",
         f"  `RUN_DIR/{RESOLVED_NAME}` and stamps each stage with `Config.section_hash(name)`",

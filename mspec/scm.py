@@ -18,9 +18,10 @@ Evidence, as natural-log odds for "M" (summed; the sign decides; :func:`m_log_od
   (OB, A, F, QSO) or K/M: it knows only WD and M, so it can speak against M (a white dwarf),
   never for M against K or G;
 * the colour (BP-RP)_0 where it is reliable (BP and RP flux over error > 20):
-  ``clip((c0 - COLOUR_MID) / COLOUR_SCALE, -8, 3)`` with COLOUR_MID = 1.78 mag between a K9
-  and an M0 dwarf (Pecaut & Mamajek 2013) — far too blue is decisive, red only says "not
-  hotter than M"; the CMD "other" region (outside dM and gM) :data:`W_OTHER` = -2;
+  ``clip((c0 - COLOUR_MID) / COLOUR_SCALE, -8, 3)`` with COLOUR_MID = 1.76 mag at the K9 / M0
+  boundary (Pecaut & Mamajek 2013) less the colour error of a 0.02 mag E(B-V) error — far
+  too blue is decisive, red only says "not hotter than M"; the CMD "other" region (outside
+  dM and gM) :data:`W_OTHER` = -2;
 * LAMOST's own type: +:data:`W_LAMOST` = 3 on its M list (the paper found 0.45 % non-M
   there), -3 for another definite type, and a third / half of that at the K7 / M0
   boundary where LAMOST's types scatter (a K subclass -1, an M0 / dM0 +1.5); 0 where
@@ -125,9 +126,10 @@ SCM_CLASSES = ("M", "OB", "A", "F", "G", "K", "GALAXY", "QSO", "WD", "S", "C", "
 P_FLOOR = 1e-3
 #: decisions with a probability below this go to the queue as well
 INSPECT_BELOW = 0.9
-#: (BP-RP)_0 (mag) where the colour term is 0: between a K9 (~1.77) and an M0 (~1.84)
-#: dwarf (Pecaut & Mamajek 2013); M giants are redder still
-COLOUR_MID = 1.78
+#: (BP-RP)_0 (mag) where the colour term is 0: at the K9 / M0 boundary (K9 ~1.77, M0 ~1.84,
+#: Pecaut & Mamajek 2013) less ~0.02 mag, the colour error a 0.02 mag E(B-V) error gives, so
+#: reddening noise does not push boundary M0 dwarfs to K; M giants are redder still
+COLOUR_MID = 1.76
 #: colour term slope: (c0 - COLOUR_MID) / COLOUR_SCALE, clipped to COLOUR_CLIP
 COLOUR_SCALE = 0.04
 #: limits of the colour term: a colour far bluer than any M star (a K3 dwarf at 1.28) is
@@ -581,7 +583,9 @@ def resolve_cmd(ds, gaia):
     gaia : pandas.DataFrame, str, PathLike or None
         Cross-match table; when given it is joined with :func:`mspec.cmd.join_gaia` (on
         ``obsid`` when the table has it, else by position within 3 arcsec) and used instead
-        of any Gaia columns of ``ds``.
+        of any Gaia columns of ``ds``. A HATS catalogue (directory or URL, see
+        :func:`mspec.io.gaia_hats.is_hats_catalog`) is matched by position within 3 arcsec
+        with :func:`mspec.io.gaia_hats.join_gaia_hats` (needs lsdb).
 
     Returns
     -------
@@ -606,12 +610,15 @@ def resolve_cmd(ds, gaia):
         *(q for q, _, _ in QUALITY_CUTS),
     ]
     if gaia is not None:
-        tab = gaia
-        if not isinstance(tab, pd.DataFrame):
-            tab = load_gaia_table(tab)
-        cols = [str(c).lower() for c in tab.columns]
-        on = "obsid" if "obsid" in cols else "position"
-        joined = join_gaia(ds, tab, on=on, merge=False)
+        from mspec.io.gaia_hats import is_hats_catalog, join_gaia_hats
+
+        if is_hats_catalog(gaia):
+            joined = join_gaia_hats(ds, gaia, merge=False)
+        else:
+            tab = gaia if isinstance(gaia, pd.DataFrame) else load_gaia_table(gaia)
+            cols = [str(c).lower() for c in tab.columns]
+            on = "obsid" if "obsid" in cols else "position"
+            joined = join_gaia(ds, tab, on=on, merge=False)
         if all(c in joined.variables for c in need):
             cmd = place_dataset(joined, merge=False)
             return cmd["CMD_pos"], cmd["bp_rp_0"], _colour_ok(joined), "gaia table"
@@ -677,7 +684,7 @@ _SCM_DTYPES = (
     module="SCM",
     inputs=["spt_prob", "wdm_prob", "lamost_subclass"],
     outputs=list(_SCM_OUT),
-    version="1",
+    version="2",
     description="SCM decision rules: M / non-M with a probability, reason and inspection queue",
 )
 def select_m_stars(ds, *, gaia=None, decisions=None, entry="lamost", indices_rv="lamost_rv"):
@@ -694,8 +701,10 @@ def select_m_stars(ds, *, gaia=None, decisions=None, entry="lamost", indices_rv=
         ``ormask`` to measure them; ``snr_r``/``snr_g``.
     gaia : pandas.DataFrame, str or PathLike, optional
         Gaia/WISE cross-match (Parquet/CSV/FITS) joined with :func:`mspec.cmd.join_gaia`
-        (on ``obsid`` if the table has it, else by position within 3 arcsec); used instead
-        of Gaia columns in ``ds``. Spectra without a row: the CMD does not apply.
+        (on ``obsid`` if the table has it, else by position within 3 arcsec), or a HATS
+        catalogue (directory or URL, e.g. Gaia DR3) matched by position within 3 arcsec
+        with lsdb (:func:`mspec.io.gaia_hats.join_gaia_hats`); used instead of Gaia columns
+        in ``ds``. Spectra without a row or match: the CMD does not apply.
     decisions : pandas.DataFrame, str or PathLike, optional
         Inspection verdicts, columns ``obsid`` and ``decision`` (a class of
         :data:`SCM_CLASSES`, case-insensitive; ``"non-M"`` is read as ``UNKNOWN``); they

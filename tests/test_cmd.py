@@ -114,11 +114,71 @@ def test_deredden_by_hand():
     # big reddening still converges
     r = deredden(20.0, 22.0, 18.5, 1000.0, 1.5)
     rg, rbp, rrp = extinction_coefficients(r["bp_rp_0"])
-    assert float(r["bp_rp_0"]) == pytest.approx(3.5 - (rbp - rrp) * 1.5, abs=1e-6)
+    assert float(r["bp_rp_0"]) == pytest.approx(3.5 - (rbp - rrp) * 1.5, abs=1e-10)
     # missing distance / reddening / WISE
     r = deredden([12.0, 12.0, 12.0], 13.5, 11.0, [np.nan, -5.0, 100.0], [0.1, 0.1, np.nan])
     assert np.all(np.isnan(r["M_G_0"])) and np.isnan(r["bp_rp_0"][2])
     assert np.all(np.isnan(r["W1_W2_0"]))
+
+
+@pytest.mark.parametrize("ebv", [0.0, 0.05, 0.3, 0.8, 1.5, 2.5, -0.04])
+def test_redden_deredden_round_trip(ebv):
+    """Reddening with extinction_coefficients at the true colour is undone by deredden.
+
+    Bisection halves a 0.55 |E(B-V)| bracket N_ITER = 45 times, so (BP-RP)_0 is exact to
+    ~1e-14 mag per unit E(B-V), plus float64 rounding of the magnitudes (~1e-14): 1e-10 mag
+    is a tolerance with margin. This includes blue stars beyond E(B-V) 0.6, where a
+    fixed-point iteration oscillates (|d(R_BP - R_RP)/d(BP-RP)_0| reaches 1.6 there).
+    """
+    c0 = np.linspace(-0.6, 5.2, 5801)  # OB stars to late M, across every kink of the sequence
+    mg = np.linspace(-2.0, 16.0, c0.size)
+    d = np.geomspace(3.0, 1e5, c0.size)
+    e = np.full(c0.size, ebv)
+    r_g, r_bp, r_rp = extinction_coefficients(c0)
+    g = mg + 5 * np.log10(d) - 5 + r_g * e
+    rp = g - 0.7
+    bp = rp + c0 + (r_bp - r_rp) * e
+    w1, w12 = g - 2.0, 0.2
+    w2 = w1 - w12 - (mspec.cmd.R_W1 - mspec.cmd.R_W2) * e
+    out = deredden(g, bp, rp, d, e, w1, w2)
+    np.testing.assert_allclose(out["bp_rp_0"], c0, rtol=0, atol=1e-10)
+    np.testing.assert_allclose(out["M_G_0"], mg, rtol=0, atol=1e-10)
+    np.testing.assert_allclose(out["W1_W2_0"], w12, rtol=0, atol=1e-10)
+    np.testing.assert_allclose(out["A_G"], r_g * e, rtol=0, atol=1e-10)
+
+
+def test_simulator_photometry_deredden_to_truth(sim):
+    """The simulator reddens with mspec.cmd's coefficients: its true distance and E(B-V)
+    take every star back to its intrinsic colour and absolute magnitude.
+
+    (1) Re-reddening the recovered (BP-RP)_0 with extinction_coefficients gives the
+    observed BP-RP for every star; (2) the recovered (BP-RP)_0 of an M dwarf is the
+    simulator's intrinsic colour at its true Teff (its dwarf sequence, which has no
+    scatter in colour; M_G has scatter and is not stored, so (1) covers it through A_G).
+    """
+    from mspec.simulate import survey as sv
+
+    has = np.isfinite(sim["phot_bp_mean_mag"].values)
+    cls = sim["true_class"].values
+    stars = has & ~np.isin(cls, ["GALAXY", "QSO"])
+    g, bp, rp = (sim[c].values[stars] for c in _PHOT_COLS)
+    dist, ebv = sim["true_distance"].values[stars], sim["true_ebv"].values[stars]
+    out = deredden(g, bp, rp, dist, ebv)
+    r_g, r_bp, r_rp = extinction_coefficients(out["bp_rp_0"])
+    np.testing.assert_allclose(out["bp_rp_0"] + (r_bp - r_rp) * ebv, bp - rp, atol=1e-10)
+    # intrinsic colours of M dwarfs: the simulator's dwarf sequence at the true Teff
+    lum = sim["true_lumclass"].values[stars]
+    teff = sim["true_teff"].values[stars]
+    dm = lum == "dM"
+    assert dm.sum() > 50
+    c_true = np.interp(sv.sm.dwarf_subtype(teff[dm]), sv._DM_ST, sv._DM_C)
+    np.testing.assert_allclose(out["bp_rp_0"][dm], c_true, rtol=0, atol=1e-10)
+    # and with the old single coefficients they would be off by up to ~0.1 mag
+    fixed = deredden(g, bp, rp, dist, ebv, coefficients="cv18_fixed")
+    assert np.max(np.abs(fixed["bp_rp_0"][dm] - c_true)) > 0.01
+
+
+_PHOT_COLS = ("phot_g_mean_mag", "phot_bp_mean_mag", "phot_rp_mean_mag")
 
 
 # --- quality cuts -----------------------------------------------------------------------------
@@ -249,8 +309,9 @@ def test_place_dataset_lazy(sim):
 
 
 def test_simulated_truth_regions(sim):
-    """With the simulator's own coefficients, flagged M dwarfs/giants land in their regions."""
-    out = place_dataset(sim, coefficients="cv18_fixed", merge=False)
+    """With the default coefficients (the simulator's), flagged M dwarfs/giants land in
+    their regions."""
+    out = place_dataset(sim, merge=False)
     lum = sim["true_lumclass"].values
     flag = out["CMD_flag"].values == 1
     pos = out["CMD_pos"].values

@@ -68,23 +68,33 @@ def _predict(ctx: RunContext, ds: xr.Dataset, kind: str, **kw) -> xr.Dataset:
 
 
 def _gaia_columns(ctx: RunContext, ds: xr.Dataset) -> xr.Dataset | None:
-    """The store's Gaia/WISE columns, or those of the configured ``[gaia] table``, or None."""
+    """The store's Gaia/WISE columns, or those joined from the configured ``[gaia] hats``
+    catalogue and ``[gaia] table`` (the table's columns win), or None."""
     from mspec import cmd
 
-    if ctx.config.gaia.table:
-        table = cmd.load_gaia_table(ctx.config.gaia.table)
-        on = "obsid" if "obsid" in table.columns else "position"
-        return cmd.join_gaia(ds, table, on=on, merge=True)
+    cfg = ctx.config.gaia
+    if cfg.hats or cfg.table:
+        out = ds
+        if cfg.hats:
+            from mspec.io.gaia_hats import join_gaia_hats
+
+            out = join_gaia_hats(out, cfg.hats, radius_arcsec=cfg.radius, merge=True)
+        if cfg.table:
+            table = cmd.load_gaia_table(cfg.table)
+            on = "obsid" if "obsid" in table.columns else "position"
+            out = cmd.join_gaia(out, table, on=on, radius_arcsec=cfg.radius, merge=True)
+        return out
     if all(v in ds.variables for v in cmd.place_dataset.stage.inputs):
         return ds
     return None
 
 
 def has_gaia(ctx: RunContext, ds: xr.Dataset) -> bool:
-    """Whether the CMD can be placed (Gaia columns in the store or a configured table)."""
+    """Whether the CMD can be placed (Gaia columns in the store, a configured table or HATS
+    catalogue)."""
     from mspec import cmd
 
-    return bool(ctx.config.gaia.table) or all(
+    return bool(ctx.config.gaia.table or ctx.config.gaia.hats) or all(
         v in ds.variables for v in cmd.place_dataset.stage.inputs
     )
 
@@ -98,7 +108,7 @@ def _scm(ctx: RunContext, ds: xr.Dataset) -> xr.Dataset:
     if gaia is not None:
         placed = cmd.place_dataset(gaia, merge=False)
         parts.append(placed)
-        if ctx.config.gaia.table:  # keep the joined columns the catalog needs
+        if ctx.config.gaia.table or ctx.config.gaia.hats:  # keep the joined columns
             joined = [v for v in gaia.data_vars if v not in ds.data_vars]
             parts.append(gaia[joined])
     measured = xr.merge(parts, compat="override", join="exact")
@@ -285,7 +295,7 @@ PIPELINE: tuple[PipelineStage, ...] = (
             "Gaia CMD placement where Gaia data exist",
             "SCM decision rules (select_m_stars)",
         ),
-        version="3",
+        version="4",
         build=_scm,
         uses_models=("spt", "wdm"),
         uses_decisions=True,

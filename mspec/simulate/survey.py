@@ -20,6 +20,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from mspec.cmd import CV18_FIXED, GAIA_COLUMNS, R_W1, R_W2, extinction_coefficients
 from mspec.simulate import bank as sb
 from mspec.simulate import models as sm
 from mspec.variables import C_KMS, NPIX, SDSS_BANDS, loglam_grid
@@ -101,23 +102,7 @@ SIMULATED_VARIABLES = (
     "release",
     "loglam_offset",
     "resampled",
-    "gaia_source_id",
-    "phot_g_mean_mag",
-    "phot_bp_mean_mag",
-    "phot_rp_mean_mag",
-    "parallax",
-    "parallax_error",
-    "parallax_over_error",
-    "phot_g_mean_flux_over_error",
-    "phot_bp_mean_flux_over_error",
-    "phot_rp_mean_flux_over_error",
-    "ruwe",
-    "r_med_geo",
-    "ebv",
-    "w1",
-    "w2",
-    "w1_err",
-    "w2_err",
+    *GAIA_COLUMNS,
     "true_class",
     "true_lumclass",
     "true_subclass",
@@ -606,8 +591,6 @@ _HOT_G = np.array([7.9, 7.2, 6.5, 5.6, 4.8, 4.2, 3.4, 2.6, 2.0, 1.0, 0.0, -1.2])
 _WD_T = np.array([5000.0, 7000, 10000, 20000, 40000])
 _WD_C = np.array([0.9, 0.4, 0.0, -0.3, -0.5])
 _WD_G = np.array([14.5, 13.0, 11.5, 10.5, 9.5])
-# extinction coefficients A_X / E(B-V) (Casagrande & VandenBerg 2018; Yuan et al. 2013 WISE)
-R_G, R_BP, R_RP, R_W1, R_W2 = 2.740, 3.374, 2.035, 0.18, 0.16
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1063,16 +1046,22 @@ def _draw_crossmatch(rng, n, truth, obs, miss):
     dist = np.full(n, np.nan)
     ebv = einf.copy()
     d = np.full(n, 100.0)
-    for _ in range(4):  # distance and reddening depend on each other
+    # distance and reddening depend on each other; this draw keeps the single reference R_G
+    # (mspec.cmd.CV18_FIXED) so distances, E(B-V) and hence the spectra are those of
+    # SIMULATOR_VERSION 2; the photometry below uses the colour-dependent coefficients
+    for _ in range(4):
         ebv_s = einf * (1.0 - np.exp(-d / 400.0))
-        d = 10.0 ** ((gmag - mg - R_G * ebv_s + 5.0) / 5.0)
+        d = 10.0 ** ((gmag - mg - CV18_FIXED["G"] * ebv_s + 5.0) / 5.0)
         d = np.clip(np.nan_to_num(d, nan=1000.0), 3.0, 1e5)
     dist[stars] = d[stars]
     ebv[stars] = (einf * (1.0 - np.exp(-d / 400.0)))[stars]
+    # redden with the coefficients mspec.cmd de-reddens with (C&V 2018 at the intrinsic
+    # colour), so mspec.cmd.deredden recovers c0 and mg exactly
+    r_g, r_bp, r_rp = extinction_coefficients(c0, "cv18")
     # G consistent with the final distance: stars that would sit closer than 3 pc (or
     # beyond 100 kpc) are placed there and their G changed, keeping their S/N
-    gmag = np.where(stars, mg + 5 * np.log10(np.where(stars, dist, 10.0)) - 5 + R_G * ebv, gmag)
-    cobs = c0 + (R_BP - R_RP) * ebv
+    gmag = np.where(stars, mg + 5 * np.log10(np.where(stars, dist, 10.0)) - 5 + r_g * ebv, gmag)
+    cobs = c0 + (r_bp - r_rp) * ebv
     g_rp = np.where(cobs < 1.0, 0.6 * cobs, 0.3 + 0.3 * cobs)
     rp = gmag - g_rp
     bp = rp + cobs
@@ -1097,7 +1086,7 @@ def _draw_crossmatch(rng, n, truth, obs, miss):
         np.where(stars, dist, 3000.0) * np.exp(rng.normal(0, 0.3, n)),
     )
     ebv_obs = np.clip(ebv + rng.normal(0, 0.02, n), 0.0, None)
-    w1_true = gmag - gw1 - (R_G - R_W1) * ebv
+    w1_true = gmag - gw1 - (r_g - R_W1) * ebv
     w2_true = w1_true - w12 - (R_W1 - R_W2) * ebv
     w1_err = np.clip(0.022 + 0.03 * 10.0 ** (0.4 * (w1_true - 15.0)), 0.0, 0.35)
     w2_err = np.clip(0.020 + 0.06 * 10.0 ** (0.4 * (w2_true - 14.5)), 0.0, 0.5)
