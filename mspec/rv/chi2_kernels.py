@@ -230,9 +230,12 @@ def solve_small(mat, rhs, out):
     """Solve ``mat @ out = rhs`` (small dense system) by Gaussian elimination with partial
     pivoting; returns False (``out`` undefined) if the matrix is singular. Plain Python so the
     reference and numba run the same code."""
-    n = rhs.size
-    a = mat.copy()
-    b = rhs.copy()
+    return solve_small_into(mat.copy(), rhs.copy(), out)
+
+
+def solve_small_into(a, b, out):
+    """:func:`solve_small` that overwrites ``a`` and ``b`` (no copies: for inner loops)."""
+    n = b.size
     for c in range(n):
         piv = c
         for r in range(c + 1, n):
@@ -261,9 +264,17 @@ def solve_small(mat, rhs, out):
     return True
 
 
-solve_small_nb = jit(solve_small)
-# gauss_fit calls ``_solve``: the plain function in Python, the numba one in the jitted copy
-_solve = solve_small
+def _with_globals(func, **repl):
+    """Copy of ``func`` whose global names in ``repl`` point elsewhere (for numba)."""
+    g = dict(func.__globals__)
+    g.update(repl)
+    return types.FunctionType(func.__code__, g, func.__name__, func.__defaults__)
+
+
+solve_small_into_nb = jit(solve_small_into)
+solve_small_nb = jit(_with_globals(solve_small, solve_small_into=solve_small_into_nb), cache=False)
+# gauss_fit calls ``_solve_into``: the plain function in Python, the numba one in the jitted copy
+_solve_into = solve_small_into
 
 
 def gauss_fit(v, y, lo, hi):
@@ -291,6 +302,16 @@ def gauss_fit(v, y, lo, hi):
         Converged with ``A > 0``, ``sigma > 0`` and ``mu`` inside ``[v[lo], v[hi-1]]``.
     """
     m = hi - lo
+    return gauss_fit_ws(v, y, lo, hi, np.empty(6 * m + 24), np.empty((m + 8, 4)))
+
+
+def gauss_fit_ws(v, y, lo, hi, w1, w2):
+    """:func:`gauss_fit` with caller-provided work arrays (no allocation per call).
+
+    ``w1`` has at least ``6 (hi - lo) + 24`` and ``w2`` at least ``(hi - lo) + 8`` rows of 4
+    float64 values; both are overwritten. The arithmetic is that of :func:`gauss_fit`.
+    """
+    m = hi - lo
     jmin = lo
     ymax = y[lo]
     for j in range(lo, hi):
@@ -304,24 +325,32 @@ def gauss_fit(v, y, lo, hi):
         return math.nan, math.nan, False
     v0 = v[jmin]
     dv = (v[hi - 1] - v[lo]) / (m - 1)
-    t = np.empty(m)
-    z = np.empty(m)
+    t = w1[0:m]
+    z = w1[m : 2 * m]
+    r = w1[2 * m : 3 * m]
+    rn = w1[3 * m : 4 * m]
+    ex = w1[4 * m : 5 * m]  # the Gaussian at the current p, reused by the Jacobian
+    exn = w1[5 * m : 6 * m]
+    p = w1[6 * m : 6 * m + 4]
+    pn = w1[6 * m + 4 : 6 * m + 8]
+    step = w1[6 * m + 8 : 6 * m + 12]
+    g = w1[6 * m + 12 : 6 * m + 16]
+    gw = w1[6 * m + 16 : 6 * m + 20]
+    jac = w2[0:m]
+    jtj = w2[m : m + 4]
+    mat = w2[m + 4 : m + 8]
     for j in range(m):
         t[j] = (v[lo + j] - v0) / dv
         z[j] = (y[lo + j] - y0) / span
-    p = np.array([1.0, 1.0, 0.0, 1.5])
-    pn = np.empty(4)
-    step = np.empty(4)
-    jac = np.empty((m, 4))
-    r = np.empty(m)
-    rn = np.empty(m)
-    jtj = np.empty((4, 4))
-    mat = np.empty((4, 4))
-    g = np.empty(4)
+    p[0] = 1.0
+    p[1] = 1.0
+    p[2] = 0.0
+    p[3] = 1.5
     cost = 0.0
     for j in range(m):
         d = t[j] - p[2]
-        r[j] = p[0] - p[1] * math.exp(-0.5 * d * d / (p[3] * p[3])) - z[j]
+        ex[j] = math.exp(-0.5 * d * d / (p[3] * p[3]))
+        r[j] = p[0] - p[1] * ex[j] - z[j]
         cost += r[j] * r[j]
     lam = 1e-3
     ok = False
@@ -329,7 +358,7 @@ def gauss_fit(v, y, lo, hi):
         s2 = p[3] * p[3]
         for j in range(m):
             d = t[j] - p[2]
-            e = math.exp(-0.5 * d * d / s2)
+            e = ex[j]
             jac[j, 0] = 1.0
             jac[j, 1] = -e
             jac[j, 2] = -p[1] * e * d / s2
@@ -351,14 +380,17 @@ def gauss_fit(v, y, lo, hi):
                 for b_ in range(4):
                     mat[a_, b_] = jtj[a_, b_]
                 mat[a_, a_] += lam * max(jtj[a_, a_], 1e-12)
-            if _solve(mat, g, step):
+            for a_ in range(4):
+                gw[a_] = g[a_]
+            if _solve_into(mat, gw, step):
                 for a_ in range(4):
                     pn[a_] = p[a_] + step[a_]
                 if pn[3] > 0.0:
                     cn = 0.0
                     for j in range(m):
                         d = t[j] - pn[2]
-                        rn[j] = pn[0] - pn[1] * math.exp(-0.5 * d * d / (pn[3] * pn[3])) - z[j]
+                        exn[j] = math.exp(-0.5 * d * d / (pn[3] * pn[3]))
+                        rn[j] = pn[0] - pn[1] * exn[j] - z[j]
                         cn += rn[j] * rn[j]
                     if cn <= cost:
                         smax = 0.0
@@ -369,6 +401,7 @@ def gauss_fit(v, y, lo, hi):
                             p[a_] = pn[a_]
                         for j in range(m):
                             r[j] = rn[j]
+                            ex[j] = exn[j]
                         cost = cn
                         lam = max(lam * 0.1, 1e-12)
                         improved = True
@@ -393,20 +426,21 @@ def gauss_fit(v, y, lo, hi):
     return mu, ymin, True
 
 
-def _with_globals(func, **repl):
-    """Copy of ``func`` whose global names in ``repl`` point elsewhere (for numba)."""
-    g = dict(func.__globals__)
-    g.update(repl)
-    return types.FunctionType(func.__code__, g, func.__name__, func.__defaults__)
-
-
 # rebound globals make a new function object that numba cannot cache on disk
-gauss_fit_nb = jit(_with_globals(gauss_fit, _solve=solve_small_nb), cache=False)
+gauss_fit_ws_nb = jit(_with_globals(gauss_fit_ws, _solve_into=solve_small_into_nb), cache=False)
+gauss_fit_nb = jit(_with_globals(gauss_fit, gauss_fit_ws=gauss_fit_ws_nb), cache=False)
 
 
 @jit
 def _fit_curve(v, y, halfwidth):
     """Argmin + Gaussian fit of one χ² curve; returns (mu, ymin, code)."""
+    m = 2 * halfwidth + 1
+    return _fit_curve_ws(v, y, halfwidth, np.empty(6 * m + 24), np.empty((m + 8, 4)))
+
+
+@jit
+def _fit_curve_ws(v, y, halfwidth, w1, w2):
+    """:func:`_fit_curve` with the work arrays of :func:`gauss_fit_ws`."""
     n = y.size
     j = 0
     for k in range(n):
@@ -418,7 +452,7 @@ def _fit_curve(v, y, halfwidth):
         return math.nan, y[j], STATUS_EDGE
     lo = max(0, j - halfwidth)
     hi = min(n, j + halfwidth + 1)
-    mu, ymin, ok = gauss_fit_nb(v, y, lo, hi)
+    mu, ymin, ok = gauss_fit_ws_nb(v, y, lo, hi, w1, w2)
     if not ok:
         return math.nan, y[j], STATUS_FIT_FAILED
     return mu, ymin, STATUS_OK
@@ -937,6 +971,8 @@ def _one_spectrum(
     a = np.empty(9)
     coef = np.empty(5)
     curve = np.empty(ntr)
+    fw1 = np.empty(6 * (2 * halfwidth + 1) + 24)  # Gaussian-fit work arrays, one allocation
+    fw2 = np.empty((2 * halfwidth + 9, 4))
     best = -1
     best_chi = np.inf
     best_mu = nan
@@ -960,7 +996,7 @@ def _one_spectrum(
                 )
             else:
                 curve[q] = _chi2_slice(trials[t, q], 0, n, pw, qw, sumo2, nval, b, a, coef)
-        mu, ymin, code = _fit_curve(vt, curve, halfwidth)
+        mu, ymin, code = _fit_curve_ws(vt, curve, halfwidth, fw1, fw2)
         smin = np.inf
         for q in range(ntr):
             if curve[q] < smin:
@@ -1107,7 +1143,7 @@ def _one_spectrum(
                         coef,
                     )
                     curve[q] = dense[mq - mlo]
-        mu, ymin, code = _fit_curve(vt, curve, halfwidth)
+        mu, ymin, code = _fit_curve_ws(vt, curve, halfwidth, fw1, fw2)
         if code == STATUS_OK:
             # residual of the shifted measurement, Doppler factors composed exactly
             e = 299792.458 * ((1.0 + mu / 299792.458) / (1.0 + vs[si] / 299792.458) - 1.0)
