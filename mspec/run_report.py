@@ -1433,9 +1433,10 @@ def _render(r: _Run, figs: list[_FigResult], opt: dict, seconds: float) -> str:
             )
         )
         parts.append(
-            "<p>wall s: the stage's own wall time in the last run; core-ms / spectrum: wall "
-            "time × worker threads / spectra computed (empty when every chunk was already "
-            "done).</p>"
+            "<p>wall s: the stage's own wall time in the last run; core-ms / spectrum: CPU "
+            "time of the driver and every worker process during the stage / spectra computed "
+            "(wall time × worker threads where CPU time could not be read; empty when every "
+            "chunk was already done).</p>"
         )
     else:
         parts.append('<p class="notdrawn">No stage record (run.json missing or empty).</p>')

@@ -72,7 +72,10 @@ class RunResult:
         Spectra in the store.
     stages : dict
         Per stage: ``status`` (done / not available), ``chunks``, ``computed``, ``skipped``,
-        ``seconds``, ``core_seconds_per_spectrum`` and the parts not available.
+        ``seconds`` (wall), ``cpu_seconds`` (CPU time of this process and every worker
+        process during the stage; None if unmeasurable), ``core_seconds_per_spectrum``
+        (``cpu_seconds`` per spectrum computed, else wall × worker threads per spectrum) and
+        the parts not available.
     not_available : list of str
         Parts of the paper's pipeline not built in this mspec (never faked).
     catalog : str
@@ -313,6 +316,46 @@ def _fault_delay() -> float:
         return 0.0
 
 
+def _process_cpu() -> tuple[int, float]:
+    """(pid, CPU seconds used so far) of the calling process; run on every worker."""
+    t = os.times()
+    return os.getpid(), t.user + t.system
+
+
+def _cpu_seconds(client) -> float | None:
+    """CPU seconds used so far by this process and every worker process of ``client``.
+
+    Differences of this give a stage's cost in core-seconds whatever else runs on the
+    machine (wall time × workers counts the waiting too). None when a worker cannot be
+    asked."""
+    pids = dict([_process_cpu()])
+    if client is not None:
+        try:
+            pids.update(dict(client.run(_process_cpu).values()))
+        except Exception:  # noqa: BLE001 - a cost figure must never fail a run
+            return None
+    return float(sum(pids.values()))
+
+
+def _n_threads(client) -> int:
+    """Worker threads of ``client`` (1 without one)."""
+    if client is None:
+        return 1
+    return max(1, sum(client.nthreads().values()))
+
+
+def _core_seconds(cpu0, cpu1, secs, workers, n) -> dict:
+    """``cpu_seconds`` and ``core_seconds_per_spectrum`` of a stage over ``n`` spectra:
+    measured CPU time where both readings exist (and a worker did not restart in between),
+    else wall time × workers."""
+    cpu = cpu1 - cpu0 if cpu0 is not None and cpu1 is not None and cpu1 >= cpu0 else None
+    total = cpu if cpu is not None else secs * workers
+    return {
+        "cpu_seconds": None if cpu is None else round(cpu, 2),
+        "core_seconds_per_spectrum": round(total / n, 5) if n else None,
+    }
+
+
 def _run_stage(stage, ctx, run_dir, ds_store, n, chunk, client, scheduler, progress, upstream):
     paths = _stage_paths(run_dir, stage.name)
     stamp = _stamp(stage, ctx, chunk, upstream)
@@ -343,6 +386,7 @@ def _run_stage(stage, ctx, run_dir, ds_store, n, chunk, client, scheduler, progr
         if (a, b) not in ranges:
             (paths["done"] / f"{a:012d}-{b:012d}.json").unlink(missing_ok=True)
     jobs = [((a, b), _region_job(out, paths["group"], a, b)) for a, b in todo]
+    cpu0 = _cpu_seconds(client) if todo else None
     t0 = time.perf_counter()
     bar = None
     if progress and todo:
@@ -357,9 +401,7 @@ def _run_stage(stage, ctx, run_dir, ds_store, n, chunk, client, scheduler, progr
         if delay:
             time.sleep(delay)
 
-    workers = 1
-    if client is not None:
-        workers = max(1, sum(client.nthreads().values()))
+    workers = _n_threads(client)
     try:
         run_bounded(
             jobs,
@@ -373,6 +415,9 @@ def _run_stage(stage, ctx, run_dir, ds_store, n, chunk, client, scheduler, progr
         if bar is not None:
             bar.close()
     secs = time.perf_counter() - t0
+    cost = _core_seconds(
+        cpu0, _cpu_seconds(client) if todo else None, secs, workers, sum(b - a for a, b in todo)
+    )
     info = {
         "module": stage.module,
         "status": "done",
@@ -382,9 +427,7 @@ def _run_stage(stage, ctx, run_dir, ds_store, n, chunk, client, scheduler, progr
         "computed": len(todo),
         "skipped": len(ranges) - len(todo),
         "seconds": round(secs, 2),
-        "core_seconds_per_spectrum": (
-            round(secs * workers / max(1, sum(b - a for a, b in todo)), 5) if todo else None
-        ),
+        **cost,
         "not_available": stage.unavailable(),
     }
     return info, _sha(stamp)
@@ -551,6 +594,7 @@ def run(
         if cfg.sources:
             from mspec.io.store import ingest
 
+            cpu0 = _cpu_seconds(client)
             t0 = time.perf_counter()
             with _no_space_is_run_error("ingest", cfg.store):
                 summary = ingest(
@@ -565,6 +609,13 @@ def run(
                 "module": "ingest",
                 "status": "done",
                 "seconds": round(time.perf_counter() - t0, 2),
+                **_core_seconds(
+                    cpu0,
+                    _cpu_seconds(client),
+                    time.perf_counter() - t0,
+                    _n_threads(client),
+                    summary.get("stored") or 0,
+                ),  # fmt: skip
                 "stored": summary.get("stored"),
                 "quarantined": summary.get("quarantined"),
             }
@@ -622,9 +673,10 @@ def run(
 
         if not has_gaia(ctx, ds):
             result.not_available.append(
-                "CMD: no Gaia data (no Gaia columns in the store and no [gaia] table): "
+                "CMD: no Gaia data (no Gaia columns in the store and no [gaia] table or hats catalogue): "
                 "SCM/DGCM use the CNNs only"
             )
+        cpu0 = _cpu_seconds(client)
         t0 = time.perf_counter()
         with _no_space_is_run_error("catalog", run_dir):
             result.catalog = str(_catalog(run_dir, ds, n))
@@ -633,6 +685,9 @@ def run(
             "module": "catalog",
             "status": "done",
             "seconds": round(time.perf_counter() - t0, 2),
+            **_core_seconds(
+                cpu0, _cpu_seconds(client), time.perf_counter() - t0, _n_threads(client), n
+            ),
             "catalogs": sorted(result.catalogs),
             "not_available": list(CATALOG_PLANNED),
         }
