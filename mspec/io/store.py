@@ -736,10 +736,11 @@ def _write_batch(store: Path, state: dict, batch: int, df, compute: _Compute, pr
     """Resize, write metadata and spectra of a planned batch (idempotent, resumable).
 
     Units with a done record are skipped; a unit's record is written (by this process)
-    only after its spectra are, so a unit cut short by a kill is written again. A file that cannot be read again when its spectrum is written (moved, truncated, being
-    rewritten) is quarantined as :data:`CHANGED_CODE` and the batch re-planned without it (the
-    later rows move up and their units are written again), so no row is ever stored empty.
-    Returns the final plan."""
+    only after its spectra are, so a unit cut short by a kill is written again. A file that
+    cannot be read again when its spectrum is written (moved, truncated, being rewritten) is
+    quarantined as :data:`CHANGED_CODE` and the batch re-planned without it (the later rows
+    move up and their units are written again), so no row is ever stored empty. Returns the
+    final plan."""
     n_old = int(state["n_spectra"])
     chunk = int(state["chunk_size"])
     records = _done_records(store, batch)
