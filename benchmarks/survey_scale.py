@@ -6,7 +6,11 @@ excluded (the models are built once beforehand, or taken from ``--models``).
 
     python benchmarks/survey_scale.py --n 10000 --out /tmp/survey-10k
 
-writes ``OUT/survey_scale.json`` and prints a Markdown table for docs/benchmarks.md.
+writes ``OUT/survey_scale.json`` and prints a Markdown table for docs/benchmarks.md;
+``python benchmarks/survey_scale.py --table A/survey_scale.json B/survey_scale.json`` prints
+one table comparing several runs (e.g. 10k and 100k: is memory flat, is cost linear?).
+Core-seconds are CPU time (the runner reads it from the driver and every worker process), so
+they hold on a machine shared with other jobs; wall times do not.
 """
 
 from __future__ import annotations
@@ -45,24 +49,31 @@ def _simulate_fits(out: Path, n: int, batch: int, seed: int) -> list[str]:
 
 
 class _RSSSampler:
-    """Peak RSS of the worker processes (psutil), sampled in a thread."""
+    """Peak RSS of every worker process and of this (driver + scheduler) process, and the
+    peak of their sum (psutil), sampled in a thread."""
 
     def __init__(self, client, every: float = 0.2):
         import psutil
 
         self.procs = {addr: psutil.Process(pid) for addr, pid in client.run(os.getpid).items()}
+        self.procs["driver"] = psutil.Process(os.getpid())
         self.peak = {a: 0 for a in self.procs}
+        self.peak_total = 0
         self.every = every
         self._stop = threading.Event()
         self._t = threading.Thread(target=self._loop, daemon=True)
 
     def _loop(self):
         while not self._stop.is_set():
+            total = 0
             for a, p in self.procs.items():
                 try:
-                    self.peak[a] = max(self.peak[a], p.memory_info().rss)
+                    rss = p.memory_info().rss
                 except Exception:  # noqa: BLE001 - a restarted worker: keep what we have
-                    pass
+                    continue
+                self.peak[a] = max(self.peak[a], rss)
+                total += rss
+            self.peak_total = max(self.peak_total, total)
             time.sleep(self.every)
 
     def __enter__(self):
@@ -99,6 +110,57 @@ def _tasks_per_chunk(cfg, models) -> dict:
     return out
 
 
+def _total_memory() -> int:
+    import psutil
+
+    return psutil.virtual_memory().total
+
+
+def markdown(results: list[dict]) -> str:
+    """A Markdown table of one or more ``survey_scale.json`` results (one column each)."""
+    results = sorted(results, key=lambda r: r["n_spectra"])
+    head = "| | " + " | ".join(f"{r['n_spectra']:,} spectra" for r in results) + " |"
+    lines = [head, "|---" * (len(results) + 1) + "|"]
+
+    def row(label, fmt):
+        lines.append(f"| {label} | " + " | ".join(fmt(r) for r in results) + " |")
+
+    row("chunks of", lambda r: f"{r['chunk_size']:,}")
+    row("simulate + write FITS (s)", lambda r: f"{r['simulate_and_write_fits_seconds']:,.0f}")
+    row("`mspec.run` wall (s)", lambda r: f"{r['run_wall_seconds']:,.0f}")
+    names = [k for k in results[-1]["stages"]]
+    for name in names:
+
+        def cell(r, name=name):
+            st = r["stages"].get(name) or {}
+            cs = st.get("core_seconds_per_spectrum")
+            wall = st.get("seconds")
+            if cs is None:
+                return "—"
+            return f"{1000 * cs:.1f} ({wall:,.0f} s wall)"
+
+        row(f"{name}: core-ms / spectrum", cell)
+    row(
+        "**pipeline** (preprocess → SPMM): core-ms / spectrum",
+        lambda r: f"**{1000 * r['pipeline_core_seconds_per_spectrum']:.1f}**",
+    )
+    row(
+        "peak RSS per worker (MiB)",
+        lambda r: ", ".join(
+            str(v) for k, v in r["peak_rss_per_process_MB"].items() if k != "driver"
+        ),
+    )
+    row("peak RSS driver + scheduler (MiB)", lambda r: str(r["peak_rss_per_process_MB"]["driver"]))
+    row("peak RSS all processes together (MiB)", lambda r: f"{r['peak_rss_total_MB']:,}")
+    for name in results[-1]["tasks_per_chunk"]:
+        row(f"graph tasks per chunk: {name}", lambda r, name=name: str(r["tasks_per_chunk"][name]))
+    row(
+        "load average at the end",
+        lambda r: " / ".join(map(str, r["machine"]["load_average_at_end"])),
+    )
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--n", type=int, default=10000, help="spectra")
@@ -109,7 +171,12 @@ def main(argv=None) -> dict:
     p.add_argument("--templates", default="real", help="template set: real or demo")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--batch", type=int, default=5000, help="spectra simulated at a time")
+    p.add_argument("--table", nargs="+", metavar="JSON", help="only print a table of results")
     args = p.parse_args(argv)
+    if args.table:
+        text = markdown([json.loads(Path(f).read_text()) for f in args.table])
+        print(text)
+        return {"table": text}
 
     from distributed import Client, LocalCluster
 
@@ -147,13 +214,11 @@ def main(argv=None) -> dict:
         res = mspec.run(cfg, client=client, progress=True)
         wall = time.perf_counter() - t0
     n = res.n_spectra
-    stages = {}
-    for name, info in res.stages.items():
-        secs = float(info.get("seconds") or 0.0)
-        stages[name] = {
-            "seconds": secs,
-            "core_seconds_per_spectrum": secs * args.workers / n if n else None,
-        }
+    # the runner measures each stage's CPU time over the driver and every worker process
+    stages = {
+        name: {k: info.get(k) for k in ("seconds", "cpu_seconds", "core_seconds_per_spectrum")}
+        for name, info in res.stages.items()
+    }
     result = {
         "n_spectra": n,
         "workers": args.workers,
@@ -167,17 +232,21 @@ def main(argv=None) -> dict:
             for k, v in stages.items()
             if k not in ("ingest", "catalog")
         ),
-        "peak_rss_per_worker_MB": {a: round(v / 2**20) for a, v in rss.peak.items()},
+        "peak_rss_per_process_MB": {a: round(v / 2**20) for a, v in rss.peak.items()},
+        "peak_rss_total_MB": round(rss.peak_total / 2**20),
         "tasks_per_chunk": _tasks_per_chunk(cfg, models),
         "machine": {
             "cpu": platform.processor() or platform.machine(),
             "cores": os.cpu_count(),
+            "memory_GiB": round(_total_memory() / 2**30, 1),
             "python": platform.python_version(),
             "mspec": mspec.__version__,
+            "load_average_at_end": [round(x, 1) for x in os.getloadavg()],
         },
     }
     (out / "survey_scale.json").write_text(json.dumps(result, indent=1))
     print(json.dumps(result, indent=1))
+    print(markdown([result]))
     return result
 
 

@@ -63,3 +63,35 @@ def test_benchmark_runs(mod, cls, methods, tmp_path, monkeypatch):
 
 def test_benchmarks_exist():
     assert _modules(), "no asv benchmark modules in benchmarks/"
+
+
+@pytest.mark.slow
+def test_survey_scale_script(tmp_path, capsys):
+    """benchmarks/survey_scale.py end to end at a tiny size: every stage's CPU cost, the
+    memory of every process and the graph size are measured, and --table renders them."""
+    import json
+
+    from benchmarks import survey_scale
+    from mspec.testing import tiny_models
+
+    models = tiny_models(tmp_path / "models")
+    out = tmp_path / "run"
+    res = survey_scale.main(
+        ["--n", "90", "--chunk", "30", "--workers", "1", "--models", str(models),
+         "--out", str(out), "--batch", "45"]
+    )  # fmt: skip
+    assert res["n_spectra"] == 90
+    saved = json.loads((out / "survey_scale.json").read_text())
+    assert saved["stages"].keys() == res["stages"].keys()
+    for name in ("preprocess", "scm", "rvmm", "dgcm", "reconcile", "spmm"):
+        st = res["stages"][name]
+        assert st["cpu_seconds"] > 0, name  # measured CPU time, not wall x workers
+        assert st["core_seconds_per_spectrum"] == pytest.approx(st["cpu_seconds"] / 90, rel=0.01)
+        assert res["tasks_per_chunk"][name] > 0
+    assert res["pipeline_core_seconds_per_spectrum"] > 0
+    procs = res["peak_rss_per_process_MB"]
+    assert "driver" in procs and len(procs) == 2 and min(procs.values()) > 50
+    assert res["peak_rss_total_MB"] >= max(procs.values())
+    capsys.readouterr()
+    table = survey_scale.main(["--out", str(out), "--table", str(out / "survey_scale.json")])
+    assert "90 spectra" in table["table"] and "rvmm: core-ms / spectrum" in table["table"]
