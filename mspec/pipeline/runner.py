@@ -45,7 +45,7 @@ EXIT_CODES = {
     0: "run complete",
     1: "a stage failed (see the log in the run directory)",
     2: "bad arguments or configuration",
-    3: "refused: the run directory is locked by another live run",
+    3: "refused: the run directory or store is locked by another live process",
     4: "refused: a stage's version or configuration changed (use --redo STAGE)",
 }
 
