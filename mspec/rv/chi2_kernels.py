@@ -715,57 +715,33 @@ def _chi2_premoments(s, n, pw, x, midx, nmask, ta, sumo2, nval, b, a, coef):
 
 
 @jit
-def _dense_point(
-    m, mhi, k, n, poly, use_mom, mom, mm, pw, qw, x, midx, nmask, sumo2, nval, b, a, coef
-):
-    """χ² of the best template at lattice index ``m`` from its polyphase lattice ``poly``."""
+def _dense_point(m, mhi, k, n, dc):
+    """χ² of the best template at lattice index ``m`` from its polyphase lattice.
+
+    ``dc`` = ``(poly, use_mom, mom, mm, pw, qw, x, midx, nmask, sumo2, nval, b, a, coef)``:
+    the polyphase lattice, whether the precomputed template moments ``mom`` (rows offset by
+    ``mm``) apply, and the spectrum's χ² pieces (see :func:`_chi2_premoments`)."""
+    poly, use_mom, mom, mm, pw, qw, x, midx, nmask, sumo2, nval, b, a, coef = dc
     d = mhi - m
     off = d // k
     if use_mom:
         return _chi2_premoments(
-            poly[d % k, off : off + n],
-            n,
-            pw,
-            x,
-            midx,
-            nmask,
-            mom[m + mm],
-            sumo2,
-            nval,
-            b,
-            a,
-            coef,
+            poly[d % k, off : off + n], n, pw, x, midx, nmask, mom[m + mm], sumo2, nval, b, a, coef
         )
     return _chi2_slice(poly[d % k], off, n, pw, qw, sumo2, nval, b, a, coef)
 
 
 @jit
-def _dense_core(
-    dense,
-    mlo,
-    mhi,
-    m0,
-    mt,
-    ms,
-    halfwidth,
-    step,
-    k,
-    n,
-    poly,
-    use_mom,
-    mom,
-    mm,
-    pw,
-    qw,
-    x,
-    midx,
-    nmask,
-    sumo2,
-    nval,
-    b,
-    a,
-    coef,
-):
+def _dense_fill(dense, mlo, mhi, k, n, dc):
+    """Compute every point of the dense curve still at +inf; returns True."""
+    for m in range(mlo, mhi + 1):
+        if dense[m - mlo] == np.inf:
+            dense[m - mlo] = _dense_point(m, mhi, k, n, dc)
+    return True
+
+
+@jit
+def _dense_core(dense, mlo, mhi, m0, mt, ms, halfwidth, step, k, n, dc):
     """Fill the part of step 2's dense curve that the re-measurements can use.
 
     Every re-measurement's minimum and fit window lie within (halfwidth + 1.5) trial steps
@@ -785,9 +761,7 @@ def _dense_core(
     chi = min(mhi, m0 + w)
     ok = True
     for m in range(clo, chi + 1):
-        v = _dense_point(
-            m, mhi, k, n, poly, use_mom, mom, mm, pw, qw, x, midx, nmask, sumo2, nval, b, a, coef
-        )
+        v = _dense_point(m, mhi, k, n, dc)
         dense[m - mlo] = v
         if not math.isfinite(v):
             ok = False
@@ -815,26 +789,7 @@ def _dense_core(
         prev = dense[edge - mlo]
         m = edge + sgn
         while ok and sgn * (m - end) <= 0:
-            v = _dense_point(
-                m,
-                mhi,
-                k,
-                n,
-                poly,
-                use_mom,
-                mom,
-                mm,
-                pw,
-                qw,
-                x,
-                midx,
-                nmask,
-                sumo2,
-                nval,
-                b,
-                a,
-                coef,
-            )
+            v = _dense_point(m, mhi, k, n, dc)
             dense[m - mlo] = v
             if not math.isfinite(v):
                 ok = False
@@ -849,29 +804,7 @@ def _dense_core(
                 m = end
     if ok and far_min - 2.0 * max_step > level:
         return False
-    for m in range(mlo, mhi + 1):
-        if dense[m - mlo] == np.inf:
-            dense[m - mlo] = _dense_point(
-                m,
-                mhi,
-                k,
-                n,
-                poly,
-                use_mom,
-                mom,
-                mm,
-                pw,
-                qw,
-                x,
-                midx,
-                nmask,
-                sumo2,
-                nval,
-                b,
-                a,
-                coef,
-            )
-    return True
+    return _dense_fill(dense, mlo, mhi, k, n, dc)
 
 
 @jit
@@ -1027,12 +960,11 @@ def _one_spectrum(
     mlo = m0 + mt.min() - ms.max()
     mhi = m0 + mt.max() - ms.min()
     dense = np.empty(mhi - mlo + 1)
-    complete = True
+    many = ms.size * ntr * 4 >= mhi - mlo + 1
     poly = np.zeros((1, 1))
     mm = (dense_a.shape[1] - 1) // 2
     use_mom = False
-    mom = dense_a[best]
-    if ms.size * ntr * 4 >= mhi - mlo + 1:
+    if many:
         # many shifts (the paper's 1001): the curve from a polyphase lattice of the best
         # template: the value for pixel i at shift m is poly[r, i + q] with mhi - m = q k + r,
         # so each shift reads one contiguous row and the template is interpolated once per
@@ -1045,57 +977,14 @@ def _one_spectrum(
         if use_mom and dense_ok[best] == 0:
             _fill_dense_moments(flux1a[best], g0, lam_lat, jlo, i0, n, k, x, dense_a[best])
             dense_ok[best] = 1
-        for m in range(mlo, mhi + 1):
-            dense[m - mlo] = np.inf
+    dc = (poly, use_mom, dense_a[best], mm, pw, qw, x, midx, nmask, sumo2, nval, b, a, coef)
+    complete = True
+    if many:
+        dense[:] = np.inf
         if dense_step > 0:
-            complete = _dense_core(
-                dense,
-                mlo,
-                mhi,
-                m0,
-                mt,
-                ms,
-                halfwidth,
-                dense_step,
-                k,
-                n,
-                poly,
-                use_mom,
-                mom,
-                mm,
-                pw,
-                qw,
-                x,
-                midx,
-                nmask,
-                sumo2,
-                nval,
-                b,
-                a,
-                coef,
-            )
+            complete = _dense_core(dense, mlo, mhi, m0, mt, ms, halfwidth, dense_step, k, n, dc)
         else:
-            for m in range(mlo, mhi + 1):
-                dense[m - mlo] = _dense_point(
-                    m,
-                    mhi,
-                    k,
-                    n,
-                    poly,
-                    use_mom,
-                    mom,
-                    mm,
-                    pw,
-                    qw,
-                    x,
-                    midx,
-                    nmask,
-                    sumo2,
-                    nval,
-                    b,
-                    a,
-                    coef,
-                )
+            _dense_fill(dense, mlo, mhi, k, n, dc)
     else:
         # few shifts: only the lattice points they need
         dense[:] = nan
@@ -1122,26 +1011,7 @@ def _one_spectrum(
             for q in range(max(0, j - halfwidth), min(ntr, j + halfwidth + 1)):
                 if curve[q] == np.inf:
                     mq = m0 + mt[q] - ms[si]
-                    dense[mq - mlo] = _dense_point(
-                        mq,
-                        mhi,
-                        k,
-                        n,
-                        poly,
-                        use_mom,
-                        mom,
-                        mm,
-                        pw,
-                        qw,
-                        x,
-                        midx,
-                        nmask,
-                        sumo2,
-                        nval,
-                        b,
-                        a,
-                        coef,
-                    )
+                    dense[mq - mlo] = _dense_point(mq, mhi, k, n, dc)
                     curve[q] = dense[mq - mlo]
         mu, ymin, code = _fit_curve_ws(vt, curve, halfwidth, fw1, fw2)
         if code == STATUS_OK:
