@@ -70,6 +70,7 @@ from mspec.variables import annotate
 
 __all__ = [
     "GaiaTableWarning",
+    "check_radius",
     "GAIA_COLUMNS",
     "QUALITY_CUTS",
     "DM_VERTICES",
@@ -647,6 +648,19 @@ def _match_block(ra, dec, *, cat_ra, cat_dec, cat_rows, radius):
     return idx, sep
 
 
+def check_radius(radius_arcsec) -> float:
+    """``radius_arcsec`` as a positive finite float (arcsec), else ValueError naming it."""
+    try:
+        radius = float(radius_arcsec)
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"radius_arcsec must be a positive number, got {radius_arcsec!r}"
+        ) from None
+    if not (np.isfinite(radius) and radius > 0):
+        raise ValueError(f"radius_arcsec must be a positive number, got {radius_arcsec!r}")
+    return radius
+
+
 def join_gaia(ds, table, *, on: str = "obsid", radius_arcsec: float = 3.0, merge: bool = True):
     """Bring Gaia/WISE cross-match columns onto the spectra Dataset.
 
@@ -689,14 +703,7 @@ def join_gaia(ds, table, *, on: str = "obsid", radius_arcsec: float = 3.0, merge
         raise TypeError(f"ds must be an xarray.Dataset, got {type(ds).__name__}")
     if on not in ("obsid", "position"):
         raise ValueError(f"on must be 'obsid' or 'position', got {on!r}")
-    try:
-        radius = float(radius_arcsec)
-    except (TypeError, ValueError):
-        raise ValueError(
-            f"radius_arcsec must be a positive number, got {radius_arcsec!r}"
-        ) from None
-    if not (np.isfinite(radius) and radius > 0):
-        raise ValueError(f"radius_arcsec must be a positive number, got {radius_arcsec!r}")
+    radius = check_radius(radius_arcsec)
     if isinstance(table, (str, os.PathLike)):
         tab = load_gaia_table(table)
     elif isinstance(table, pd.DataFrame):

@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-from mspec.cmd import _JOIN_FLOAT, _KEEP_CASE, GaiaTableWarning
+from mspec.cmd import _JOIN_FLOAT, _KEEP_CASE, GaiaTableWarning, check_radius
 from mspec.stage import merge_outputs
 from mspec.variables import annotate
 
@@ -240,14 +240,7 @@ def join_gaia_hats(ds, catalog, *, radius_arcsec: float = 3.0, merge: bool = Tru
         raise TypeError(
             f"catalog must be a path or URL of a HATS catalogue, got {type(catalog).__name__}"
         )
-    try:
-        radius = float(radius_arcsec)
-    except (TypeError, ValueError):
-        raise ValueError(
-            f"radius_arcsec must be a positive number, got {radius_arcsec!r}"
-        ) from None
-    if not (np.isfinite(radius) and radius > 0):
-        raise ValueError(f"radius_arcsec must be a positive number, got {radius_arcsec!r}")
+    radius = check_radius(radius_arcsec)
     for c in ("ra", "dec"):
         if c not in ds.variables:
             raise ValueError(f"ds: the HATS cross-match needs the {c!r} variable (deg)")
