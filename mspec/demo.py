@@ -62,7 +62,9 @@ def run_demo(
     n_workers : int
         Workers of the LocalCluster (one thread each).
     n_train : int, optional
-        Size of the simulated CNN training set (default ``2 * n_spectra``).
+        Size of the simulated class-balanced classifier training set (default
+        ``2 * n_spectra``); CNN-TLMA trains on a dwarf + giant set of ``3 * n_train // 4``
+        (the default models' recipe, :func:`mspec.ml.recipe.train_default_models`).
     epochs : int
         Maximum training epochs per CNN.
     chunk_size : int
@@ -143,8 +145,9 @@ def _train(timer: _Timer, out: Path, n_train: int, seed: int, epochs: int) -> Pa
     text = (
         f"reused the models in {models}"
         if reused
-        else f"CNN-SPT/WDM/dMgM and the CNN-TLMA dM/gM ensembles on {n_train} separate "
-        f"simulated spectra into {models}; validation accuracy "
+        else f"CNN-SPT/WDM/dMgM on {n_train} class-balanced and the CNN-TLMA dM/gM "
+        f"ensembles on {info.get('n_tlma')} dwarf + giant separate simulated spectra "
+        f"(recipe {info.get('model_recipe_version')}) into {models}; validation accuracy "
         + ", ".join(f"{k} {v:.3f}" for k, v in acc.items() if v is not None)
     )
     timer.add("train CNNs", time.perf_counter() - t0, text)

@@ -23,6 +23,8 @@ from pathlib import Path
 import numpy as np
 import xarray as xr
 
+from mspec.ml.recipe import BALANCED_MIX
+
 __all__ = [
     "BALANCED_MIX",
     "CLASS_TEFF_RANGES",
@@ -36,14 +38,9 @@ __all__ = [
     "spt_accuracy_report",
     "binary_accuracy_report",
     "classifier_accuracy",
+    "tlma_accuracy",
     "inference_speed",
 ]
-
-#: Training mix: the 8 CNN-SPT classes + WD equally, M split evenly into dwarfs and giants.
-BALANCED_MIX = {
-    "OB": 0.1, "A": 0.1, "F": 0.1, "G": 0.1, "K": 0.1, "GALAXY": 0.1, "QSO": 0.1, "WD": 0.1,
-    "dM": 0.1, "gM": 0.1,
-}  # fmt: skip
 
 
 def simulate_training_survey(n: int, seed: int = 0, snr=(5.0, 150.0), mix=None) -> xr.Dataset:
@@ -138,8 +135,13 @@ def evaluate_real(models) -> dict:
     """Apply simulation-trained models to the real LAMOST spectra in ``../shared/data``.
 
     Returns per file the LAMOST class/subclass and what CNN-SPT, CNN-WDM, CNN-dMgM say, plus
-    CNN-TLMA (dM ensemble, rest frame from the LAMOST RV) for the DR7 M dwarfs against the
-    literature Teff of ``lamost_dr7_mdwarfs/labels.csv``.
+    CNN-TLMA (dM ensemble, rest frame from the LAMOST RV, 0 where LAMOST has none) for the
+    DR7 M dwarfs against the literature labels of ``lamost_dr7_mdwarfs/labels.csv``:
+    ``dr7_tlma_teff`` (all 36), ``dr7_tlma_teff_called_m`` (those CNN-SPT calls M),
+    ``dr7_tlma_m_h`` and ``dr7_tlma_m_h_measured`` (without the placeholder [Fe/H] = -0.05
+    rows), each with ``n``, ``bias``, ``median``, ``rms``, ``std``, ``robust_sigma``
+    (1.4826 MAD), ``corr``, ``slope_theil_sen``, ``slope_ols`` (prediction on literature)
+    and ``pred_range`` (K or dex).
     """
     import pandas as pd
 
@@ -189,19 +191,43 @@ def evaluate_real(models) -> dict:
         tl_dm = _tlma_part(ds, models, rv, "dM")
         d = tl_dm[[n.parent.name == "lamost_dr7_mdwarfs" for n in names]]
         dr7["teff_dM"] = d[:, 0]
-        diff = dr7["teff_dM"] - dr7["teff_lit"]
-        ok = np.isfinite(diff)
-        res["dr7_tlma_teff"] = {
-            "n": int(ok.sum()),
-            "bias": float(diff[ok].mean()),
-            "rms": float(np.sqrt((diff[ok] ** 2).mean())),
-            "std": float(diff[ok].std()),
-            "corr": float(np.corrcoef(dr7["teff_dM"][ok], dr7["teff_lit"][ok])[0, 1]),
-        }
-        res["dr7_table"] = dr7[["file", "snr_r", "teff_lit", "teff_dM", "spt", "dmgm"]].to_dict(
-            orient="records"
+        dr7["m_h_dM"] = d[:, 2]
+        res["dr7_tlma_teff"] = _versus_literature(dr7["teff_dM"], dr7["teff_lit"])
+        res["dr7_tlma_teff_called_m"] = _versus_literature(
+            dr7["teff_dM"][dr7["spt"] == "M"], dr7["teff_lit"][dr7["spt"] == "M"]
         )
+        res["dr7_tlma_m_h"] = _versus_literature(dr7["m_h_dM"], dr7["feh_lit"])
+        # 22 of the 36 literature [Fe/H] are the placeholder -0.05 (labels README)
+        real = dr7["feh_lit"] != -0.05
+        res["dr7_tlma_m_h_measured"] = _versus_literature(dr7["m_h_dM"][real], dr7["feh_lit"][real])
+        cols = ["file", "snr_r", "teff_lit", "teff_dM", "feh_lit", "m_h_dM", "spt", "dmgm"]
+        res["dr7_table"] = dr7[cols].to_dict(orient="records")
     return res
+
+
+def _versus_literature(pred, lit) -> dict:
+    """Prediction against literature labels: offsets, robust sigma, slopes, correlation."""
+    from scipy.stats import theilslopes
+
+    p, t = np.asarray(pred, dtype=np.float64), np.asarray(lit, dtype=np.float64)
+    ok = np.isfinite(p) & np.isfinite(t)
+    p, t = p[ok], t[ok]
+    d = p - t
+    out = {"n": int(ok.sum())}
+    if d.size < 3:
+        return out
+    out.update(
+        bias=float(d.mean()),
+        median=float(np.median(d)),
+        rms=float(np.sqrt(np.mean(d**2))),
+        std=float(d.std()),
+        robust_sigma=float(1.4826 * np.median(np.abs(d - np.median(d)))),
+        corr=float(np.corrcoef(p, t)[0, 1]) if np.ptp(p) > 0 and np.ptp(t) > 0 else None,
+        slope_theil_sen=float(theilslopes(p, t)[0]) if np.ptp(t) > 0 else None,
+        slope_ols=float(np.polyfit(t, p, 1)[0]) if np.ptp(t) > 0 else None,
+        pred_range=[float(p.min()), float(p.max())],
+    )
+    return out
 
 
 def _tlma_part(ds, models, rv, part) -> np.ndarray:
@@ -521,6 +547,88 @@ def classifier_accuracy(models, ds: xr.Dataset | None = None, *, n: int = 4000, 
     return res
 
 
+def _robust_sigma(d: np.ndarray) -> float:
+    return float(1.4826 * np.median(np.abs(d - np.median(d)))) if d.size else float("nan")
+
+
+def tlma_accuracy(models, ds: xr.Dataset | None = None, *, n: int = 3000, seed: int = 99,
+                  snr=(5.0, 150.0), mix=None, snr_bins=SNR_BINS) -> dict:  # fmt: skip
+    """CNN-TLMA accuracy and error calibration on a simulated survey, per part and S/N_i bin.
+
+    The dM and gM ensembles are applied with the true dwarf/giant class and in the true rest
+    frame (their own accuracy; CNN-dMgM's and the RV's are measured separately).
+
+    Parameters
+    ----------
+    models : path-like
+        Directory with ``tlma/`` (a dM/gM pair), or the pair directory itself.
+    ds : xarray.Dataset, optional
+        A simulated survey with ``true_*``; default ``simulate_survey(n, seed=seed,
+        mix=mix or {"dM": 0.8, "gM": 0.2}, snr=snr)`` (independent of any training survey
+        as long as ``seed`` differs).
+    n, seed, snr, mix
+        The survey to simulate when ``ds`` is not given.
+    snr_bins : sequence of (lo, hi)
+        S/N_i bins (lo < S/N_i <= hi); ``">20"`` and ``"all"`` are added.
+
+    Returns
+    -------
+    dict
+        ``{"dM": {bin: {"n": int, label: {"sigma", "bias", "rms", "pull", "pull_raw",
+        "median_err", "median_err_ens"}}}, "gM": ..., "n", "seed"}``: ``sigma`` is the
+        robust std (1.4826 MAD) of prediction - truth (K or dex), ``bias`` its median,
+        ``pull`` the std of (prediction - truth) / calibrated error (``<p>_err``),
+        ``pull_raw`` the same with the ensemble std (``<p>_err_ens``).
+    """
+    from mspec.ml.calibrate import pull_std
+    from mspec.ml.infer import predict
+    from mspec.ml.models import TLMA_LABELS
+    from mspec.preprocessing.steps import preprocess
+
+    models = Path(models)
+    pair = models / "tlma" if (models / "tlma" / "model.json").exists() else models
+    if not (pair / "model.json").exists():
+        raise ValueError(f"models has no CNN-TLMA pair (tlma/model.json): {str(models)!r}")
+    if ds is None:
+        from mspec.simulate import simulate_survey
+
+        ds = simulate_survey(int(n), seed=seed, mix=mix or {"dM": 0.8, "gM": 0.2}, snr=snr)
+    for v in ("true_lumclass", "true_rv", "snr_i", *(f"true_{k}" for k in TLMA_LABELS)):
+        if v not in ds:
+            raise ValueError(f"ds has no {v!r}: tlma_accuracy needs a simulated survey")
+    tl = preprocess(ds, recipe="tlma", rv=ds["true_rv"], merge=False)
+    res = predict(tl, pair, lumclass=ds["true_lumclass"]).compute()
+    lum = ds["true_lumclass"].values.astype(str)
+    snr_i = ds["snr_i"].values
+    bins = [(_bin_label(lo, hi), (snr_i > lo) & (snr_i <= hi)) for lo, hi in snr_bins]
+    bins += [(">20", snr_i > 20), ("all", np.ones(snr_i.size, bool))]
+    out: dict = {"n": int(ds.sizes["spectra"]), "seed": ds.attrs.get("seed", seed)}
+    for part in ("dM", "gM"):
+        rows = {}
+        for label, sel in bins:
+            s = sel & (lum == part) & np.isfinite(res["teff"].values)
+            r: dict = {"n": int(s.sum())}
+            for k in TLMA_LABELS:
+                pred, true = res[k].values[s], ds[f"true_{k}"].values[s]
+                d = pred - true
+                r[k] = {
+                    "sigma": _robust_sigma(d),
+                    "bias": float(np.median(d)) if d.size else float("nan"),
+                    "rms": float(np.sqrt(np.mean(d**2))) if d.size else float("nan"),
+                    "pull": pull_std(pred, true, res[f"{k}_err"].values[s]) if d.size else None,
+                    "pull_raw": pull_std(pred, true, res[f"{k}_err_ens"].values[s])
+                    if d.size
+                    else None,
+                    "median_err": float(np.median(res[f"{k}_err"].values[s])) if d.size else None,
+                    "median_err_ens": float(np.median(res[f"{k}_err_ens"].values[s]))
+                    if d.size
+                    else None,
+                }
+            rows[label] = r
+        out[part] = rows
+    return out
+
+
 def main(argv=None) -> int:  # pragma: no cover - exercised by the documented runs
     p = argparse.ArgumentParser(prog="python -m mspec.ml.evaluate")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -542,6 +650,11 @@ def main(argv=None) -> int:  # pragma: no cover - exercised by the documented ru
     q.add_argument("--seed", type=int, default=99)
     q = sub.add_parser("real")
     q.add_argument("--models", required=True)
+    q = sub.add_parser("accuracy", help="classifier_accuracy + tlma_accuracy + inference_speed")
+    q.add_argument("--models", required=True)
+    q.add_argument("--n", type=int, default=4000, help="class-balanced classifier test survey")
+    q.add_argument("--n-tlma", type=int, default=3000, help="80%% dM / 20%% gM test survey")
+    q.add_argument("--seed", type=int, default=99)
     a = p.parse_args(argv)
     if a.cmd == "train":
         from mspec.ml.train import train_all_demo
@@ -559,6 +672,19 @@ def main(argv=None) -> int:  # pragma: no cover - exercised by the documented ru
         for k in ("spt", "wdm", "dmgm"):
             if k in res:
                 res[k].pop("history", None)
+        print(json.dumps(res, indent=1, default=str))
+    elif a.cmd == "accuracy":
+        import torch
+
+        torch.set_num_threads(1)
+        t0 = time.perf_counter()
+        res = {"classifiers": classifier_accuracy(a.models, n=a.n, seed=a.seed)}
+        res["tlma"] = tlma_accuracy(a.models, n=a.n_tlma, seed=a.seed)
+        res["inference_speed"] = {
+            k: inference_speed(Path(a.models) / k)
+            for k in ("spt", "wdm", "dmgm", "tlma/dM", "tlma/gM")
+        }
+        res["seconds"] = round(time.perf_counter() - t0, 1)
         print(json.dumps(res, indent=1, default=str))
     elif a.cmd == "test":
         print(json.dumps(evaluate_simulated(a.models, a.n, a.seed), indent=1))

@@ -699,6 +699,8 @@ def train_classifier(
                 meta[k] = base_meta[k]
     if provenance:
         meta["provenance"] = provenance
+        if provenance.get("simulator_version") is not None:  # simulator-trained
+            meta.setdefault("simulator_version", provenance["simulator_version"])
     out_dir = write_model(out_dir, meta, [model.state_dict()])
     if plots:
         title = f"CNN-{kind.upper()} (val acc {metrics['val_accuracy']:.4f})"
@@ -1014,6 +1016,8 @@ def train_regressor(
             meta["simulator_version"] = base_meta["simulator_version"]
     if provenance:
         meta["provenance"] = provenance
+        if provenance.get("simulator_version") is not None:  # simulator-trained
+            meta.setdefault("simulator_version", provenance["simulator_version"])
     out_dir = write_model(out_dir, meta, states)
     import pandas as pd
 
