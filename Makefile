@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.mspec-installed
 DEMO_DIR ?= demo_output
 
-.PHONY: demo test lint bench docs install clean
+.PHONY: demo test lint bench bench-survey docs install clean
 
 install: $(STAMP)
 
@@ -33,6 +33,15 @@ bench: $(STAMP)
 	cd benchmarks && ../$(BIN)/asv run --python=same --quick --show-stderr \
 		--set-commit-hash $$(git rev-parse HEAD) $(if $(BENCH),-b '$(BENCH)'); \
 		rc=$$?; ../$(BIN)/python report.py; exit $$rc
+
+# survey-scale run (simulated survey -> FITS -> ingest -> every stage on a LocalCluster); the
+# result goes to benchmarks/results/survey_scale/, which `make bench` puts on the page
+SURVEY_N ?= 100000
+SURVEY_DIR ?= /tmp/mspec-survey-$(SURVEY_N)
+bench-survey: $(STAMP)
+	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/survey_scale.py --n $(SURVEY_N) \
+		--out $(SURVEY_DIR) --save benchmarks/results/survey_scale
+	$(BIN)/python benchmarks/report.py
 
 # documentation site (MkDocs + mkdocstrings), warnings are errors, into site/
 docs: $(STAMP)

@@ -14,6 +14,9 @@ hand-written sections around it are kept as they are. It also draws
   of templates (template-matching core-seconds per spectrum, marginal cost per template) and
   with the number of dask workers (``PipelineWorkers``: 1 vs 2 workers, scaling efficiency
   t(1) / (2 t(2)));
+* the survey-scale runs (``benchmarks/survey_scale.py --save``, JSON files in
+  ``benchmarks/results/survey_scale/``; ``make bench-survey`` makes one): per-stage CPU cost,
+  memory of every process and graph size at each size, checked against the goals;
 * every benchmark result, one table per benchmark.
 
 Usage::
@@ -38,10 +41,13 @@ ROOT = Path(__file__).resolve().parents[1]
 START = "<!-- asv-report:start -->"
 END = "<!-- asv-report:end -->"
 FIGURE = "img/benchmarks_scaling.png"
+SURVEY_DIR = ROOT / "benchmarks" / "results" / "survey_scale"
+#: Goals of the survey-scale run (issue 12).
+SURVEY_GOALS = {"core_ms": 50.0, "total_GiB": 4.0, "flat": 0.10}
 SIZE_PARAMS = ("n_spectra", "n_files", "n_models")
 PACKAGES = ("numpy", "numba", "dask", "distributed", "xarray", "zarr", "torch", "astropy")
 
-__all__ = ["load_results", "render", "update_page", "main"]
+__all__ = ["load_results", "render", "survey_scale_section", "update_page", "main"]
 
 
 class ReportError(RuntimeError):
@@ -419,7 +425,7 @@ def draw_figure(data: dict, path) -> bool:
 # ------------------------------------------------------------------------------ the page
 
 
-def render(data: dict, *, figure: str | None = FIGURE) -> str:
+def render(data: dict, *, figure: str | None = FIGURE, survey_dir=SURVEY_DIR) -> str:
     """The generated Markdown section (without the markers).
 
     Parameters
@@ -428,6 +434,8 @@ def render(data: dict, *, figure: str | None = FIGURE) -> str:
         What :func:`load_results` returns.
     figure : str or None
         Path of the scaling figure relative to the page, or None for no figure.
+    survey_dir : path-like
+        Saved survey-scale runs (:func:`survey_scale_section`).
 
     Returns
     -------
@@ -534,6 +542,7 @@ def render(data: dict, *, figure: str | None = FIGURE) -> str:
     else:
         lines += ["No template-parametrised results in this run.", ""]
 
+    lines += survey_scale_section(survey_dir)
     lines += ["### All results", ""]
     for name, cases in sorted(data["results"].items()):
         kind, unit = _kind(data["benchmarks"], name)
@@ -548,6 +557,69 @@ def render(data: dict, *, figure: str | None = FIGURE) -> str:
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines).rstrip() + "\n"
+
+
+def survey_scale_section(directory=SURVEY_DIR) -> list[str]:
+    """Markdown lines for the survey-scale runs saved in ``directory`` (empty if none).
+
+    One column per run (:func:`benchmarks.survey_scale.markdown`), then the goals: pipeline
+    CPU cost per spectrum ≤ 50 ms, all processes together ≤ 4 GiB, peak memory per worker
+    flat (±10 %) from the smallest to the largest run and graph tasks per chunk the same.
+    """
+    files = sorted(Path(directory).glob("*.json")) if Path(directory).is_dir() else []
+    if not files:
+        return []
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.survey_scale import markdown
+
+    runs = sorted((json.loads(f.read_text()) for f in files), key=lambda r: r["n_spectra"])
+    small, big = runs[0], runs[-1]
+    m = big.get("machine", {})
+    lines = [
+        "### Survey scale (`benchmarks/survey_scale.py`)",
+        "",
+        f"Simulated surveys through ingest and every pipeline stage on a `LocalCluster` of "
+        f"{big['workers']} single-threaded workers (chunks of {big['chunk_size']:,}, "
+        f"`{big['templates']}` templates); saved runs in `benchmarks/results/survey_scale/` "
+        f"(`make bench-survey SURVEY_N=...`). Machine: {m.get('cores', '?')} cores "
+        f"({m.get('cpu', '?')}), {m.get('memory_GiB', '?')} GiB, Python {m.get('python', '?')}, "
+        f"mspec {m.get('mspec', '?')}. Core-ms are CPU time of the driver and every worker "
+        "process (valid on a shared machine); wall times include waiting for other jobs "
+        "(load average in the last row).",
+        "",
+        markdown(runs).rstrip(),
+        "",
+    ]
+    cost = 1000 * big["pipeline_core_seconds_per_spectrum"]
+    total = big["peak_rss_total_MB"] / 1024
+    goal = SURVEY_GOALS
+    checks = [
+        f"pipeline cost {cost:.1f} core-ms per spectrum at {big['n_spectra']:,} spectra "
+        f"(goal ≤ {goal['core_ms']:.0f}: {'met' if cost <= goal['core_ms'] else 'not met'}; "
+        f"{0.87e6 * cost / 1000 / 3600:.1f} core-hours for 870k spectra)",
+        f"all processes together {total:.2f} GiB at the peak (goal ≤ {goal['total_GiB']:.0f}: "
+        f"{'met' if total <= goal['total_GiB'] else 'not met'})",
+    ]
+    if len(runs) > 1:
+
+        def workers(r):
+            return [v for k, v in r["peak_rss_per_process_MB"].items() if k != "driver"]
+
+        w0, w1 = max(workers(small)), max(workers(big))
+        growth = w1 / w0 - 1
+        checks.append(
+            f"peak memory per worker {w0:,} → {w1:,} MiB from {small['n_spectra']:,} to "
+            f"{big['n_spectra']:,} spectra ({growth:+.0%}; goal flat within "
+            f"±{goal['flat']:.0%}: {'met' if abs(growth) <= goal['flat'] else 'not met'})"
+        )
+        same = small["tasks_per_chunk"] == big["tasks_per_chunk"]
+        checks.append(
+            "graph tasks per chunk "
+            + ("identical at both sizes (graph size linear in chunks)" if same else
+               "differ between the sizes (see the table)")
+        )  # fmt: skip
+    lines += ["Against the goals: " + "; ".join(checks) + ".", ""]
+    return lines
 
 
 def update_page(page, section: str) -> str:

@@ -172,6 +172,13 @@ def main(argv=None) -> dict:
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--batch", type=int, default=5000, help="spectra simulated at a time")
     p.add_argument("--table", nargs="+", metavar="JSON", help="only print a table of results")
+    p.add_argument(
+        "--save",
+        default="",
+        metavar="DIR",
+        help="also copy the result to DIR/survey_scale_<n>.json (benchmarks/report.py reads "
+        "benchmarks/results/survey_scale/)",
+    )
     args = p.parse_args(argv)
     if args.table:
         text = markdown([json.loads(Path(f).read_text()) for f in args.table])
@@ -245,6 +252,9 @@ def main(argv=None) -> dict:
         },
     }
     (out / "survey_scale.json").write_text(json.dumps(result, indent=1))
+    if args.save:
+        Path(args.save).mkdir(parents=True, exist_ok=True)
+        (Path(args.save) / f"survey_scale_{n}.json").write_text(json.dumps(result, indent=1))
     print(json.dumps(result, indent=1))
     print(markdown([result]))
     return result

@@ -168,3 +168,43 @@ def test_subset_runs_keep_older_results(results):
     assert data["commits"]["fedcba9876"] == ["bench_simulate.Simulate.time_simulate_survey"]
     assert len(data["commits"]["abcdef0123"]) == 4
     assert "`fedcba9876` (1 benchmarks)" in report.render(data, figure=None)
+
+
+def _survey(n, worker_mb, core_s, tasks):
+    return {
+        "n_spectra": n,
+        "workers": 2,
+        "chunk_size": 1000,
+        "templates": "real",
+        "simulate_and_write_fits_seconds": 1.0,
+        "run_wall_seconds": 10.0,
+        "stages": {
+            "preprocess": {"seconds": 1.0, "cpu_seconds": 2.0, "core_seconds_per_spectrum": 0.001},
+            "rvmm": {"seconds": 5.0, "cpu_seconds": 9.0, "core_seconds_per_spectrum": core_s},
+        },
+        "pipeline_core_seconds_per_spectrum": core_s + 0.001,
+        "peak_rss_per_process_MB": {"tcp://a": worker_mb, "tcp://b": worker_mb - 5, "driver": 700},
+        "peak_rss_total_MB": 2 * worker_mb + 700,
+        "tasks_per_chunk": tasks,
+        "machine": {"cpu": "x86_64", "cores": 2, "memory_GiB": 23.5, "python": "3.11",
+                    "mspec": "0", "load_average_at_end": [1.0, 1.0, 1.0]},
+    }  # fmt: skip
+
+
+def test_survey_scale_section_checks_the_goals(tmp_path):
+    d = tmp_path / "survey"
+    d.mkdir()
+    tasks = {"preprocess": 20.0, "rvmm": 75.5}
+    (d / "a.json").write_text(json.dumps(_survey(10_000, 1000, 0.030, tasks)))
+    (d / "b.json").write_text(json.dumps(_survey(100_000, 1050, 0.031, tasks)))
+    text = "\n".join(report.survey_scale_section(d))
+    assert "| | 10,000 spectra | 100,000 spectra |" in text
+    assert "rvmm: core-ms / spectrum | 30.0 (5 s wall) | 31.0 (5 s wall)" in text
+    assert "32.0 core-ms per spectrum at 100,000 spectra (goal ≤ 50: met" in text
+    assert "(+5%; goal flat within ±10%: met)" in text
+    assert "identical at both sizes" in text
+    (d / "b.json").write_text(json.dumps(_survey(100_000, 1500, 0.060, {"rvmm": 80.0})))
+    text = "\n".join(report.survey_scale_section(d))
+    assert "goal ≤ 50: not met" in text and "(+50%; goal flat within ±10%: not met)" in text
+    assert "differ between the sizes" in text
+    assert report.survey_scale_section(tmp_path / "none") == []
