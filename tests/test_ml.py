@@ -354,6 +354,23 @@ def test_regressor_learns(tlma_model, tlma_data):
     assert metrics["rms"]["teff"] < 0.8 * np.std(lab["teff"])
 
 
+def test_regressor_augmentation_is_recorded_and_checked(tmp_path):
+    x, lab = synth_labels(60, seed=4)
+    aug = {"rv_sigma": 5.0, "tilt": 0.3}
+    train_regressor(_ds(x), lab, tmp_path / "a", folds=2, epochs=2, seed=0, arch=TINY,
+                    augment=aug, plots=False)  # fmt: skip
+    rec = mlio.read_metadata(tmp_path / "a")["recipe_training"]["augment"]
+    assert rec["rv_sigma"] == 5.0 and rec["tilt"] == 0.3 and rec["mask_frac"] == 0.0
+    # augmentation changes what the members learn (same seed, data and split otherwise)
+    train_regressor(_ds(x), lab, tmp_path / "b", folds=2, epochs=2, seed=0, arch=TINY,
+                    plots=False)  # fmt: skip
+    pa, pb = (predict_array(x[:5], tmp_path / d) for d in ("a", "b"))
+    assert not np.allclose(pa, pb)
+    with pytest.raises(ValueError, match="augment"):
+        train_regressor(_ds(x), lab, tmp_path / "c", folds=2, epochs=1, arch=TINY,
+                        augment={"shift": 1.0})  # fmt: skip
+
+
 def test_tlma_pair_dispatch(tmp_path):
     x, lab = synth_labels(120, seed=9)
     lum = np.array(["dM", "gM", ""])[np.arange(120) % 3]

@@ -6,7 +6,12 @@ import json
 
 import pytest
 
-from mspec.ml.recipe import BALANCED_MIX, BATCH_SIZE, MODEL_RECIPE_VERSION, TLMA_MIX
+from mspec.ml.recipe import (
+    BALANCED_MIX,
+    BATCH_SIZE,
+    MODEL_RECIPE_VERSION,
+    TLMA_MIX,
+)
 from mspec.pipeline.models import build_default_models, default_models_dir, list_models
 from mspec.simulate import SIMULATOR_VERSION
 
@@ -77,6 +82,7 @@ def test_tlma_pair_trains_dwarfs_and_giants(built):
     dm = json.loads((built / "tlma" / "dM" / "model.json").read_text())
     gm = json.loads((built / "tlma" / "gM" / "model.json").read_text())
     assert dm["recipe_training"]["batch_size"] == BATCH_SIZE
+    assert "augment" not in dm["recipe_training"]  # off for CNN-TLMA (accuracy.md)
     n_dm = dm["metrics"]["n"] + dm["metrics"]["n_calibration"]
     n_gm = gm["metrics"]["n"] + gm["metrics"]["n_calibration"]
     assert n_dm + n_gm == 300

@@ -7,6 +7,7 @@
 - :mod:`mspec.ml.calibrate`: calibrated CNN-TLMA errors.
 - :mod:`mspec.ml.labels`: label tables joined to a store (label transfer from real spectra).
 - :mod:`mspec.ml.evaluate`: accuracy runs (per S/N_i bin, away from class boundaries).
+- :mod:`mspec.ml.recipe`: the recipe of the default simulator-trained models.
 
 torch is imported when a function is first used, so ``import mspec.ml`` stays cheap.
 """
@@ -21,6 +22,7 @@ _LAZY = {
     "train_tlma_pair": "mspec.ml.train",
     "train_from_store": "mspec.ml.train",
     "train_all_demo": "mspec.ml.train",
+    "train_default_models": "mspec.ml.recipe",
     "predict": "mspec.ml.infer",
     "predict_array": "mspec.ml.infer",
     "ModelFileError": "mspec.ml.io",
@@ -37,6 +39,7 @@ _LAZY = {
     "CalibrationWarning": "mspec.ml.calibrate",
     "classifier_accuracy": "mspec.ml.evaluate",
     "inference_speed": "mspec.ml.evaluate",
+    "tlma_accuracy": "mspec.ml.evaluate",
 }
 
 __all__ = sorted(_LAZY)

@@ -14,8 +14,10 @@ Recipe versions:
 2. Classifiers on a class-balanced survey (:data:`BALANCED_MIX`: every CNN-SPT class, white
    dwarfs, M dwarfs and M giants in equal numbers; S/N_i log-uniform in 5-150) with training
    augmentation (random RV shifts, flux-calibration trends, masked stretches); the CNN-TLMA
-   dM/gM ensembles on a survey of their own (:data:`TLMA_MIX`, same S/N range); every
-   network in mini-batches of :data:`BATCH_SIZE` (32, not the paper's 128).
+   dM/gM ensembles on a survey of their own (:data:`TLMA_MIX`, same S/N range), not
+   augmented (augmenting them gave rare catastrophic Teff errors that broke the error
+   calibration; docs/accuracy.md); every network in mini-batches of :data:`BATCH_SIZE` (32,
+   not the paper's 128).
 """
 
 from __future__ import annotations

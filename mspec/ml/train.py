@@ -779,6 +779,7 @@ def train_regressor(
     calib_fraction: float = 0.15,
     finetune=None,
     provenance: dict | None = None,
+    augment: dict | None = None,
 ) -> dict:
     """Train a k-fold CNN-TLMA ensemble (Teff, logg, [M/H], [alpha/M]) and write it.
 
@@ -829,6 +830,10 @@ def train_regressor(
         they stay what the base model said instead of drifting.
     provenance : dict, optional
         Extra JSON fields recorded in the metadata (e.g. the label table and its join).
+    augment : dict, optional
+        Training-time augmentation of the spectra, as in :func:`train_classifier` (applied
+        to training batches only; validation, out-of-fold and calibration spectra are not
+        augmented). For CNN-TLMA the RV shift stands for the error of the rest-frame RV.
 
     Returns
     -------
@@ -851,6 +856,7 @@ def train_regressor(
         folds = len(base_models)
         arch = dict(base_meta["arch"])
     lr = (1e-4 if finetune is not None else 1e-3) if lr is None else lr
+    augment = _check_augment(augment)
     if int(folds) < 2:
         raise ValueError(f"folds must be >= 2, got {folds}")
     _check_common(epochs, batch_size, lr, patience, max_memory)
@@ -925,6 +931,7 @@ def train_regressor(
                 batch_size=int(batch_size), patience=int(patience),
                 lr_patience=int(lr_patience), lr_factor=float(lr_factor), rng=rng,
                 device=dev, label=f"{name} fold {k + 1}/{folds}", progress=progress,
+                augment=augment,
             )  # fmt: skip
             out, vr = _outputs(model, data, va, int(batch_size), dev)
             oof[vr] = out * std + mean
@@ -978,6 +985,8 @@ def train_regressor(
         "device": str(dev), "loss": "MSE on z-scored labels (labels present only)",
         "calibration": mode, "calib_fraction": float(calib_fraction) if mode == "holdout" else 0.0,
     }  # fmt: skip
+    if augment:
+        recipe["augment"] = dict(augment)
     meta = {
         "kind": "tlma",
         "name": name,
