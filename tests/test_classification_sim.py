@@ -19,7 +19,7 @@ from mspec.cmd import place_dataset
 from mspec.dgcm import split_dwarfs_giants
 from mspec.scm import select_m_stars
 
-N_TRAIN, EPOCHS = 2000, 6
+N_TRAIN, EPOCHS = 3000, 6
 
 
 @pytest.fixture(scope="module")
