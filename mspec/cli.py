@@ -282,9 +282,9 @@ def _cmd_models(args: argparse.Namespace) -> int:
     elif args.action == "list":
         print(json.dumps(list_models(args.dir), indent=1, default=str))
     else:
-        path = build_default_models(
-            args.dir, n_train=args.n_train, epochs=args.epochs, force=args.force, progress=True
-        )
+        # only what the user gave: the defaults are build_default_models's (the recipe's)
+        size = {k: v for k, v in (("n_train", args.n_train), ("epochs", args.epochs)) if v}
+        path = build_default_models(args.dir, force=args.force, progress=True, **size)
         print(path)
     return 0
 
@@ -450,8 +450,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     q.add_argument("action", choices=["build", "list", "path"])
     q.add_argument("--dir", default=None, help="model directory (default: the user cache)")
-    q.add_argument("--n-train", type=int, default=6000, help="simulated training spectra")
-    q.add_argument("--epochs", type=int, default=8, help="maximum epochs per CNN")
+    q.add_argument(
+        "--n-train",
+        type=int,
+        default=None,
+        help="simulated classifier training spectra (default: build_default_models's, 12000)",
+    )
+    q.add_argument("--epochs", type=int, default=None, help="maximum epochs per CNN (default: 12)")
     q.add_argument("--force", action="store_true", help="rebuild even if present")
     q.set_defaults(func=_cmd_models)
 

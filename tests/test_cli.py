@@ -73,6 +73,24 @@ def test_models_path(capsys, monkeypatch, tmp_path):
     assert capsys.readouterr().out.strip().startswith(str(tmp_path))
 
 
+def test_models_build_uses_the_recipe_sizes(monkeypatch, tmp_path, capsys):
+    """`mspec models build` builds what `mspec run` would (build_default_models's own sizes);
+    --n-train/--epochs override them."""
+    import mspec.pipeline.models as pm
+
+    calls = []
+
+    def fake(out_dir=None, **kw):
+        calls.append(kw)
+        return tmp_path
+
+    monkeypatch.setattr(pm, "build_default_models", fake)
+    assert main(["models", "build", "--dir", str(tmp_path)]) == 0
+    assert "n_train" not in calls[-1] and "epochs" not in calls[-1]
+    assert main(["models", "build", "--dir", str(tmp_path), "--n-train", "500"]) == 0
+    assert calls[-1]["n_train"] == 500 and "epochs" not in calls[-1]
+
+
 def test_version_matches_package_metadata():
     import tomllib
 

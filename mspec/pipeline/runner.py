@@ -752,8 +752,8 @@ def _models(cfg) -> Path:
     d = default_models_dir()
     if missing_models(d):
         log.warning(
-            "no default models in %s: training them on the simulator now (once; a few "
-            "minutes; `mspec models build` does this ahead of time)",
+            "no default models in %s: training them on the simulator now (once; about 6 "
+            "CPU-minutes; `mspec models build` does this ahead of time)",
             d,
         )
         build_default_models(d)
