@@ -202,9 +202,10 @@ def test_survey_scale_section_checks_the_goals(tmp_path):
     assert "rvmm: core-ms / spectrum | 30.0 (5 s wall) | 31.0 (5 s wall)" in text
     assert "32.0 core-ms per spectrum at 100,000 spectra (goal ≤ 50: met" in text
     assert "(+5%; goal flat within ±10%: met)" in text
-    assert "identical at both sizes" in text
+    assert "the same at both sizes within 0%" in text
+    assert "700 → 700 MiB (+0%)" in text
     (d / "b.json").write_text(json.dumps(_survey(100_000, 1500, 0.060, {"rvmm": 80.0})))
     text = "\n".join(report.survey_scale_section(d))
     assert "goal ≤ 50: not met" in text and "(+50%; goal flat within ±10%: not met)" in text
-    assert "differ between the sizes" in text
+    assert "differ by up to 6% between the sizes" in text
     assert report.survey_scale_section(tmp_path / "none") == []
