@@ -290,6 +290,32 @@ def test_resolve_sources_order(tmp_path):
     assert p.endswith("spec-56000-TOY0_sp01-003.fits") and extra == {}
 
 
+def test_catalogue_rows_are_compact_views(tmp_path):
+    """Catalogue values per file: nulls absent, Python scalars, a plain dict when pickled
+    (tasks carry one row, not the catalogue)."""
+    import pickle
+
+    import pandas as pd
+
+    pd.DataFrame(
+        {
+            "file": ["a.fits", "b.fits", "c.fits"],
+            "ra": [10.5, np.nan, 12.0],
+            "obsid": pd.array([7, None, 9], dtype="Int64"),
+            "subclass": ["M2", None, "K7"],
+        }
+    ).to_parquet(tmp_path / "cat.parquet")
+    rows = [r for _, r in resolve_sources(tmp_path / "cat.parquet")]
+    assert rows[0] == {"ra": 10.5, "obsid": 7, "lamost_subclass": "M2"}
+    assert dict(rows[1]) == {} and len(rows[1]) == 0 and "ra" not in rows[1]
+    assert type(rows[0]["obsid"]) is int and type(rows[0]["ra"]) is float
+    with pytest.raises(KeyError):
+        rows[1]["ra"]
+    back = pickle.loads(pickle.dumps(rows[2]))
+    assert type(back) is dict and back == {"ra": 12.0, "obsid": 9, "lamost_subclass": "K7"}
+    assert len(pickle.dumps(rows[2])) < 300
+
+
 # --------------------------------------------------------------------------- real data
 
 
