@@ -76,9 +76,15 @@ def _setup_logging(logfile: str | None, verbose: bool = False) -> None:
     # distributed's INFO chatter goes to the log file only
     for name in ("distributed", "tornado", "bokeh", "numba", "asyncio"):
         logging.getLogger(name).setLevel(logging.INFO if logfile else logging.WARNING)
-    for h in handlers:
-        if h is term:
-            h.addFilter(lambda r: r.levelno >= logging.WARNING or r.name.startswith("mspec"))
+    term.addFilter(_for_terminal)
+
+
+def _for_terminal(record: logging.LogRecord) -> bool:
+    """Warnings and mspec's own messages; not distributed's P2P-shuffle bookkeeping
+    ("Shuffle ... initialized by task" / "deactivated"), which it logs as warnings."""
+    if record.name.startswith("distributed.shuffle") and record.levelno < logging.ERROR:
+        return False
+    return record.levelno >= logging.WARNING or record.name.startswith("mspec")
 
 
 def _local_or_client(scheduler: str | None, stack):

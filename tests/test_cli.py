@@ -91,6 +91,21 @@ def test_models_build_uses_the_recipe_sizes(monkeypatch, tmp_path, capsys):
     assert calls[-1]["n_train"] == 500 and "epochs" not in calls[-1]
 
 
+def test_terminal_log_filter():
+    import logging
+
+    from mspec.cli import _for_terminal
+
+    def rec(name, level):
+        return logging.LogRecord(name, level, __file__, 1, "m", None, None)
+
+    assert _for_terminal(rec("mspec.run", logging.INFO))
+    assert _for_terminal(rec("distributed.worker", logging.WARNING))
+    assert not _for_terminal(rec("distributed.worker", logging.INFO))
+    assert not _for_terminal(rec("distributed.shuffle._scheduler_plugin", logging.WARNING))
+    assert _for_terminal(rec("distributed.shuffle._scheduler_plugin", logging.ERROR))
+
+
 def test_version_matches_package_metadata():
     import tomllib
 
