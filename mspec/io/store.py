@@ -186,6 +186,10 @@ def _read_catalog(path: str, allow_outside: bool = False) -> list[tuple[str, Map
     return out
 
 
+#: Names of dask's synchronous scheduler.
+_SYNC = ("sync", "synchronous", "single-threaded")
+
+
 class _CatalogRow(Mapping):
     """The non-null catalogue values of one listed file, read on demand from the catalogue's
     shared columns.
@@ -608,7 +612,7 @@ class _Compute:
                 return max(1, sum(int(w.get("nthreads", 1)) for w in workers.values()))
             except Exception:  # pragma: no cover - an unusual scheduler
                 return 1
-        if self.scheduler in ("sync", "synchronous", "single-threaded"):
+        if self.scheduler in _SYNC:
             return 1
         return os.cpu_count() or 1
 
@@ -627,6 +631,9 @@ class _Compute:
             return
         jobs = [(key, dask.delayed(fn, pure=False, traverse=False)(*args)) for key, args in calls]
         width = 2 * self.nthreads()
+        # a synchronous scheduler gains nothing from computing several jobs per call, and
+        # one at a time records each unit done as soon as it is written
+        batch = 1 if self.client is None and self.scheduler in _SYNC else width
         bar = tqdm(total=len(jobs), desc=desc, disable=not progress, unit="task")
         try:
             run_bounded(
@@ -635,7 +642,7 @@ class _Compute:
                 client=self.client,
                 scheduler=self.scheduler,
                 max_in_flight=width,
-                local_batch=width,
+                local_batch=batch,
                 progress=bar,
             )
         finally:
