@@ -38,6 +38,14 @@ __all__ = [
 ]
 
 
+#: Names of dask's local schedulers (anything else is a scheduler address or a client).
+LOCAL_SCHEDULERS = frozenset(
+    {"threads", "threading", "sync", "synchronous", "single-threaded", "processes"}
+)
+#: Names of dask's synchronous scheduler.
+SYNC_SCHEDULERS = frozenset({"sync", "synchronous", "single-threaded"})
+
+
 class LockError(RuntimeError):
     """Another live process holds the lock of a run directory or store."""
 

@@ -91,8 +91,9 @@ def _local_or_client(scheduler: str | None, stack):
     """``scheduler``: None (LocalCluster), a dask address, or threads/processes/sync."""
     import os
 
-    local = {"threads", "processes", "sync", "synchronous", "single-threaded"}
-    if scheduler in local:
+    from mspec._exec import LOCAL_SCHEDULERS
+
+    if scheduler in LOCAL_SCHEDULERS:
         return scheduler
     from distributed import Client
 

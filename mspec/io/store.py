@@ -43,6 +43,8 @@ from pathlib import Path
 import numpy as np
 
 from mspec._exec import (
+    LOCAL_SCHEDULERS,
+    SYNC_SCHEDULERS,
     DirLock,
     DoneRecords,
     LockError,
@@ -184,10 +186,6 @@ def _read_catalog(path: str, allow_outside: bool = False) -> list[tuple[str, Map
             }
         out.append((os.path.abspath(p), rec))
     return out
-
-
-#: Names of dask's synchronous scheduler.
-_SYNC = ("sync", "synchronous", "single-threaded")
 
 
 class _CatalogRow(Mapping):
@@ -556,9 +554,6 @@ def _to_retry(entry: tuple, path: str) -> bool:
 # --------------------------------------------------------------------------- dask execution
 
 
-_LOCAL_SCHEDULERS = {"threads", "threading", "sync", "synchronous", "single-threaded", "processes"}
-
-
 class _Compute:
     """Where ingest's tasks run (a ``distributed`` client or a local dask scheduler); they
     run through :func:`mspec._exec.run_bounded`, as the pipeline's chunks do."""
@@ -575,7 +570,7 @@ class _Compute:
             except (ImportError, ValueError):
                 self.scheduler = "threads"
         elif isinstance(client, str):
-            if client in _LOCAL_SCHEDULERS:
+            if client in LOCAL_SCHEDULERS:
                 self.scheduler = client
             elif "://" in client or ":" in client:
                 from distributed import Client
@@ -590,7 +585,7 @@ class _Compute:
             else:
                 raise ValueError(
                     f"client must be None, a distributed.Client, a scheduler address "
-                    f"(tcp://host:port) or one of {sorted(_LOCAL_SCHEDULERS)}; got {client!r}"
+                    f"(tcp://host:port) or one of {sorted(LOCAL_SCHEDULERS)}; got {client!r}"
                 )
         else:
             try:
@@ -600,7 +595,7 @@ class _Compute:
             if not isinstance(client, Client):
                 raise TypeError(
                     "client must be None, a distributed.Client, a scheduler address or one of "
-                    f"{sorted(_LOCAL_SCHEDULERS)}; got {type(client).__name__}"
+                    f"{sorted(LOCAL_SCHEDULERS)}; got {type(client).__name__}"
                 )
             self.client = client
 
@@ -612,7 +607,7 @@ class _Compute:
                 return max(1, sum(int(w.get("nthreads", 1)) for w in workers.values()))
             except Exception:  # pragma: no cover - an unusual scheduler
                 return 1
-        if self.scheduler in _SYNC:
+        if self.scheduler in SYNC_SCHEDULERS:
             return 1
         return os.cpu_count() or 1
 
@@ -633,7 +628,7 @@ class _Compute:
         width = 2 * self.nthreads()
         # a synchronous scheduler gains nothing from computing several jobs per call, and
         # one at a time records each unit done as soon as it is written
-        batch = 1 if self.client is None and self.scheduler in _SYNC else width
+        batch = 1 if self.client is None and self.scheduler in SYNC_SCHEDULERS else width
         bar = tqdm(total=len(jobs), desc=desc, disable=not progress, unit="task")
         try:
             run_bounded(

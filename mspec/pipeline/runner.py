@@ -27,6 +27,7 @@ import numpy as np
 import xarray as xr
 
 from mspec._exec import (
+    LOCAL_SCHEDULERS,
     DirLock,
     DoneRecords,
     atomic_write,
@@ -48,8 +49,6 @@ EXIT_CODES = {
     3: "refused: the run directory or store is locked by another live process",
     4: "refused: a stage's version or configuration changed (use --redo STAGE)",
 }
-
-_LOCAL_SCHEDULERS = {"threads", "sync", "synchronous", "single-threaded", "processes"}
 
 
 class RunError(RuntimeError):
@@ -221,7 +220,7 @@ def _open_cluster(cfg, client, stack: ExitStack):
     if client is not None:
         return client, None
     sched = cfg.cluster.scheduler
-    if sched in _LOCAL_SCHEDULERS:
+    if sched in LOCAL_SCHEDULERS:
         return None, sched
     from distributed import Client
 
