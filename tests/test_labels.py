@@ -21,14 +21,7 @@ from mspec.ml.labels import (
 TINY = {"channels": (4, 8, 8, 8), "kernels": (5, 5, 3, 3)}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    import torch
-
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _store_like(n=6):

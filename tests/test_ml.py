@@ -28,16 +28,7 @@ FAST = {"lr": 3e-3, "batch_size": 64}  # tiny nets and data learn faster with th
 WL = np.arange(3900.0, 8900.0)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """One torch thread: tiny nets gain nothing from more, and a busy CI box makes OpenMP
-    threads spin (10x slowdowns seen with 2 threads on 2 loaded cores)."""
-    import torch
-
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _zscore(x):

@@ -27,14 +27,7 @@ TINY = {"channels": (4, 8, 8, 8), "kernels": (5, 5, 3, 3)}
 SNR_BINS = ((5, 10), (10, 20), (20, 50), (50, 150))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    import torch
-
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_noise_proxy_tracks_the_noise():

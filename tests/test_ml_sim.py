@@ -15,16 +15,7 @@ from mspec.preprocessing.steps import preprocess
 TINY = {"channels": (4, 8, 8, 8), "kernels": (5, 5, 3, 3)}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """One torch thread: tiny nets gain nothing from more, and a busy CI box makes OpenMP
-    threads spin (10x slowdowns seen with 2 threads on 2 loaded cores)."""
-    import torch
-
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

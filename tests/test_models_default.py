@@ -15,15 +15,7 @@ from mspec.ml.recipe import (
 from mspec.pipeline.models import build_default_models, default_models_dir, list_models
 from mspec.simulate import SIMULATOR_VERSION
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    import torch
-
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_directory_key_has_simulator_and_recipe_versions(monkeypatch, tmp_path):

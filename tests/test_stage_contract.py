@@ -28,13 +28,7 @@ TINY = {"channels": (4, 4, 8, 8), "kernels": (5, 5, 3, 3)}
 WL = np.arange(3900.0, 8900.0)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    torch = pytest.importorskip("torch")
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
