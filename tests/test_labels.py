@@ -277,3 +277,92 @@ def test_finetune_changes_the_model_and_keeps_the_format(real_store, tmp_path):
     with pytest.raises(ModelFileError):
         train_from_store(kind="tlma", store=store, labels=labels, out_dir=tmp_path / "y",
                          finetune=tmp_path / "nothing")  # fmt: skip
+
+
+def test_stratified_folds_span_the_range():
+    from mspec.ml.evaluate import stratified_folds
+
+    teff = np.linspace(3000.0, 4200.0, 36)[np.random.default_rng(1).permutation(36)]
+    f = stratified_folds(teff, 6, seed=0)
+    assert np.bincount(f).tolist() == [6] * 6
+    # each run of 6 consecutive Teff values gives one star to every fold
+    order = np.argsort(teff)
+    for start in range(0, 36, 6):
+        assert sorted(f[order[start : start + 6]]) == list(range(6))
+    assert not np.array_equal(f, stratified_folds(teff, 6, seed=1))
+    g = stratified_folds(teff[:35], 6, seed=0)
+    assert sorted(np.bincount(g).tolist()) == [5, 6, 6, 6, 6, 6]
+    with pytest.raises(ValueError, match="k must be"):
+        stratified_folds(teff, 1, seed=0)
+
+
+def test_label_noise_ceiling():
+    from mspec.ml.evaluate import label_noise_ceiling
+
+    lit = np.random.default_rng(0).normal(3500.0, 250.0, 36)
+    c = label_noise_ceiling(lit, 150.0, n_mc=300)
+    frac = 1 - 150.0**2 / lit.var(ddof=1)
+    assert c["slope"] == pytest.approx(frac) and c["corr"] == pytest.approx(np.sqrt(frac))
+    med, lo, hi = c["mc"]["slope_theil_sen"]
+    assert lo < c["slope"] < hi and lo < med < hi
+    assert c["mc"]["robust_sigma"][1] < 150.0 < c["mc"]["robust_sigma"][2]
+    assert label_noise_ceiling(lit, 1000.0)["slope"] is None
+
+
+@pytest.mark.realdata
+def test_finetune_cross_validation_is_out_of_fold(real_store, tmp_path):
+    """finetune_cross_validation: every star predicted once per seed by a model whose
+    training never saw its label (checked on the label table given to the trainer and on the
+    rows the trainer fitted), with the default-model figures on the same stars."""
+    import mspec
+    from mspec.ml.evaluate import PLACEHOLDER_FEH, finetune_cross_validation
+    from mspec.ml.models import TLMA_LABELS
+    from mspec.ml.train import train_regressor
+    from mspec.preprocessing.steps import preprocess
+
+    store, labels = real_store
+    sim = mspec.simulate_survey(120, seed=5, mix={"dM": 1.0}, snr=(20.0, 100.0))
+    tl = preprocess(sim, recipe="tlma", rv="true_rv")
+    lab = {k: sim[f"true_{k}"].values for k in TLMA_LABELS}
+    train_regressor(tl, lab, tmp_path / "base", folds=2, epochs=1, arch=TINY, plots=False)
+    k = 3
+    r = finetune_cross_validation(tmp_path / "base", k=k, seeds=(4,), epochs=2, store=store,
+                                  work_dir=tmp_path / "cv", threads=1)  # fmt: skip
+    stars = pd.DataFrame(r["stars"])
+    lit = pd.read_csv(labels)
+    # all 36 stars (the two without a LAMOST RV in the rest frame RV = 0), each once
+    assert r["protocol"]["n_stars"] == 36 and sorted(stars["file"]) == sorted(lit["file_name"])
+    assert r["protocol"]["n_feh_measured"] == int((lit["feh_lit"] != PLACEHOLDER_FEH).sum()) == 14
+    assert stars["fold_4"].value_counts().sort_index().tolist() == [12, 12, 12]
+    assert np.isfinite(stars[["teff_cv_4", "m_h_cv_4", "teff_base", "m_h_base"]]).all().all()
+    assert len(r["folds"]) == k
+    held = []
+    for f in r["folds"]:
+        test_files, test_ids = set(f["test_files"]), set(f["test_obsids"])
+        held += f["test_files"]
+        # no leakage: neither the table given to the trainer nor the rows it fitted
+        # (oof_predictions.csv of the fold model) contain a held-out star
+        assert not test_files & set(f["train_table_files"])
+        assert not test_ids & set(f["train_obsids"])
+        assert len(f["train_obsids"]) == 36 - len(test_files)
+        assert set(f["train_table_files"]) | test_files == set(lit["file_name"])
+        got = stars.loc[stars["fold_4"] == f["fold"], "file"]
+        assert set(got) == test_files
+        on_disk = pd.read_csv(
+            tmp_path / "cv" / "seed4" / f"fold{f['fold']}" / "oof_predictions.csv"
+        )
+        assert set(on_disk["obsid"]) == set(f["train_obsids"])
+    assert sorted(held) == sorted(lit["file_name"])  # every star held out exactly once
+    # each fold spans the Teff range (stratified): one of the k coolest and of the k warmest
+    srt = np.sort(stars["teff_lit"].to_numpy())
+    for _, g in stars.groupby("fold_4"):
+        assert g["teff_lit"].min() <= srt[k - 1] and g["teff_lit"].max() >= srt[-k]
+    for part in (r["finetuned"]["all"], r["default"]["all"]):
+        assert set(part) == {"teff", "m_h"}
+    ft = r["finetuned"]["all"]
+    assert ft["teff"]["per_seed"][4]["n"] == 36 and ft["m_h"]["per_seed"][4]["n"] == 14
+    assert r["default"]["all"]["teff"]["n"] == 36 and r["default"]["all"]["m_h"]["n"] == 14
+    assert {"robust_sigma", "median", "slope_theil_sen", "corr"} <= set(ft["teff"]["over_seeds"])
+    assert r["noise_ceiling"]["all"]["label_sigma"] == 153.0
+    assert 0 < r["noise_ceiling"]["all"]["slope"] < 1
+    assert "called_m" not in r["finetuned"]  # no CNN-SPT next to a bare ensemble

@@ -5,12 +5,14 @@ Reproduces the CNN figures of ``docs/accuracy.md``::
     python -m mspec.ml.evaluate train --n 12000 --out models --epochs 40 --folds 10
     python -m mspec.ml.evaluate test  --models models --n 3000 --seed 99
     python -m mspec.ml.evaluate real  --models models
+    python -m mspec.ml.evaluate finetune-cv --models ~/.cache/mspec/models/sim-2-r2
 
 ``train`` simulates a class-balanced survey (every CNN-SPT class, WDs, dM and gM equally
 represented, S/N_i drawn log-uniformly in 5-150) and calls
 :func:`mspec.ml.train.train_all_demo`; ``test`` applies the models to an independent default-mix
 survey and reports accuracies by S/N; ``real`` applies them to the real LAMOST spectra in
-``../shared/data`` (see :func:`evaluate_real`).
+``../shared/data`` (see :func:`evaluate_real`); ``finetune-cv`` cross-validates fine-tuning the
+dM CNN-TLMA ensemble on the real DR7 M dwarfs (:func:`finetune_cross_validation`).
 """
 
 from __future__ import annotations
@@ -40,6 +42,11 @@ __all__ = [
     "classifier_accuracy",
     "tlma_accuracy",
     "inference_speed",
+    "PLACEHOLDER_FEH",
+    "LIT_TEFF_SIGMA",
+    "stratified_folds",
+    "label_noise_ceiling",
+    "finetune_cross_validation",
 ]
 
 
@@ -629,6 +636,378 @@ def tlma_accuracy(models, ds: xr.Dataset | None = None, *, n: int = 3000, seed: 
     return out
 
 
+# --------------------------------------------------------------------------------------------
+# Fine-tuning on real labelled spectra, cross-validated (issue 18)
+# --------------------------------------------------------------------------------------------
+#: The literature [Fe/H] that labels.csv uses as a placeholder (22 of its 36 rows; labels
+#: README): not a measurement, never trained on nor scored.
+PLACEHOLDER_FEH = -0.05
+#: Robust scatter (K) of the DR7 M dwarfs' literature Teff about their CaH2/CaH3/TiO5 index
+#: relation (docs/accuracy.md, "Simulation to real"): an upper bound on their label noise.
+LIT_TEFF_SIGMA = 153.0
+
+
+def _dm_ensemble(models) -> Path:
+    """The dM CNN-TLMA ensemble of a model directory, a dM/gM pair or an ensemble."""
+    from mspec.ml.io import read_metadata
+
+    models = Path(models)
+    d = models / "tlma" if (models / "tlma" / "model.json").exists() else models
+    meta = read_metadata(d)
+    if meta["kind"] == "tlma_pair":
+        if "dM" not in meta["parts"]:
+            raise ValueError(f"the CNN-TLMA pair {str(d)!r} has no dM ensemble")
+        d = d / meta["parts"]["dM"]
+        meta = read_metadata(d)
+    if meta["kind"] != "tlma":
+        raise ValueError(f"{str(models)!r} holds no CNN-TLMA ensemble (kind {meta['kind']!r})")
+    return d
+
+
+def stratified_folds(values, k: int, seed: int) -> np.ndarray:
+    """Fold of each item (0..k-1) so that every fold spans the range of ``values``.
+
+    The items are sorted by ``values`` (ties in random order) and each run of ``k``
+    consecutive items is dealt one to each fold in random order (the last, shorter run to a
+    random subset of folds): fold sizes differ by at most one.
+
+    Parameters
+    ----------
+    values : array-like of float
+        The stratifying quantity (here literature Teff, K).
+    k : int
+        Number of folds (2 <= k <= number of items).
+    seed : int
+        Seeds the tie-breaks and the dealing.
+
+    Returns
+    -------
+    numpy.ndarray of int
+    """
+    v = np.asarray(values, dtype=np.float64)
+    if not 2 <= int(k) <= v.size:
+        raise ValueError(f"k must be in [2, {v.size}], got {k}")
+    rng = np.random.default_rng(seed)
+    order = np.lexsort((rng.random(v.size), v))
+    fold = np.empty(v.size, dtype=np.int64)
+    for start in range(0, v.size, int(k)):
+        block = order[start : start + int(k)]
+        fold[block] = rng.permutation(int(k))[: block.size]
+    return fold
+
+
+def label_noise_ceiling(lit, sigma: float, *, n_mc: int = 4000, seed: int = 0) -> dict:
+    """What a perfect predictor would score against labels with Gaussian noise ``sigma``.
+
+    With labels L = T + e (e ~ N(0, sigma), independent of the true value T), a predictor that
+    returns T exactly scatters about L by ``sigma`` and its slope on L is attenuated to
+    ``var(T) / var(L) = 1 - sigma**2 / var(L)`` (regression dilution), its correlation with L
+    to the square root of that. ``var(L)`` is measured on ``lit``; the Monte Carlo draws
+    ``len(lit)`` true values from the literature values shrunk to ``var(T)``, adds the noise
+    and gives the spread of the Theil-Sen slope, robust sigma and correlation on a sample of
+    this size.
+
+    Parameters
+    ----------
+    lit : array-like of float
+        The literature labels of the test stars (e.g. Teff, K).
+    sigma : float
+        Label noise (same unit).
+    n_mc : int
+        Monte Carlo samples.
+    seed : int
+        Monte Carlo seed.
+
+    Returns
+    -------
+    dict
+        ``label_sigma``, ``lit_std`` (std of ``lit``), ``slope`` and ``corr`` (expected
+        values), ``robust_sigma`` (= ``sigma``), and ``mc``: median and 16th/84th percentiles
+        of ``slope_theil_sen``, ``robust_sigma`` and ``corr`` for ``n`` stars; ``None``
+        values when ``sigma**2 >= var(lit)``.
+    """
+    from scipy.stats import theilslopes
+
+    t = np.asarray(lit, dtype=np.float64)
+    t = t[np.isfinite(t)]
+    var = float(t.var(ddof=1))
+    out: dict = {"label_sigma": float(sigma), "lit_std": float(np.sqrt(var)), "n": int(t.size),
+                 "robust_sigma": float(sigma)}  # fmt: skip
+    frac = 1.0 - float(sigma) ** 2 / var
+    if frac <= 0:
+        out.update(slope=None, corr=None, mc=None)
+        return out
+    out.update(slope=frac, corr=float(np.sqrt(frac)))
+    rng = np.random.default_rng(seed)
+    m = t.mean()
+    stats = {"slope_theil_sen": [], "robust_sigma": [], "corr": []}
+    for _ in range(int(n_mc)):
+        true = m + np.sqrt(frac) * (rng.choice(t, t.size) - m)
+        lab = true + rng.normal(0.0, float(sigma), t.size)
+        d = true - lab
+        stats["slope_theil_sen"].append(theilslopes(true, lab)[0])
+        stats["robust_sigma"].append(_robust_sigma(d))
+        stats["corr"].append(np.corrcoef(true, lab)[0, 1])
+    out["mc"] = {k: [float(x) for x in np.percentile(v, [50, 16, 84])] for k, v in stats.items()}
+    return out
+
+
+def _summarise_seeds(per_seed: dict) -> dict:
+    """Mean, min and max over seeds of every number of :func:`_versus_literature`."""
+    out = {}
+    keys = ("median", "robust_sigma", "rms", "slope_theil_sen", "slope_ols", "corr")
+    for k in keys:
+        v = np.array([r[k] for r in per_seed.values() if r.get(k) is not None], dtype=float)
+        if v.size:
+            out[k] = {"mean": float(v.mean()), "min": float(v.min()), "max": float(v.max())}
+    out["n"] = max(r["n"] for r in per_seed.values())
+    return out
+
+
+def finetune_cross_validation(
+    models,
+    *,
+    k: int = 6,
+    seeds=(0, 1, 2),
+    epochs: int = 30,
+    lr: float = 1e-4,
+    batch_size: int = 8,
+    patience: int = 5,
+    labels=None,
+    store=None,
+    work_dir=None,
+    threads: int | None = 1,
+    label_sigma: float = LIT_TEFF_SIGMA,
+    progress: bool = False,
+) -> dict:
+    """Out-of-fold accuracy of fine-tuning the dM CNN-TLMA ensemble on the real DR7 M dwarfs.
+
+    The honest figure for the label-transfer path (``mspec train tlma --finetune``): the
+    36 real LAMOST DR7 M dwarfs of ``../shared/data/lamost_dr7_mdwarfs`` with the literature
+    labels of its ``labels.csv`` are split into ``k`` folds stratified by literature Teff
+    (:func:`stratified_folds`); for each fold the simulator-trained dM ensemble is
+    fine-tuned with :func:`mspec.ml.train.train_from_store` (the CLI's function) on the
+    labels of the other ``k - 1`` folds only, and predicts the held-out fold. Repeated for
+    each seed (new folds and new training randomness). The default models predict the same
+    stars, in the same rest frame, without fine-tuning.
+
+    Protocol, fixed before looking at any out-of-fold figure: Teff (``teff_lit``) and the
+    measured [Fe/H] (``feh_lit`` as [M/H], the placeholder :data:`PLACEHOLDER_FEH` masked)
+    are trained; logg (``logg_lit`` is mostly a placeholder 5.0) and [α/M] (no labels) are
+    taught from the base members' own predictions (``train_regressor``'s rule for missing
+    labels). Every layer is fine-tuned with Adam at ``lr``; each ensemble member stops early
+    on its own inner validation fold (which lies inside the training folds), so the number of
+    epochs is chosen by inner validation. The rest frame is the LAMOST RV, 0 km/s where
+    LAMOST has none (as :func:`evaluate_real`), given to the trainer as the table's ``rv``.
+
+    Parameters
+    ----------
+    models : path-like
+        The default models (a directory with ``tlma/``), a dM/gM pair or a dM ensemble.
+    k : int
+        Outer folds (>= 2).
+    seeds : sequence of int
+        One repetition per seed: the fold assignment and the fine-tuning use it.
+    epochs : int
+        Maximum fine-tuning epochs per member.
+    lr : float
+        Adam learning rate of the fine-tuning (1e-4: the library's default for fine-tuning).
+    batch_size : int
+        Spectra per optimizer step (8: a few steps per epoch on ~25 training stars).
+    patience : int
+        Early-stopping patience (epochs without a better inner validation loss).
+    labels : path-like, optional
+        The label table (default ``lamost_dr7_mdwarfs/labels.csv``; needs ``file_name``,
+        ``teff_lit``, ``feh_lit``).
+    store : path-like, optional
+        A store of the DR7 M dwarfs already ingested (default: ingested into ``work_dir``).
+    work_dir : path-like, optional
+        Where the store and the fold models go (kept); default a temporary directory
+        (removed).
+    threads : int, optional
+        torch threads.
+    label_sigma : float
+        Literature Teff noise (K) for :func:`label_noise_ceiling` (default
+        :data:`LIT_TEFF_SIGMA`, an upper bound).
+    progress : bool
+        Print one line per fold.
+
+    Returns
+    -------
+    dict
+        ``protocol`` (the settings above, the base ensemble and its ``model.json`` sha256);
+        ``stars``: per star ``file``, ``obsid``, ``teff_lit`` (K), ``feh_lit`` (dex, NaN for
+        a placeholder), ``spt`` (CNN-SPT class when ``models`` has ``spt/``), ``teff_base``,
+        ``m_h_base`` (default models), and per seed ``fold_<s>``, ``teff_cv_<s>`` (K),
+        ``m_h_cv_<s>`` (dex), out of fold; ``folds``: per seed and fold the held-out files
+        and obsids, the files of the label table given to the trainer, the obsids it fitted
+        on (its ``oof_predictions.csv``), the inner out-of-fold Teff rms and the seconds;
+        ``finetuned``: per sample (``"all"``, and ``"called_m"`` with CNN-SPT) and label
+        (``teff`` against ``teff_lit``, ``m_h`` against the measured ``feh_lit``) the
+        :func:`_versus_literature` numbers per seed and their mean/min/max over seeds;
+        ``default``: the same for the default models; ``noise_ceiling``:
+        :func:`label_noise_ceiling` of Teff for each sample; ``seconds``.
+
+    Raises
+    ------
+    RuntimeError
+        If a held-out star's label reached its fold's trainer (a leak).
+    """
+    import hashlib
+    import shutil
+    import tempfile
+
+    import pandas as pd
+
+    from mspec.data import shared_data_dir
+    from mspec.io.store import ingest, open_store
+    from mspec.ml.infer import predict_array
+    from mspec.ml.labels import join_labels, read_label_table
+    from mspec.ml.train import train_from_store
+    from mspec.preprocessing.steps import preprocess
+
+    t_start = time.perf_counter()
+    base = _dm_ensemble(models)
+    src = shared_data_dir() / "lamost_dr7_mdwarfs"
+    labels = Path(labels) if labels is not None else src / "labels.csv"
+    table = read_label_table(labels)
+    for c in ("file_name", "teff_lit", "feh_lit"):
+        if c not in table.columns:
+            raise ValueError(f"labels table {str(labels)!r} has no column {c!r}")
+    seeds = [int(s) for s in seeds]
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds must be distinct integers, got {seeds}")
+    tmp = None
+    if work_dir is None:
+        tmp = tempfile.mkdtemp(prefix="mspec-finetune-cv-")
+        work = Path(tmp)
+    else:
+        work = Path(work_dir)
+        work.mkdir(parents=True, exist_ok=True)
+    try:
+        if store is None:
+            store = work / "dr7.zarr"
+            if not (store / "zarr.json").exists():
+                ingest([str(src)], str(store), chunk_size=64, client="sync")
+        ds = open_store(store)
+        lj = join_labels(ds, table, on="file")
+        t = lj.table
+        rv = np.nan_to_num(ds["lamost_rv"].values.astype(np.float64), nan=0.0)
+        x = preprocess(ds.assign(_rv=("spectra", rv)), recipe="tlma", rv="_rv",
+                       merge=False)["flux_grid"].values  # fmt: skip
+        teff_lit = pd.to_numeric(t["teff_lit"], errors="coerce").to_numpy(np.float64)
+        feh_lit = pd.to_numeric(t["feh_lit"], errors="coerce").to_numpy(np.float64)
+        feh_lit = np.where(feh_lit == PLACEHOLDER_FEH, np.nan, feh_lit)
+        stars = np.flatnonzero(
+            (t["_table_row"].to_numpy() >= 0) & np.isfinite(teff_lit) & np.isfinite(x).any(axis=1)
+        )
+        if stars.size < 2 * int(k):
+            raise ValueError(f"only {stars.size} labelled real spectra for {k} folds")
+        files = np.asarray(ds["file"].values).astype(str)
+        names = np.array([Path(f).name for f in files])
+        obsid = np.asarray(ds["obsid"].values).astype(np.int64)
+        # the trainer's label table: one row per star, the store's rest-frame RV as `rv`
+        train_table = pd.DataFrame({"file_name": names[stars], "teff_lit": teff_lit[stars],
+                                    "feh_lit": feh_lit[stars], "rv": rv[stars]})  # fmt: skip
+        columns = {"teff": "teff_lit", "m_h": "feh_lit", "rv": "rv"}
+        base_pred = predict_array(x[stars], base)
+        spt = None
+        root = Path(models)
+        if (root / "spt" / "model.json").exists():
+            from mspec.ml.infer import predict
+
+            cnn = preprocess(ds, recipe="cnn", merge=False)
+            spt = predict(cnn, root / "spt")["spt_class"].values[stars].astype(str)
+        rows = {
+            "file": names[stars], "obsid": obsid[stars], "teff_lit": teff_lit[stars],
+            "feh_lit": feh_lit[stars], "teff_base": base_pred[:, 0], "m_h_base": base_pred[:, 2],
+        }  # fmt: skip
+        if spt is not None:
+            rows["spt"] = spt
+        fold_log = []
+        for s in seeds:
+            fold = stratified_folds(teff_lit[stars], k, s)
+            pred = np.full((stars.size, 2), np.nan)
+            for f in range(int(k)):
+                test = fold == f
+                t0 = time.perf_counter()
+                out_dir = work / f"seed{s}" / f"fold{f}"
+                tab = train_table[~test].reset_index(drop=True)
+                m = train_from_store(kind="tlma", store=store, labels=tab, out_dir=out_dir,
+                                     epochs=epochs, seed=s, on="file", columns=columns,
+                                     finetune=base, lr=lr, batch_size=batch_size,
+                                     patience=patience, threads=threads, plots=False,
+                                     calibration="oof")  # fmt: skip
+                fitted = pd.read_csv(out_dir / "oof_predictions.csv")["obsid"].to_numpy(np.int64)
+                leak = (set(fitted) & set(obsid[stars][test])) | (
+                    set(tab["file_name"]) & set(names[stars][test])
+                )
+                if leak:
+                    raise RuntimeError(f"seed {s} fold {f}: held-out stars trained on: {leak}")
+                p = predict_array(x[stars][test], out_dir)
+                pred[test] = p[:, [0, 2]]
+                fold_log.append({
+                    "seed": s, "fold": f, "test_files": names[stars][test].tolist(),
+                    "test_obsids": obsid[stars][test].tolist(),
+                    "train_table_files": tab["file_name"].tolist(),
+                    "train_obsids": sorted(int(o) for o in fitted),
+                    "inner_oof_rms_teff": m["rms"]["teff"],
+                    "epochs_run": [mm["epochs_run"] for mm in m["members"]],
+                    "seconds": round(time.perf_counter() - t0, 1),
+                })  # fmt: skip
+                if progress:
+                    print(f"seed {s} fold {f + 1}/{k}: {int(test.sum())} held out, "
+                          f"{fitted.size} trained, inner oof Teff rms {m['rms']['teff']:.0f} K, "
+                          f"{time.perf_counter() - t0:.0f} s", flush=True)  # fmt: skip
+            rows[f"fold_{s}"] = fold
+            rows[f"teff_cv_{s}"] = pred[:, 0]
+            rows[f"m_h_cv_{s}"] = pred[:, 1]
+        st = pd.DataFrame(rows)
+        samples = {"all": np.ones(len(st), bool)}
+        if spt is not None:
+            samples["called_m"] = st["spt"].to_numpy() == "M"
+        fin, dflt, ceil = {}, {}, {}
+        for name, sel in samples.items():
+            sub = st[sel]
+            fin[name], dflt[name] = {}, {}
+            for lab, lit in (("teff", "teff_lit"), ("m_h", "feh_lit")):
+                per = {s: _versus_literature(sub[f"{lab}_cv_{s}"], sub[lit]) for s in seeds}
+                fin[name][lab] = {"per_seed": per, "over_seeds": _summarise_seeds(per)}
+                dflt[name][lab] = _versus_literature(sub[f"{lab}_base"], sub[lit])
+            ceil[name] = label_noise_ceiling(sub["teff_lit"], label_sigma)
+        sha = hashlib.sha256((base / "model.json").read_bytes()).hexdigest()
+        return {
+            "protocol": {
+                "k": int(k),
+                "seeds": seeds,
+                "stratified_by": "teff_lit",
+                "epochs": int(epochs),
+                "lr": float(lr),
+                "batch_size": int(batch_size),
+                "patience": int(patience),
+                "layers": "all",
+                "trained_labels": {"teff": "teff_lit", "m_h": "feh_lit"},
+                "from_base": ["logg", "alpha_m"],
+                "placeholder_feh": PLACEHOLDER_FEH,
+                "rest_frame": "LAMOST RV, 0 km/s where missing",
+                "base": str(base.resolve()),
+                "base_model_json_sha256": sha,
+                "labels": str(Path(labels).resolve()),
+                "n_stars": int(stars.size),
+                "n_feh_measured": int(np.isfinite(feh_lit[stars]).sum()),
+            },
+            "stars": st.to_dict(orient="records"),
+            "folds": fold_log,
+            "finetuned": fin,
+            "default": dflt,
+            "noise_ceiling": ceil,
+            "seconds": round(time.perf_counter() - t_start, 1),
+        }
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
 def main(argv=None) -> int:  # pragma: no cover - exercised by the documented runs
     p = argparse.ArgumentParser(prog="python -m mspec.ml.evaluate")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -655,6 +1034,18 @@ def main(argv=None) -> int:  # pragma: no cover - exercised by the documented ru
     q.add_argument("--n", type=int, default=4000, help="class-balanced classifier test survey")
     q.add_argument("--n-tlma", type=int, default=3000, help="80%% dM / 20%% gM test survey")
     q.add_argument("--seed", type=int, default=99)
+    q = sub.add_parser(
+        "finetune-cv",
+        help="out-of-fold accuracy of fine-tuning CNN-TLMA dM on the real DR7 M dwarfs",
+    )
+    q.add_argument("--models", required=True, help="default models (with tlma/) or a dM ensemble")
+    q.add_argument("--k", type=int, default=6, help="outer folds")
+    q.add_argument("--seeds", default="0,1,2", help="comma-separated repetition seeds")
+    q.add_argument("--epochs", type=int, default=30, help="maximum fine-tuning epochs")
+    q.add_argument("--lr", type=float, default=1e-4)
+    q.add_argument("--batch-size", type=int, default=8)
+    q.add_argument("--work-dir", default=None, help="keep the store and fold models here")
+    q.add_argument("--out", default=None, help="also write the JSON result here")
     a = p.parse_args(argv)
     if a.cmd == "train":
         from mspec.ml.train import train_all_demo
@@ -686,6 +1077,19 @@ def main(argv=None) -> int:  # pragma: no cover - exercised by the documented ru
         }
         res["seconds"] = round(time.perf_counter() - t0, 1)
         print(json.dumps(res, indent=1, default=str))
+    elif a.cmd == "finetune-cv":
+        import torch
+
+        torch.set_num_threads(1)
+        res = finetune_cross_validation(
+            a.models, k=a.k, seeds=[int(v) for v in a.seeds.split(",") if v.strip()],
+            epochs=a.epochs, lr=a.lr, batch_size=a.batch_size, work_dir=a.work_dir,
+            progress=True,
+        )  # fmt: skip
+        text = json.dumps(res, indent=1, default=str)
+        if a.out:
+            Path(a.out).write_text(text + "\n")
+        print(text)
     elif a.cmd == "test":
         print(json.dumps(evaluate_simulated(a.models, a.n, a.seed), indent=1))
     else:
