@@ -326,8 +326,8 @@ def test_finetune_cross_validation_is_out_of_fold(real_store, tmp_path):
     lab = {k: sim[f"true_{k}"].values for k in TLMA_LABELS}
     train_regressor(tl, lab, tmp_path / "base", folds=2, epochs=1, arch=TINY, plots=False)
     k = 3
-    r = finetune_cross_validation(tmp_path / "base", k=k, seeds=(4,), epochs=2, store=store,
-                                  work_dir=tmp_path / "cv", threads=1)  # fmt: skip
+    r = finetune_cross_validation(tmp_path / "base", k=k, seeds=(4,), epochs=2, lr=(1e-4, 1e-3),
+                                  store=store, work_dir=tmp_path / "cv", threads=1)  # fmt: skip
     stars = pd.DataFrame(r["stars"])
     lit = pd.read_csv(labels)
     # all 36 stars (the two without a LAMOST RV in the rest frame RV = 0), each once
@@ -348,10 +348,14 @@ def test_finetune_cross_validation_is_out_of_fold(real_store, tmp_path):
         assert set(f["train_table_files"]) | test_files == set(lit["file_name"])
         got = stars.loc[stars["fold_4"] == f["fold"], "file"]
         assert set(got) == test_files
-        on_disk = pd.read_csv(
-            tmp_path / "cv" / "seed4" / f"fold{f['fold']}" / "oof_predictions.csv"
-        )
-        assert set(on_disk["obsid"]) == set(f["train_obsids"])
+        for rate in ("0.0001", "0.001"):
+            fold_dir = tmp_path / "cv" / "seed4" / f"fold{f['fold']}" / f"lr{rate}"
+            on_disk = pd.read_csv(fold_dir / "oof_predictions.csv")
+            assert set(on_disk["obsid"]) == set(f["train_obsids"])
+        # the learning rate is the one with the lowest inner (training-stars-only) rms
+        inner = {i["lr"]: i["inner_oof_rms_teff"] for i in f["inner"]}
+        assert set(inner) == {1e-4, 1e-3} and f["lr"] == min(inner, key=inner.get)
+        assert (stars.loc[stars["fold_4"] == f["fold"], "lr_4"] == f["lr"]).all()
     assert sorted(held) == sorted(lit["file_name"])  # every star held out exactly once
     # each fold spans the Teff range (stratified): one of the k coolest and of the k warmest
     srt = np.sort(stars["teff_lit"].to_numpy())
@@ -366,3 +370,10 @@ def test_finetune_cross_validation_is_out_of_fold(real_store, tmp_path):
     assert r["noise_ceiling"]["all"]["label_sigma"] == 153.0
     assert 0 < r["noise_ceiling"]["all"]["slope"] < 1
     assert "called_m" not in r["finetuned"]  # no CNN-SPT next to a bare ensemble
+    assert set(r["per_lr"]) == {"0.0001", "0.001"}
+    assert r["per_lr"]["0.001"]["all"]["teff"]["n"] == 36
+    # the chosen prediction is one of the per-lr ones, star by star
+    for rate in (1e-4, 1e-3):
+        sel = stars["lr_4"] == rate
+        np.testing.assert_array_equal(stars.loc[sel, "teff_cv_4"],
+                                      stars.loc[sel, f"teff_cv_4_lr{rate:g}"])  # fmt: skip

@@ -769,8 +769,8 @@ def finetune_cross_validation(
     *,
     k: int = 6,
     seeds=(0, 1, 2),
-    epochs: int = 30,
-    lr: float = 1e-4,
+    epochs: int = 60,
+    lr=(1e-4, 3e-4, 1e-3, 3e-3, 1e-2),
     batch_size: int = 8,
     patience: int = 5,
     labels=None,
@@ -795,10 +795,15 @@ def finetune_cross_validation(
     measured [Fe/H] (``feh_lit`` as [M/H], the placeholder :data:`PLACEHOLDER_FEH` masked)
     are trained; logg (``logg_lit`` is mostly a placeholder 5.0) and [α/M] (no labels) are
     taught from the base members' own predictions (``train_regressor``'s rule for missing
-    labels). Every layer is fine-tuned with Adam at ``lr``; each ensemble member stops early
-    on its own inner validation fold (which lies inside the training folds), so the number of
-    epochs is chosen by inner validation. The rest frame is the LAMOST RV, 0 km/s where
-    LAMOST has none (as :func:`evaluate_real`), given to the trainer as the table's ``rv``.
+    labels). Every layer is fine-tuned with Adam. The hyper-parameters are chosen by inner
+    validation only, inside each outer fold's training stars: each ensemble member stops
+    early on its own inner validation fold (the number of epochs), and with several ``lr``
+    one ensemble is fine-tuned per learning rate and the one with the lowest inner
+    out-of-fold Teff rms (``train_regressor``'s ``metrics["rms"]["teff"]``, every training
+    star predicted by the member that did not train on it) predicts the held-out fold. The
+    held-out fold is predicted by every learning rate's ensemble too (``per_lr``, a
+    diagnostic, not a choice). The rest frame is the LAMOST RV, 0 km/s where LAMOST has none
+    (as :func:`evaluate_real`), given to the trainer as the table's ``rv``.
 
     Parameters
     ----------
@@ -810,8 +815,9 @@ def finetune_cross_validation(
         One repetition per seed: the fold assignment and the fine-tuning use it.
     epochs : int
         Maximum fine-tuning epochs per member.
-    lr : float
-        Adam learning rate of the fine-tuning (1e-4: the library's default for fine-tuning).
+    lr : float or sequence of float
+        Adam learning rate(s) of the fine-tuning (1e-4 is the library's default for
+        fine-tuning); several: chosen per outer fold by inner validation (above).
     batch_size : int
         Spectra per optimizer step (8: a few steps per epoch on ~25 training stars).
     patience : int
@@ -840,13 +846,15 @@ def finetune_cross_validation(
         a placeholder), ``spt`` (CNN-SPT class when ``models`` has ``spt/``), ``teff_base``,
         ``m_h_base`` (default models), and per seed ``fold_<s>``, ``teff_cv_<s>`` (K),
         ``m_h_cv_<s>`` (dex), out of fold; ``folds``: per seed and fold the held-out files
-        and obsids, the files of the label table given to the trainer, the obsids it fitted
-        on (its ``oof_predictions.csv``), the inner out-of-fold Teff rms and the seconds;
+        and obsids, the files of the label table given to the trainer, the obsids its
+        trainers fitted on (their ``oof_predictions.csv``), per learning rate the inner
+        out-of-fold Teff and [M/H] rms and the members' epochs, the chosen ``lr``, seconds;
         ``finetuned``: per sample (``"all"``, and ``"called_m"`` with CNN-SPT) and label
         (``teff`` against ``teff_lit``, ``m_h`` against the measured ``feh_lit``) the
         :func:`_versus_literature` numbers per seed and their mean/min/max over seeds;
         ``default``: the same for the default models; ``noise_ceiling``:
-        :func:`label_noise_ceiling` of Teff for each sample; ``seconds``.
+        :func:`label_noise_ceiling` of Teff for each sample; ``per_lr``: per learning rate
+        the ``finetuned`` summary over seeds had that rate been fixed; ``seconds``.
 
     Raises
     ------
@@ -875,6 +883,9 @@ def finetune_cross_validation(
         if c not in table.columns:
             raise ValueError(f"labels table {str(labels)!r} has no column {c!r}")
     seeds = [int(s) for s in seeds]
+    lrs = [float(v) for v in np.atleast_1d(lr)]
+    if not lrs or min(lrs) <= 0 or len(set(lrs)) != len(lrs):
+        raise ValueError(f"lr must be distinct positive learning rates, got {lr!r}")
     if not seeds or len(set(seeds)) != len(seeds):
         raise ValueError(f"seeds must be distinct integers, got {seeds}")
     tmp = None
@@ -927,53 +938,72 @@ def finetune_cross_validation(
         fold_log = []
         for s in seeds:
             fold = stratified_folds(teff_lit[stars], k, s)
-            pred = np.full((stars.size, 2), np.nan)
+            pred = np.full((len(lrs), stars.size, 2), np.nan)
+            chosen = np.full(stars.size, -1)
             for f in range(int(k)):
                 test = fold == f
                 t0 = time.perf_counter()
-                out_dir = work / f"seed{s}" / f"fold{f}"
                 tab = train_table[~test].reset_index(drop=True)
-                m = train_from_store(kind="tlma", store=store, labels=tab, out_dir=out_dir,
-                                     epochs=epochs, seed=s, on="file", columns=columns,
-                                     finetune=base, lr=lr, batch_size=batch_size,
-                                     patience=patience, threads=threads, plots=False,
-                                     calibration="oof")  # fmt: skip
-                fitted = pd.read_csv(out_dir / "oof_predictions.csv")["obsid"].to_numpy(np.int64)
-                leak = (set(fitted) & set(obsid[stars][test])) | (
-                    set(tab["file_name"]) & set(names[stars][test])
-                )
-                if leak:
-                    raise RuntimeError(f"seed {s} fold {f}: held-out stars trained on: {leak}")
-                p = predict_array(x[stars][test], out_dir)
-                pred[test] = p[:, [0, 2]]
+                inner, fitted_all = [], set()
+                for j, rate in enumerate(lrs):
+                    out_dir = work / f"seed{s}" / f"fold{f}" / f"lr{rate:g}"
+                    m = train_from_store(kind="tlma", store=store, labels=tab, out_dir=out_dir,
+                                         epochs=epochs, seed=s, on="file", columns=columns,
+                                         finetune=base, lr=rate, batch_size=batch_size,
+                                         patience=patience, threads=threads, plots=False,
+                                         calibration="oof")  # fmt: skip
+                    fitted = pd.read_csv(out_dir / "oof_predictions.csv")["obsid"]
+                    fitted_all |= {int(o) for o in fitted}
+                    leak = (fitted_all & {int(o) for o in obsid[stars][test]}) | (
+                        set(tab["file_name"]) & set(names[stars][test])
+                    )
+                    if leak:
+                        raise RuntimeError(f"seed {s} fold {f}: held-out stars trained on: {leak}")
+                    pred[j, test] = predict_array(x[stars][test], out_dir)[:, [0, 2]]
+                    inner.append({"lr": rate, "inner_oof_rms_teff": m["rms"]["teff"],
+                                  "inner_oof_rms_m_h": m["rms"]["m_h"],
+                                  "epochs_run": [mm["epochs_run"] for mm in m["members"]]})  # fmt: skip
+                best = int(np.argmin([r["inner_oof_rms_teff"] for r in inner]))
+                chosen[test] = best
                 fold_log.append({
                     "seed": s, "fold": f, "test_files": names[stars][test].tolist(),
                     "test_obsids": obsid[stars][test].tolist(),
                     "train_table_files": tab["file_name"].tolist(),
-                    "train_obsids": sorted(int(o) for o in fitted),
-                    "inner_oof_rms_teff": m["rms"]["teff"],
-                    "epochs_run": [mm["epochs_run"] for mm in m["members"]],
+                    "train_obsids": sorted(fitted_all), "inner": inner, "lr": lrs[best],
                     "seconds": round(time.perf_counter() - t0, 1),
                 })  # fmt: skip
                 if progress:
                     print(f"seed {s} fold {f + 1}/{k}: {int(test.sum())} held out, "
-                          f"{fitted.size} trained, inner oof Teff rms {m['rms']['teff']:.0f} K, "
-                          f"{time.perf_counter() - t0:.0f} s", flush=True)  # fmt: skip
+                          f"{len(fitted_all)} trained, inner oof Teff rms "
+                          + ", ".join(f"{r['inner_oof_rms_teff']:.0f} K (lr {r['lr']:g})"
+                                      for r in inner)
+                          + f", {time.perf_counter() - t0:.0f} s", flush=True)  # fmt: skip
             rows[f"fold_{s}"] = fold
-            rows[f"teff_cv_{s}"] = pred[:, 0]
-            rows[f"m_h_cv_{s}"] = pred[:, 1]
+            rows[f"lr_{s}"] = np.array(lrs)[chosen]
+            rows[f"teff_cv_{s}"] = pred[chosen, np.arange(stars.size), 0]
+            rows[f"m_h_cv_{s}"] = pred[chosen, np.arange(stars.size), 1]
+            for j, rate in enumerate(lrs):
+                rows[f"teff_cv_{s}_lr{rate:g}"] = pred[j, :, 0]
+                rows[f"m_h_cv_{s}_lr{rate:g}"] = pred[j, :, 1]
         st = pd.DataFrame(rows)
         samples = {"all": np.ones(len(st), bool)}
         if spt is not None:
             samples["called_m"] = st["spt"].to_numpy() == "M"
         fin, dflt, ceil = {}, {}, {}
+        per_lr: dict = {f"{rate:g}": {} for rate in lrs}
         for name, sel in samples.items():
             sub = st[sel]
             fin[name], dflt[name] = {}, {}
+            for rate in lrs:
+                per_lr[f"{rate:g}"][name] = {}
             for lab, lit in (("teff", "teff_lit"), ("m_h", "feh_lit")):
                 per = {s: _versus_literature(sub[f"{lab}_cv_{s}"], sub[lit]) for s in seeds}
                 fin[name][lab] = {"per_seed": per, "over_seeds": _summarise_seeds(per)}
                 dflt[name][lab] = _versus_literature(sub[f"{lab}_base"], sub[lit])
+                for rate in lrs:
+                    per = {s: _versus_literature(sub[f"{lab}_cv_{s}_lr{rate:g}"], sub[lit])
+                           for s in seeds}  # fmt: skip
+                    per_lr[f"{rate:g}"][name][lab] = _summarise_seeds(per)
             ceil[name] = label_noise_ceiling(sub["teff_lit"], label_sigma)
         sha = hashlib.sha256((base / "model.json").read_bytes()).hexdigest()
         return {
@@ -982,7 +1012,8 @@ def finetune_cross_validation(
                 "seeds": seeds,
                 "stratified_by": "teff_lit",
                 "epochs": int(epochs),
-                "lr": float(lr),
+                "lr": lrs,
+                "lr_choice": "lowest inner out-of-fold Teff rms" if len(lrs) > 1 else "fixed",
                 "batch_size": int(batch_size),
                 "patience": int(patience),
                 "layers": "all",
@@ -1001,6 +1032,7 @@ def finetune_cross_validation(
             "finetuned": fin,
             "default": dflt,
             "noise_ceiling": ceil,
+            "per_lr": per_lr,
             "seconds": round(time.perf_counter() - t_start, 1),
         }
     finally:
@@ -1041,8 +1073,12 @@ def main(argv=None) -> int:  # pragma: no cover - exercised by the documented ru
     q.add_argument("--models", required=True, help="default models (with tlma/) or a dM ensemble")
     q.add_argument("--k", type=int, default=6, help="outer folds")
     q.add_argument("--seeds", default="0,1,2", help="comma-separated repetition seeds")
-    q.add_argument("--epochs", type=int, default=30, help="maximum fine-tuning epochs")
-    q.add_argument("--lr", type=float, default=1e-4)
+    q.add_argument("--epochs", type=int, default=60, help="maximum fine-tuning epochs")
+    q.add_argument(
+        "--lr",
+        default="1e-4,3e-4,1e-3,3e-3,1e-2",
+        help="learning rate(s); several: inner-validated",
+    )
     q.add_argument("--batch-size", type=int, default=8)
     q.add_argument("--work-dir", default=None, help="keep the store and fold models here")
     q.add_argument("--out", default=None, help="also write the JSON result here")
@@ -1083,7 +1119,7 @@ def main(argv=None) -> int:  # pragma: no cover - exercised by the documented ru
         torch.set_num_threads(1)
         res = finetune_cross_validation(
             a.models, k=a.k, seeds=[int(v) for v in a.seeds.split(",") if v.strip()],
-            epochs=a.epochs, lr=a.lr, batch_size=a.batch_size, work_dir=a.work_dir,
+            epochs=a.epochs, lr=[float(v) for v in a.lr.split(",")], batch_size=a.batch_size, work_dir=a.work_dir,
             progress=True,
         )  # fmt: skip
         text = json.dumps(res, indent=1, default=str)
