@@ -153,11 +153,17 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from mspec.ml.train import train_from_store
 
     columns = _column_map(args.columns, "LABEL")
+    if args.part and args.kind != "tlma":
+        raise CLIError(f"--part chooses a member of the CNN-TLMA dM/gM pair: not for {args.kind}")
     extra = {}
-    if args.lr is not None:
+    if args.lr is not None:  # None: the library's default (from scratch or fine-tuning)
         extra["lr"] = args.lr
+    if args.batch_size is not None:
+        extra["batch_size"] = args.batch_size
     if args.kind == "tlma":
         extra["calibration"] = args.calibration
+        if args.part:
+            extra["part"] = args.part
     elif args.augment:
         extra["augment"] = True
     metrics = train_from_store(
@@ -493,7 +499,12 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=_Formatter,
     )
     q.add_argument("kind", choices=["spt", "wdm", "dmgm", "tlma"])
-    q.add_argument("--store", required=True, help="Zarr store with the spectra")
+    q.add_argument(
+        "--store",
+        required=True,
+        help="Zarr store with the spectra, or a run directory of it ('mspec run': its DGCM "
+        "luminosity_class then picks the dM/gM member for labels without a class)",
+    )
     q.add_argument(
         "--labels",
         required=True,
@@ -527,13 +538,33 @@ def build_parser() -> argparse.ArgumentParser:
         "--finetune",
         metavar="MODEL_DIR",
         default=None,
-        help="fine-tune this trained model (same kind; a tlma ensemble or dM/gM pair) "
-        "instead of training from scratch",
+        help="fine-tune this trained model (same kind; a tlma ensemble or dM/gM pair, or the "
+        "default model set of 'mspec models path') instead of training from scratch; a pair "
+        "fine-tunes each member on the spectra of its class: the labels' lumclass/"
+        "ASPCAP_CLASS, else the run's luminosity_class, else the labels' logg (>= 3.0: dM), "
+        "else give --part",
+    )
+    q.add_argument(
+        "--part",
+        choices=["dM", "gM"],
+        default=None,
+        help="tlma: train or fine-tune only this member of the dM/gM pair (the other is "
+        "copied from a --finetune pair); labelled spectra without a class count as this one",
     )
     q.add_argument("--epochs", type=int, default=30, help="maximum epochs")
     q.add_argument("--folds", type=int, default=10, help="k-fold ensemble size (tlma)")
     q.add_argument(
-        "--lr", type=float, default=None, help="learning rate (default 1e-3; 1e-4 fine-tuning)"
+        "--batch-size",
+        type=int,
+        default=None,
+        help="spectra per optimizer step (default: 128; 8 when fine-tuning)",
+    )
+    q.add_argument(
+        "--lr",
+        type=float,
+        default=None,
+        help="Adam learning rate (default: 1e-3; when fine-tuning 3e-3 for tlma, 1e-4 for "
+        "classifiers)",
     )
     q.add_argument(
         "--calibration",

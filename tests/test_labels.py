@@ -257,10 +257,15 @@ def test_finetune_changes_the_model_and_keeps_the_format(real_store, tmp_path):
     assert m["folds"] == 3 and m["n"] == 34
     base_models, _ = load_models(tmp_path / "base")
     ft_models, _ = load_models(tmp_path / "ft")
-    for b, f in zip(base_models, ft_models):
+    kept = [mm["metrics"]["kept_base"] for mm in ft_meta["members"]]
+    assert not all(kept) and ft_meta["finetuned_from"]["members_kept_base"] == [
+        i for i, k in enumerate(kept) if k
+    ]
+    for b, f, k in zip(base_models, ft_models, kept):
         sb, sf = b.state_dict(), f.state_dict()
         assert set(sb) == set(sf)
-        assert any(not np.array_equal(sb[k].numpy(), sf[k].numpy()) for k in sb)
+        # a member whose fine-tuning never beat the base on validation keeps the base weights
+        assert k == all(np.array_equal(sb[x].numpy(), sf[x].numpy()) for x in sb)
     x = preprocess(mspec.open_store(store), recipe="tlma", rv="lamost_rv")["flux_grid"].values
     ok = np.isfinite(x).any(axis=1)
     pb, pf = predict_array(x[ok], tmp_path / "base"), predict_array(x[ok], tmp_path / "ft")
@@ -377,3 +382,125 @@ def test_finetune_cross_validation_is_out_of_fold(real_store, tmp_path):
         sel = stars["lr_4"] == rate
         np.testing.assert_array_equal(stars.loc[sel, "teff_cv_4"],
                                       stars.loc[sel, f"teff_cv_4_lr{rate:g}"])  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def tiny_pair_set(tmp_path_factory):
+    """A default-model-set-like directory whose tlma/ is a tiny simulator-trained dM/gM pair."""
+    import mspec
+    from mspec.ml.models import TLMA_LABELS
+    from mspec.ml.train import train_tlma_pair
+    from mspec.preprocessing.steps import preprocess
+
+    d = tmp_path_factory.mktemp("models")
+    sim = mspec.simulate_survey(60, seed=2, mix={"dM": 0.5, "gM": 0.5}, snr=(20.0, 100.0))
+    tl = preprocess(sim, recipe="tlma", rv="true_rv")
+    lab = {k: sim[f"true_{k}"].values for k in TLMA_LABELS}
+    train_tlma_pair(tl, lab, sim["true_lumclass"].values, d / "tlma", folds=2, epochs=1,
+                    arch=TINY, plots=False, threads=1)  # fmt: skip
+    return d
+
+
+def _same_files(a, b) -> bool:
+    return sorted(p.name for p in a.iterdir()) == sorted(p.name for p in b.iterdir()) and all(
+        (b / p.name).read_bytes() == p.read_bytes() for p in a.iterdir()
+    )
+
+
+@pytest.mark.realdata
+def test_cli_finetune_pair_with_labels_without_a_class(real_store, tiny_pair_set, tmp_path,
+                                                       capsys):  # fmt: skip
+    """docs/ml.md's fine-tune step with labels.csv (no dwarf/giant column) and the default
+    model set: the class comes from the labels' logg (all dwarfs), the dM member is
+    fine-tuned with the small-set defaults, the gM member is copied; a table without logg
+    asks for --part in one line; --part dM then works."""
+    from mspec.cli import main
+    from mspec.ml.io import read_metadata
+
+    store, labels = real_store
+    common = ["--store", str(store), "--threads", "1", "--epochs", "2"]
+    rc = main(["train", "tlma", "--labels", str(labels), "--finetune", str(tiny_pair_set),
+               "--out", str(tmp_path / "ft"), *common])  # fmt: skip
+    assert rc == 0
+    printed = _json_tail(capsys.readouterr().out)
+    assert set(printed) == {"dM", "labels"}
+    lc = printed["labels"]["lumclass"]
+    assert lc["source"].startswith("labels log g ('logg_lit' >= 3") and lc["part"] is None
+    # LAMOST types one star G5: not an M star, so the logg-derived dM is inconsistent
+    assert printed["labels"]["dropped"]["inconsistent_class"] == 1
+    assert lc["counts"] == {"dM": 35, "gM": 0} and printed["dM"]["n"] == 33  # 2 without RV
+    pair = read_metadata(tmp_path / "ft")
+    assert pair["kind"] == "tlma_pair" and pair["parts"] == {"dM": "dM", "gM": "gM"}
+    assert pair["finetuned_from"]["parts_finetuned"] == ["dM"]
+    assert _same_files(tiny_pair_set / "tlma" / "gM", tmp_path / "ft" / "gM")
+    dm = read_metadata(tmp_path / "ft" / "dM")
+    assert (dm["recipe_training"]["batch_size"], dm["recipe_training"]["lr"]) == (8, 3e-3)
+    assert dm["finetuned_from"]["path"] == str((tiny_pair_set / "tlma" / "dM").resolve())
+    assert dm["provenance"]["lumclass"] == lc
+    assert all("kept_base" in m["metrics"] for m in dm["members"])
+    # explicit values win
+    rc = main(["train", "tlma", "--labels", str(labels), "--finetune",
+               str(tiny_pair_set / "tlma"), "--out", str(tmp_path / "ft2"), "--batch-size", "4",
+               "--lr", "1e-3", *common])  # fmt: skip
+    assert rc == 0
+    r = read_metadata(tmp_path / "ft2" / "dM")["recipe_training"]
+    assert (r["batch_size"], r["lr"]) == (4, 1e-3)
+    # no class and no logg: one line naming --part, exit code 2
+    pd.read_csv(labels)[["file_name", "teff_lit"]].to_csv(tmp_path / "teff.csv", index=False)
+    capsys.readouterr()
+    rc = main(["train", "tlma", "--labels", str(tmp_path / "teff.csv"), "--finetune",
+               str(tiny_pair_set), "--out", str(tmp_path / "no"), *common])  # fmt: skip
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err
+    line = [x for x in err.splitlines() if x.startswith("mspec: error:")]
+    assert len(line) == 1 and "--part dM or --part gM" in line[0]
+    assert not (tmp_path / "no").exists()
+    rc = main(["train", "tlma", "--labels", str(tmp_path / "teff.csv"), "--finetune",
+               str(tiny_pair_set), "--part", "dM", "--out", str(tmp_path / "p"), *common])  # fmt: skip
+    assert rc == 0
+    lc = _json_tail(capsys.readouterr().out)["labels"]["lumclass"]
+    assert lc["part"] == "dM" and lc["counts"] == {"dM": 36, "gM": 0}  # no class: no check
+    assert read_metadata(tmp_path / "p")["parts"] == {"dM": "dM", "gM": "gM"}
+    rc = main(["train", "tlma", "--labels", str(labels), "--finetune", str(tiny_pair_set),
+               "--part", "gM", "--out", str(tmp_path / "g"), *common])  # fmt: skip
+    assert rc == 2 and "no labelled spectrum of class gM" in capsys.readouterr().err
+    assert main(["train", "spt", "--labels", str(labels), "--part", "dM", "--out",
+                 str(tmp_path / "s"), *common]) == 2  # fmt: skip
+    assert "--part" in capsys.readouterr().err
+
+
+@pytest.mark.realdata
+def test_cli_finetune_pair_takes_the_class_from_a_run(real_store, tiny_pair_set, tmp_path,
+                                                      capsys):  # fmt: skip
+    """--store RUN_DIR: a table without a class fine-tunes each member of the pair on the
+    spectra the run's DGCM luminosity_class gives it ('' = not an M star: not used)."""
+    import mspec
+    from mspec.cli import main
+    from mspec.config import Config, save_resolved
+    from mspec.io.zarrio import write_results
+    from mspec.ml.io import read_metadata
+
+    store, labels = real_store
+    run = tmp_path / "run"
+    (run / "stages").mkdir(parents=True)
+    save_resolved(Config.from_dict({"store": str(store), "run_dir": str(run)}), run)
+    ds = mspec.open_store(store)
+    with_rv = np.flatnonzero(np.isfinite(ds["lamost_rv"].values))
+    lum = np.full(ds.sizes["spectra"], "dM", dtype="<U2")
+    lum[with_rv[:6]] = "gM"  # a made-up DGCM decision
+    lum[with_rv[6:8]] = ""
+    write_results(xr.Dataset({"luminosity_class": ("spectra", lum)}).chunk({"spectra": 16}),
+                  run / "stages" / "dgcm.zarr")  # fmt: skip
+    pd.read_csv(labels)[["file_name", "teff_lit"]].to_csv(tmp_path / "teff.csv", index=False)
+    rc = main(["train", "tlma", "--store", str(run), "--labels", str(tmp_path / "teff.csv"),
+               "--finetune", str(tiny_pair_set), "--out", str(tmp_path / "ft"), "--threads",
+               "1", "--epochs", "1"])  # fmt: skip
+    assert rc == 0
+    printed = _json_tail(capsys.readouterr().out)
+    lc = printed["labels"]["lumclass"]
+    assert lc["source"] == "'luminosity_class' of the store/run"
+    # the run's own class is not checked against LAMOST's (LAMOST calls these dwarfs)
+    assert lc["counts"] == {"dM": 28, "gM": 6} and "inconsistent_class" not in printed[
+        "labels"]["dropped"]  # fmt: skip
+    assert printed["gM"]["n"] == 6 and printed["dM"]["n"] == 26  # 2 dM without RV
+    assert read_metadata(tmp_path / "ft")["finetuned_from"]["parts_finetuned"] == ["dM", "gM"]

@@ -816,8 +816,9 @@ def finetune_cross_validation(
     epochs : int
         Maximum fine-tuning epochs per member.
     lr : float or sequence of float
-        Adam learning rate(s) of the fine-tuning (1e-4 is the library's default for
-        fine-tuning); several: chosen per outer fold by inner validation (above).
+        Adam learning rate(s) of the fine-tuning; several: chosen per outer fold by inner
+        validation (above). Its choice, 3e-3, is now the library's default for fine-tuning
+        CNN-TLMA (:data:`mspec.ml.train.FINETUNE_DEFAULTS`).
     batch_size : int
         Spectra per optimizer step (8: a few steps per epoch on ~25 training stars).
     patience : int

@@ -17,7 +17,8 @@ columns under their usual names (APOGEE's ``TEFF``, ``LOGG``, ``M_H``, ``ALPHA_M
 ``ASPCAP_CLASS``; literature ``teff_lit`` ...; ``[Fe/H]`` stands in for ``[M/H]`` when no
 ``[M/H]`` column exists) or as the user maps them. :func:`training_filters` applies the paper's
 training-set filters: S/N_max = max(S/N_u..z) >= 5, and classes consistent with the LAMOST
-pipeline's.
+pipeline's. :func:`lumclass_from_logg` gives M stars a dwarf/giant class from a label
+table's log g when it has no class column (split at :data:`DWARF_LOGG_MIN`).
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ __all__ = [
     "join_labels",
     "label_columns",
     "lumclass_from_aspcap",
+    "DWARF_LOGG_MIN",
+    "lumclass_from_logg",
     "training_filters",
 ]
 
@@ -359,6 +362,29 @@ def lumclass_from_aspcap(values) -> np.ndarray:
     s = np.char.strip(v)
     return np.where(np.char.startswith(s, "Md"), "dM", np.where(np.char.startswith(s, "Mg"),
                                                                  "gM", "")).astype("<U2")  # fmt: skip
+
+
+#: log g (cgs) at and above which an M star counts as a dwarf (dM), below as a giant (gM).
+#: The paper's recommended ranges (Li et al. 2025, Table 10; :data:`mspec.flags.TABLE10_RANGES`)
+#: are log g 4.35-5.45 for M dwarfs and -0.05-1.55 for M giants: 3.0 lies in the middle of the
+#: ~2.8 dex gap between them (M stars have no subgiant branch to fill it), so label errors of
+#: ~1 dex still land on the right side; it is also the simulator's own split
+#: (``mspec.simulate.survey``: M stars with log g < 3.0 are giants).
+DWARF_LOGG_MIN = 3.0
+
+
+def lumclass_from_logg(logg) -> np.ndarray:
+    """``dM`` (log g >= :data:`DWARF_LOGG_MIN`), ``gM`` (below) or ``""`` (no log g) per row.
+
+    Meant for M stars: a K dwarf's log g says ``dM`` too (the LAMOST-consistency filter of
+    :func:`training_filters` then drops spectra LAMOST does not type M or K7).
+    """
+    import pandas as pd
+
+    g = pd.to_numeric(pd.Series(np.asarray(logg, dtype=object)), errors="coerce").to_numpy(float)
+    with np.errstate(invalid="ignore"):
+        return np.where(np.isfinite(g), np.where(g >= DWARF_LOGG_MIN, "dM", "gM"),
+                        "").astype("<U2")  # fmt: skip
 
 
 def _lamost_kind(lamost_class, lamost_subclass, kind: str) -> np.ndarray:

@@ -9,6 +9,15 @@ cross-validation (CNN-TLMA, k = 10), Adam (lr 1e-3), batches of 128, learning ra
 plateau of the validation loss, early stopping on the validation loss (the best epoch's
 weights are kept). Everything is seeded; ``torch.use_deterministic_algorithms`` is on while
 training, so the same seed, data and thread count give bit-identical weights.
+
+Fine-tuning (``finetune=``, transfer learning of a trained model on a small real labelled set)
+uses its own defaults, :data:`FINETUNE_DEFAULTS`: batches of 8 (a few optimizer steps per
+epoch on tens of spectra, where 128 would be one) and Adam at 3e-3 for CNN-TLMA (the rate
+inner validation chose most often when fine-tuning the dM ensemble on the real DR7 M dwarfs,
+docs/accuracy.md) or 1e-4 for the classifiers; explicit ``batch_size``/``lr`` win. Early
+stopping counts the base model itself as a candidate (epoch 0, its validation loss before
+any update): a member whose fine-tuning never lowers its validation loss keeps the base
+weights, and ``model.json`` records it (``kept_base``).
 """
 
 from __future__ import annotations
@@ -40,12 +49,22 @@ __all__ = [
     "train_all_demo",
     "augment_batch",
     "DEFAULT_AUGMENT",
+    "TRAIN_DEFAULTS",
+    "FINETUNE_DEFAULTS",
 ]
 
 log = logging.getLogger("mspec.ml")
 
 #: Class weights quoted by the paper (every other class 1).
 PAPER_CLASS_WEIGHTS = {"spt": {"OB": 3.62}, "wdm": {"WD": 4.23}, "dmgm": {}}
+#: Adam mini-batch size and learning rate when training from scratch (the paper's recipe).
+TRAIN_DEFAULTS = {"batch_size": 128, "lr": 1e-3}
+#: ... and when fine-tuning (``finetune=``): small batches for small real sets; CNN-TLMA's rate
+#: is the one inner validation chose in 13 of 18 folds of
+#: :func:`mspec.ml.evaluate.finetune_cross_validation` (docs/accuracy.md; in 8 of 18, tied
+#: with 1e-3, once the base model became an early-stopping candidate: docs/ml.md); the
+#: classifiers' 1e-4 has not been validated on real classes.
+FINETUNE_DEFAULTS = {"batch_size": 8, "lr": {"tlma": 3e-3, "classifier": 1e-4}}
 #: Wavelength grid of ``flux_grid`` (preprocessing step 4a), recorded in the metadata.
 GRID = {"start": 3900.0, "step": 1.0, "npix": 5000, "units": "Angstrom", "medium": "vacuum"}
 
@@ -284,6 +303,16 @@ def _obsids(ds, n: int) -> np.ndarray:
     return np.arange(n, dtype=np.int64)
 
 
+def _defaults(batch_size, lr, finetune, what: str) -> tuple[int, float]:
+    """``batch_size`` and ``lr``, or their defaults (:data:`TRAIN_DEFAULTS` /
+    :data:`FINETUNE_DEFAULTS`) when None."""
+    if finetune is None:
+        bs, rate = TRAIN_DEFAULTS["batch_size"], TRAIN_DEFAULTS["lr"]
+    else:
+        bs, rate = FINETUNE_DEFAULTS["batch_size"], FINETUNE_DEFAULTS["lr"][what]
+    return (bs if batch_size is None else batch_size), (rate if lr is None else lr)
+
+
 def _check_common(epochs, batch_size, lr, patience, max_memory):
     if int(epochs) < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
@@ -316,11 +345,16 @@ def _fit(
     label,
     progress,
     augment=None,
+    start_candidate=False,
 ):
     """Train ``model`` with early stopping; returns (history, best_epoch) and keeps best weights.
 
     ``target(rows) -> tensor`` gives the targets of dataset rows; ``loss_fn(out, t)`` is a mean
-    loss. Validation loss is the mean over every validation spectrum.
+    loss. Validation loss is the mean over every validation spectrum. With
+    ``start_candidate`` (fine-tuning) the starting weights are a candidate too: their
+    validation loss is ``history["val_loss_base"]``, and when no epoch lowers it the starting
+    weights are kept and ``best_epoch`` is 0. Without it nothing is evaluated before the first
+    epoch (from-scratch training is unchanged, bit for bit).
     """
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
@@ -328,6 +362,12 @@ def _fit(
     )
     history = {"train_loss": [], "val_loss": [], "lr": []}
     best, best_state, best_epoch, bad = math.inf, None, 0, 0
+    if start_candidate:  # epoch 0: the base model as it is (no RNG is drawn)
+        v0 = _evaluate_loss(model, data, val_rows, target, loss_fn, batch_size, device)
+        history["val_loss_base"] = v0
+        if math.isfinite(v0):
+            best, best_state = v0, copy.deepcopy(model.state_dict())
+        log.info("%s epoch 0 (base model): val loss %.4f", label, v0)
     for epoch in range(int(epochs)):
         t0 = time.perf_counter()
         model.train()
@@ -505,7 +545,7 @@ def train_classifier(
     seed: int = 0,
     class_weight="balanced",
     val_fraction: float = 0.25,
-    batch_size: int = 128,
+    batch_size: int | None = None,
     lr: float | None = None,
     patience: int = 5,
     lr_patience: int = 2,
@@ -544,9 +584,10 @@ def train_classifier(
         paper's (OB 3.62, WD 4.23, others 1); a dict class -> weight (others 1); None = 1.
     val_fraction : float
         Validation fraction of every class (paper: train:test = 3:1, i.e. 0.25).
-    batch_size, lr : int, float
-        Adam mini-batch size and learning rate (paper: 128, 1e-3; default 1e-3, or 1e-4
-        when fine-tuning).
+    batch_size, lr : int, float, optional
+        Adam mini-batch size and learning rate (paper: 128, 1e-3). Default 128 and 1e-3; when
+        fine-tuning 8 and 1e-4 (:data:`FINETUNE_DEFAULTS`). The values used are recorded in
+        ``model.json`` (``recipe_training``).
     patience : int
         Early stopping: epochs without a lower validation loss before stopping.
     lr_patience, lr_factor : int, float
@@ -565,7 +606,9 @@ def train_classifier(
         Write ``curves.png`` and ``confusion.png``.
     finetune : path-like, optional
         A trained classifier directory of the same kind to start from (transfer learning):
-        its architecture and weights are the starting point; ``lr`` defaults to 1e-4.
+        its architecture and weights are the starting point; ``batch_size`` defaults to 8 and
+        ``lr`` to 1e-4. The base model is an early-stopping candidate (epoch 0): if no epoch
+        lowers its validation loss its weights are returned unchanged (``kept_base``).
     provenance : dict, optional
         Extra JSON fields recorded in the metadata (e.g. the label table and its join).
     augment : dict, optional
@@ -579,7 +622,8 @@ def train_classifier(
     dict
         Metrics (also stored in ``model.json``): ``val_accuracy``, ``val_loss``,
         ``per_class_recall``, ``confusion`` (rows true, columns predicted), ``n_train``,
-        ``n_val``, ``epochs_run``, ``best_epoch``, ``train_seconds``, ``history``.
+        ``n_val``, ``epochs_run``, ``best_epoch``, ``train_seconds``, ``history``; when
+        fine-tuning also ``val_loss_base`` (the base model's) and ``kept_base``.
     """
     if kind not in CLASSES:
         raise ValueError(f"kind must be one of {tuple(CLASSES)}, got {kind!r}")
@@ -596,7 +640,7 @@ def train_classifier(
             raise ValueError("arch cannot be given with finetune (the base model's is kept)")
         arch = dict(base_meta["arch"])
         base_state = base_models[0].state_dict()
-    lr = (1e-4 if finetune is not None else 1e-3) if lr is None else lr
+    batch_size, lr = _defaults(batch_size, lr, finetune, "classifier")
     augment = _check_augment(augment)
     if not 0.0 < float(val_fraction) < 1.0:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
@@ -638,6 +682,7 @@ def train_classifier(
             epochs=epochs, lr=lr, batch_size=int(batch_size), patience=int(patience),
             lr_patience=int(lr_patience), lr_factor=float(lr_factor), rng=rng, device=dev,
             label=f"CNN-{kind.upper()}", progress=progress, augment=augment,
+            start_candidate=base_state is not None,
         )  # fmt: skip
         out, vr = _outputs(model, data, va, int(batch_size), dev)
     pred = out.argmax(axis=1)
@@ -661,6 +706,13 @@ def train_classifier(
         "train_seconds": round(time.perf_counter() - t_start, 2),
         "history": history,
     }
+    if base_state is not None:
+        metrics["val_loss"] = float(np.nanmin([history["val_loss_base"], *history["val_loss"]]))
+        metrics["val_loss_base"] = float(history["val_loss_base"])
+        metrics["kept_base"] = best_epoch == 0
+        if best_epoch == 0:
+            log.warning("CNN-%s: fine-tuning never lowered the validation loss of the base "
+                        "model: its weights are kept", kind.upper())  # fmt: skip
     obsid = _obsids(ds, n)
     meta = {
         "kind": kind,
@@ -693,6 +745,7 @@ def train_classifier(
             "path": str(Path(finetune).resolve()),
             "model_json_sha256": sha256_bytes((Path(finetune) / META_NAME).read_bytes()),
             "training_set_hash": base_meta.get("training_set_hash"),
+            "kept_base": best_epoch == 0,
         }
         for k in ("simulator_version",):
             if base_meta.get(k):
@@ -763,7 +816,7 @@ def train_regressor(
     folds: int = 10,
     epochs: int = 30,
     seed: int = 0,
-    batch_size: int = 128,
+    batch_size: int | None = None,
     lr: float | None = None,
     patience: int = 5,
     lr_patience: int = 2,
@@ -808,10 +861,13 @@ def train_regressor(
         ``oof.png``, ``oof_predictions.csv``).
     folds : int
         Ensemble size k (>= 2; paper: 10). Fine-tuning uses the base ensemble's size.
-    epochs, seed, batch_size, patience, lr_patience, lr_factor, arch, device, max_memory, threads, progress, plots
+    epochs, seed, patience, lr_patience, lr_factor, arch, device, max_memory, threads, progress, plots
         As in :func:`train_classifier`.
+    batch_size : int, optional
+        Adam mini-batch size; default 128 (paper), 8 when fine-tuning.
     lr : float, optional
-        Adam learning rate; default 1e-3 (paper), 1e-4 when fine-tuning.
+        Adam learning rate; default 1e-3 (paper), 3e-3 when fine-tuning
+        (:data:`FINETUNE_DEFAULTS`).
     name : str
         Name used in logs and plot titles.
     calibration : {"auto", "holdout", "oof", "none"}
@@ -827,7 +883,10 @@ def train_regressor(
         from the base member ``i``'s weights, keeps its architecture and label scaling, and is
         trained on every fold but ``i`` of the new labelled set (k = the base ensemble's size).
         Labels missing in the new set are taught from the base member's own predictions, so
-        they stay what the base model said instead of drifting.
+        they stay what the base model said instead of drifting. Each base member is an
+        early-stopping candidate (epoch 0, its loss on its validation fold before any update):
+        a member that fine-tuning never improves on validation keeps the base weights
+        (``kept_base`` in its metrics; ``finetuned_from.members_kept_base`` lists them).
     provenance : dict, optional
         Extra JSON fields recorded in the metadata (e.g. the label table and its join).
     augment : dict, optional
@@ -839,8 +898,9 @@ def train_regressor(
     -------
     dict
         Metrics: out-of-fold ``rms``/``bias`` per label (each spectrum predicted by the member
-        that did not train on it), ``members`` (per-member val loss, epochs), ``n``,
-        ``train_seconds``, ``calibration`` (the fitted table's pull stds).
+        that did not train on it), ``members`` (per-member val loss, epochs; when fine-tuning
+        also ``val_loss_base`` and ``kept_base``), ``n``, ``train_seconds``, ``calibration``
+        (the fitted table's pull stds); when fine-tuning ``members_kept_base`` (fold indices).
     """
     if calibration not in ("auto", "holdout", "oof", "none"):
         raise ValueError(
@@ -855,7 +915,7 @@ def train_regressor(
             raise ValueError("arch cannot be given with finetune (the base model's is kept)")
         folds = len(base_models)
         arch = dict(base_meta["arch"])
-    lr = (1e-4 if finetune is not None else 1e-3) if lr is None else lr
+    batch_size, lr = _defaults(batch_size, lr, finetune, "tlma")
     augment = _check_augment(augment)
     if int(folds) < 2:
         raise ValueError(f"folds must be >= 2, got {folds}")
@@ -931,7 +991,7 @@ def train_regressor(
                 batch_size=int(batch_size), patience=int(patience),
                 lr_patience=int(lr_patience), lr_factor=float(lr_factor), rng=rng,
                 device=dev, label=f"{name} fold {k + 1}/{folds}", progress=progress,
-                augment=augment,
+                augment=augment, start_candidate=base_models is not None,
             )  # fmt: skip
             out, vr = _outputs(model, data, va, int(batch_size), dev)
             oof[vr] = out * std + mean
@@ -942,6 +1002,11 @@ def train_regressor(
                 "metrics": {"val_loss": float(min(history["val_loss"])),
                             "best_epoch": int(best_epoch), "epochs_run": len(history["val_loss"])},
             })  # fmt: skip
+            if base_models is not None:
+                mm = members[-1]["metrics"]
+                v0 = float(history["val_loss_base"])
+                mm.update(val_loss=float(np.nanmin([v0, mm["val_loss"]])), val_loss_base=v0,
+                          kept_base=best_epoch == 0)  # fmt: skip
         # calibration: the whole ensemble on spectra it did not train on
         cal = None
         if mode != "none":
@@ -976,6 +1041,12 @@ def train_regressor(
             "source": cal["source"], "pull_std_raw": cal["pull_std_raw"],
             "pull_std": cal["pull_std"]},
     }  # fmt: skip
+    kept = [m["fold"] for m in members if m["metrics"].get("kept_base")]
+    if base_meta is not None:
+        metrics["members_kept_base"] = kept
+        if kept:
+            log.warning("%s: fine-tuning never lowered the validation loss of base member(s) "
+                        "%s: their weights are kept", name, kept)  # fmt: skip
     obsid = _obsids(ds, n)
     all_rows = np.sort(np.concatenate([fit_rows, cal_rows]))
     recipe = {
@@ -1020,6 +1091,7 @@ def train_regressor(
             "training_set_hash": base_meta.get("training_set_hash"),
             "simulator_version": base_meta.get("simulator_version"),
             "labels_from_base": [k for k, h in zip(TLMA_LABELS, have) if not h],
+            "members_kept_base": kept,
         }
         if base_meta.get("simulator_version"):
             meta["simulator_version"] = base_meta["simulator_version"]
@@ -1048,7 +1120,7 @@ def train_regressor(
     return metrics
 
 
-def train_tlma_pair(ds, labels, lumclass, out_dir, **kwargs) -> dict:
+def train_tlma_pair(ds, labels, lumclass, out_dir, *, part: str | None = None, **kwargs) -> dict:
     """Train the dM and gM CNN-TLMA ensembles into ``out_dir/dM`` and ``out_dir/gM``.
 
     Parameters
@@ -1059,16 +1131,27 @@ def train_tlma_pair(ds, labels, lumclass, out_dir, **kwargs) -> dict:
         ``"dM"`` / ``"gM"`` per spectrum; other values are not used.
     out_dir : path-like
         Pair directory; :func:`mspec.ml.predict` with ``lumclass=`` applies it.
+    part : {"dM", "gM"}, optional
+        Train (or fine-tune) only this member.
     **kwargs
-        Passed to :func:`train_regressor` (``folds``, ``epochs``, ``seed``, ...).
+        Passed to :func:`train_regressor` (``folds``, ``epochs``, ``seed``, ``finetune``,
+        ...). With ``finetune`` a dM/gM pair, each member starts from the base pair's member
+        of the same class, and a member that is not trained (no spectra of its class, or not
+        ``part``) is copied unchanged from the base pair, so the result is a complete pair;
+        the pair's ``model.json`` records which parts were fine-tuned and which copied
+        (``finetuned_from``).
 
     Returns
     -------
     dict
-        ``{"dM": metrics, "gM": metrics}`` for the parts that had labelled spectra.
+        ``{"dM": metrics, "gM": metrics}`` for the parts trained.
     """
-    from mspec.ml.io import read_metadata
+    import shutil
 
+    from mspec.ml.io import META_NAME, read_metadata, sha256_bytes
+
+    if part not in (None, "dM", "gM"):
+        raise ValueError(f"part must be 'dM', 'gM' or None, got {part!r}")
     fg = _flux_grid(ds)
     n = fg.sizes["spectra"]
     lum = _str_labels(lumclass, n)
@@ -1079,29 +1162,60 @@ def train_tlma_pair(ds, labels, lumclass, out_dir, **kwargs) -> dict:
         bm = read_metadata(finetune)
         if bm["kind"] == "tlma_pair":
             base_parts = {p: Path(finetune) / sub for p, sub in bm["parts"].items()}
+    wanted = ("dM", "gM") if part is None else (part,)
+    if part is not None and not (lum == part).any():
+        raise ValueError(f"lumclass has no {part!r} spectra to train the {part} member on")
     out, parts = {}, {}
-    for part in ("dM", "gM"):
-        sel = lum == part
+    for cls in wanted:
+        sel = lum == cls
         if not sel.any():
             continue
         base = finetune
         if base_parts is not None:
-            base = base_parts.get(part)
+            base = base_parts.get(cls)
             if base is None:
-                raise ValueError(f"finetune pair {str(finetune)!r} has no {part} ensemble")
+                raise ValueError(f"finetune pair {str(finetune)!r} has no {cls} ensemble")
         yp = np.where(sel[:, None], y, np.nan)
-        out[part] = train_regressor(
-            ds,
-            {k: yp[:, i] for i, k in enumerate(TLMA_LABELS)},
-            Path(out_dir) / part,
-            name=f"CNN-TLMA-{part}",
-            finetune=base,
-            **kwargs,
-        )
-        parts[part] = part
+        try:
+            out[cls] = train_regressor(
+                ds,
+                {k: yp[:, i] for i, k in enumerate(TLMA_LABELS)},
+                Path(out_dir) / cls,
+                name=f"CNN-TLMA-{cls}",
+                finetune=base,
+                **kwargs,
+            )
+        except ValueError as exc:  # say which member (part= trains one member only)
+            msg = f"CNN-TLMA {cls} member: {exc}"
+            try:
+                new = type(exc)(msg)
+            except Exception:  # noqa: BLE001 - a ValueError subclass with other arguments
+                new = ValueError(msg)
+            raise new from exc
+        parts[cls] = cls
     if not parts:
         raise ValueError("lumclass has no 'dM' or 'gM' spectra")
-    write_pair(out_dir, parts, {"mspec_version": _mspec_version()})
+    meta = {"mspec_version": _mspec_version()}
+    if finetune is not None:
+        copied = {}
+        for p, src in (base_parts or {}).items():
+            if p in parts:
+                continue
+            dst = Path(out_dir) / p
+            if not (dst.exists() and dst.resolve() == src.resolve()):
+                if dst.exists():
+                    shutil.rmtree(dst)
+                shutil.copytree(src, dst)
+            parts[p] = p
+            copied[p] = sha256_bytes((src / META_NAME).read_bytes())
+            log.info("CNN-TLMA-%s: not fine-tuned; copied unchanged from %s", p, src)
+        meta["finetuned_from"] = {
+            "path": str(Path(finetune).resolve()),
+            "model_json_sha256": sha256_bytes((Path(finetune) / META_NAME).read_bytes()),
+            "parts_finetuned": sorted(out),
+            "parts_copied": copied,
+        }
+    write_pair(out_dir, parts, meta)
     return out
 
 
@@ -1112,6 +1226,80 @@ def _file_sha256(path) -> str | None:
         return _h.sha256(Path(path).read_bytes()).hexdigest()
     except (OSError, TypeError):
         return None
+
+
+def _open_training_data(store):
+    """The spectra to train on: a Dataset as given, a run directory (its store merged with
+    the run's stage outputs, :func:`mspec.review.load_run`) or a store (:func:`open_store`)."""
+    if isinstance(store, xr.Dataset):
+        return store
+    if (Path(store) / "config.resolved.toml").is_file():
+        from mspec.review import load_run
+
+        return load_run(store)
+    from mspec.io.store import open_store
+
+    return open_store(store)
+
+
+def _resolve_finetune(finetune, kind: str):
+    """``finetune`` itself, or its ``<kind>/`` sub-directory when ``finetune`` is a default
+    model set (``mspec models path``: ``spt/ wdm/ dmgm/ tlma/``) rather than one model."""
+    if finetune is None:
+        return None
+    f = Path(finetune)
+    if not (f / "model.json").is_file() and (f / kind / "model.json").is_file():
+        log.info("finetune: %s is a model set; using its %s/", f, kind)
+        return f / kind
+    return f
+
+
+#: Variables of a store or run that give a spectrum's dwarf/giant class, in order of trust:
+#: the pipeline's DGCM decision, then the CNN-dMgM class alone.
+LUMCLASS_VARIABLES = ("luminosity_class", "dmgm_class")
+
+
+def _tlma_lumclass(ds, t, cols, matched, *, want: bool, part):
+    """The dM/gM class per spectrum for a CNN-TLMA pair, and where it came from.
+
+    Returns ``(lum, checked, source)``: ``lum`` the class used ("" = none; None when no class
+    is needed and the table has none), ``checked`` the classes that describe the labels (the
+    table's class column or log g), compared with LAMOST's by the consistency filter (None
+    when there are none), ``source`` a short description. Order: the table's ``lumclass`` /
+    ``ASPCAP_CLASS`` column; when a class is needed (``want``) and the table has none, the
+    run's or store's :data:`LUMCLASS_VARIABLES`, else the table's log g
+    (:func:`mspec.ml.labels.lumclass_from_logg`); with ``part``, spectra without a class are
+    taken to be ``part``.
+    """
+    from mspec.ml.labels import DWARF_LOGG_MIN, lumclass_from_aspcap, lumclass_from_logg
+
+    n = len(t)
+    lum = checked = source = None
+    if "lumclass" in cols:
+        lum = np.array([str(v) if isinstance(v, str) else "" for v in t[cols["lumclass"]]])
+        checked, source = lum, f"labels column {cols['lumclass']!r}"
+    elif "aspcap_class" in cols:
+        lum = lumclass_from_aspcap(t[cols["aspcap_class"]].fillna("").to_numpy())
+        checked, source = lum, f"labels column {cols['aspcap_class']!r} (ASPCAP_CLASS)"
+    elif want:
+        var = next((v for v in LUMCLASS_VARIABLES if v in ds), None)
+        if var is not None:
+            lum = np.asarray(ds[var].values).astype(str)
+            lum = np.where(np.isin(lum, ["dM", "gM"]), lum, "").astype("<U2")
+            source = f"{var!r} of the store/run"
+        elif "logg" in cols:
+            lum = lumclass_from_logg(t[cols["logg"]].to_numpy(dtype=object))
+            checked = lum
+            source = f"labels log g ({cols['logg']!r} >= {DWARF_LOGG_MIN:g}: dM, below: gM)"
+    if part is not None:
+        if lum is None:
+            lum, source = np.full(n, part, dtype="<U2"), f"part={part!r} (every labelled spectrum)"
+        else:
+            lum = np.where(lum == "", part, lum)
+            source += f"; part={part!r} (spectra without a class taken as {part})"
+    if lum is not None:
+        lum = np.where(matched, lum, "")
+    return lum, checked, source
 
 
 def train_from_store(
@@ -1129,6 +1317,7 @@ def train_from_store(
     snr_min: float | None = 5.0,
     consistent: bool = True,
     finetune=None,
+    part: str | None = None,
     **kwargs,
 ) -> dict:
     """Train (or fine-tune) one model on a store's spectra and a user's label table.
@@ -1144,8 +1333,10 @@ def train_from_store(
     ----------
     kind : {"spt", "wdm", "dmgm", "tlma"}
         Model to train.
-    store : path-like
-        Zarr store written by :func:`mspec.ingest` (opened lazily, read chunk by chunk).
+    store : path-like or xarray.Dataset
+        Zarr store written by :func:`mspec.ingest` (opened lazily, read chunk by chunk), a
+        run directory of that store (``mspec run``: its store with the run's outputs, e.g.
+        the DGCM ``luminosity_class``), or an opened Dataset.
     labels : path-like or pandas.DataFrame
         CSV / Parquet / FITS label table. Classifiers read the class from the first of the
         columns ``<kind>``, ``label``, ``class`` (CNN-dMgM also ``lumclass`` or
@@ -1168,10 +1359,23 @@ def train_from_store(
     snr_min : float or None
         Training-set filter S/N_max = max(snr_u..snr_z) >= ``snr_min`` (paper: 5); None: off.
     consistent : bool
-        Keep only spectra whose label class agrees with the LAMOST pipeline's class.
+        Keep only spectra whose label class agrees with the LAMOST pipeline's class (for
+        CNN-TLMA: a class from the table, its class column or its log g).
     finetune : path-like, optional
-        A trained model directory of the same kind (for CNN-TLMA an ensemble or a dM/gM pair)
-        to start from: transfer learning of simulator-trained models on a small real set.
+        A trained model directory of the same kind (for CNN-TLMA an ensemble or a dM/gM pair;
+        a default model set, ``mspec models path``, stands for its ``<kind>/``) to start
+        from: transfer learning of simulator-trained models on a small real set. Batch size
+        and learning rate then default to :data:`FINETUNE_DEFAULTS`. A dM/gM pair needs a
+        dwarf/giant class per spectrum: the table's ``lumclass``/``ASPCAP_CLASS`` column;
+        else the run's or store's ``luminosity_class`` (DGCM) or ``dmgm_class``
+        (CNN-dMgM); else the table's log g (dM at log g >= 3.0,
+        :data:`mspec.ml.labels.DWARF_LOGG_MIN`); else ``part`` must say which member to
+        fine-tune. Members with no spectra are copied unchanged from the base pair.
+    part : {"dM", "gM"}, optional
+        CNN-TLMA only: train or fine-tune only this member of the dM/gM pair (the output is
+        a pair directory; fine-tuning a pair, the other member is copied from it). Spectra
+        known to be of the other class are left out; spectra with no class are taken to be
+        ``part``.
     **kwargs
         Passed on to the training function (``lr``, ``batch_size``, ``arch``, ``threads``,
         ``calibration``, ...).
@@ -1180,10 +1384,11 @@ def train_from_store(
     -------
     dict
         The training metrics, plus ``labels``: the join report (``key``, matched and
-        unmatched counts, unmatched keys), the columns used and the rows dropped per filter
-        (also recorded in ``model.json`` under ``provenance``).
+        unmatched counts, unmatched keys), the columns used, the rows dropped per filter and,
+        for a CNN-TLMA pair, ``lumclass`` (its source and counts) (also recorded in
+        ``model.json`` under ``provenance``).
     """
-    from mspec.io.store import open_store
+    from mspec.ml.io import read_metadata
     from mspec.ml.labels import (
         join_labels,
         label_columns,
@@ -1195,8 +1400,13 @@ def train_from_store(
 
     if kind not in (*CLASSES, "tlma"):
         raise ValueError(f"kind must be one of {(*CLASSES, 'tlma')}, got {kind!r}")
+    if part is not None and (kind != "tlma" or part not in ("dM", "gM")):
+        raise ValueError(f"part must be 'dM' or 'gM' and needs kind 'tlma' (got {part!r} "
+                         f"for {kind!r})")  # fmt: skip
+    finetune = _resolve_finetune(finetune, kind)
+    pair_base = finetune is not None and read_metadata(finetune)["kind"] == "tlma_pair"
     table = read_label_table(labels)
-    ds = open_store(store)
+    ds = _open_training_data(store)
     lj = join_labels(ds, table, on=on, radius_arcsec=radius_arcsec)
     cols = label_columns(table, kind, columns)
     t = lj.table
@@ -1225,21 +1435,40 @@ def train_from_store(
     else:
         raise ValueError("the store has no 'lamost_rv' and the labels table no rv column: "
                          "CNN-TLMA needs a radial velocity for the rest frame")  # fmt: skip
-    lum = None
-    if "lumclass" in cols:
-        lum = np.array([str(v) if isinstance(v, str) else "" for v in t[cols["lumclass"]]])
-    elif "aspcap_class" in cols:
-        lum = lumclass_from_aspcap(t[cols["aspcap_class"]].fillna("").to_numpy())
-    keep, dropped = training_filters(ds, lum, kind="tlma", snr_min=snr_min,
+    want = pair_base or part is not None
+    lum, checked, lum_source = _tlma_lumclass(ds, t, cols, matched, want=want, part=part)
+    if pair_base and (lum is None or not np.isin(lum[matched], ["dM", "gM"]).any()):
+        raise ValueError(
+            f"--finetune {str(finetune)!r} is a dM/gM pair, but no dwarf/giant class was "
+            "found for the labelled spectra (no lumclass/ASPCAP_CLASS or logg column in the "
+            "labels table, no luminosity_class/dmgm_class in the store): choose the member "
+            f"to fine-tune with --part dM or --part gM (part= in Python), or pass one "
+            f"ensemble, e.g. --finetune {str(Path(finetune) / 'dM')!r}"
+        )
+    keep, dropped = training_filters(ds, checked, kind="tlma", snr_min=snr_min,
                                      consistent=consistent)  # fmt: skip
+    if part is not None and lum is not None:  # known to be the other member's class
+        other = matched & keep & (lum != part)
+        dropped["other_part"] = int(other.sum())
+        keep &= ~other
     y = {k: np.where(keep, pd_num(t[c]), np.nan) for k, c in cols.items()
          if k in TLMA_LABELS}  # fmt: skip
     dropped["total"] = int(((~keep) & matched).sum())
     prov = _provenance(labels, lj, cols, dropped, snr_min, consistent)
+    from_column = "lumclass" in cols or "aspcap_class" in cols
+    if lum is not None and (part is not None or not from_column):  # a class mspec chose
+        used = np.where(keep & matched, lum, "")
+        counts = {c: int((used == c).sum()) for c in ("dM", "gM")}
+        prov["lumclass"] = {"source": lum_source, "part": part, "counts": counts}
+        if part is not None and counts[part] == 0:
+            raise ValueError(f"--part {part}: no labelled spectrum of class {part} is left to "
+                             f"train on (class from {lum_source}; after the filters "
+                             f"{counts['dM']} dM, {counts['gM']} gM)")  # fmt: skip
     prep = preprocess(ds, recipe="tlma", rv=rv)
     common = dict(epochs=epochs, seed=seed, finetune=finetune, provenance=prov, **kwargs)
     if lum is not None:
-        m = train_tlma_pair(prep, y, np.where(keep, lum, ""), out_dir, folds=folds, **common)
+        m = train_tlma_pair(prep, y, np.where(keep, lum, ""), out_dir, folds=folds, part=part,
+                            **common)  # fmt: skip
     else:
         m = train_regressor(prep, y, out_dir, folds=folds, **common)
     m["labels"] = prov
