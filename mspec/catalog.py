@@ -76,6 +76,7 @@ __all__ = [
     "CatalogSet",
     "CatalogError",
     "build_catalog",
+    "per_spectrum_table",
     "catalog_summary",
     "column_spec",
     "write",
@@ -381,7 +382,8 @@ def _provenance(run_dir: Path, cfg) -> dict:
 
 
 def _gather(run_dir: Path, cfg, notes: list[str]):
-    """The store's per-spectrum metadata and every stage's per-spectrum outputs (lazy)."""
+    """The store's per-spectrum metadata and every stage's per-spectrum outputs (lazy), and
+    the :class:`_RowReader` that reads them a range of rows at a time."""
     import xarray as xr
 
     from mspec.io.store import open_store
@@ -398,6 +400,7 @@ def _gather(run_dir: Path, cfg, notes: list[str]):
         if ds[v].dims == ("spectra",) and str(v) not in _SKIP_VARS
     }
     data = xr.Dataset({k: (("spectra",), v.data, {}) for k, v in cols.items()})
+    reader = _RowReader(str(store), n, tuple(ds.chunks["spectra"]), tuple(cols))
     groups = sorted((run_dir / "stages").glob("*.zarr")) if (run_dir / "stages").is_dir() else []
     names = _group_order(g.name[: -len(".zarr")] for g in groups)
     origin: dict[str, str] = {}
@@ -424,7 +427,9 @@ def _gather(run_dir: Path, cfg, notes: list[str]):
                 f"stage {name}: {int((~done).sum())} of {n} spectra in unfinished chunks; "
                 "their outputs are treated as absent"
             )
-        for v in grp.data_vars:
+        partial = m < n or (done is not None and not done.all())
+        taken = []
+        for v in sorted(map(str, grp.data_vars)):  # a fixed order (zarr lists in any order)
             var = grp[v]
             if var.dims != ("spectra",) or v in _SKIP_VARS or v == "obsid":
                 continue
@@ -434,11 +439,15 @@ def _gather(run_dir: Path, cfg, notes: list[str]):
                                  f"{origin[v]}'s used")  # fmt: skip
                 continue
             arr = var.data
-            if m < n or (done is not None and not done.all()):
+            if partial:
                 arr = _null_fill(var, n, done)
             data[v] = (("spectra",), arr)
             origin[v] = name
-    return data, n, origin
+            taken.append(str(v))
+        if taken:
+            reader.groups.append((str(path), tuple(taken), m, done if partial else None,
+                                  partial))  # fmt: skip
+    return data, n, origin, reader
 
 
 def _misaligned(group: Path, store: Path, m: int, k: int = 64) -> str:
@@ -490,6 +499,63 @@ def _null_fill(var, n: int, done):
     if done is not None:
         arr = da.where(da.from_array(done, chunks=arr.chunks), arr, fill)
     return arr.astype(dtype)
+
+
+def _null_fill_rows(arr: np.ndarray, a: int, b: int, m: int, done) -> np.ndarray:
+    """Rows ``a:b`` of a stage variable whose group holds ``m`` rows (``arr``: rows
+    ``a:min(b, m)``), null where the group ends or a chunk is not done: the eager twin of
+    :func:`_null_fill` (same fill values and dtypes)."""
+    kind = arr.dtype.kind
+    if kind == "f":
+        fill, dtype = np.nan, arr.dtype
+    elif kind in "iub":
+        fill, dtype = np.nan, np.float64
+    else:
+        fill, dtype = "", arr.dtype
+    out = np.full(b - a, fill, dtype=dtype)
+    out[: len(arr)] = arr
+    if done is not None:
+        out[~done[a:b]] = fill
+    return out
+
+
+class _RowReader:
+    """Reads rows ``[a, b)`` of the store's per-spectrum metadata and of every stage's
+    per-spectrum outputs into one pandas DataFrame (index: row positions).
+
+    One task per partition (:func:`dask.dataframe.from_map`) instead of one per variable
+    and chunk: a run's ~130 per-spectrum variables made the catalog graph ~130 tasks per
+    chunk, and the scheduler's memory grew with it. Picklable: paths and names only, plus
+    the done masks of unfinished stages.
+    """
+
+    def __init__(self, store: str, n: int, chunks: tuple, names: tuple):
+        self.store, self.n, self.chunks, self.names = store, n, chunks, names
+        #: (group path, variables, rows it holds, done mask or None, null-fill?)
+        self.groups: list[tuple] = []
+
+    def ranges(self) -> list[tuple[int, int]]:
+        """Row ranges of the partitions: the store's chunks."""
+        edges = np.concatenate([[0], np.cumsum(self.chunks)]).astype(int)
+        return [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:], strict=True)]
+
+    def __call__(self, rng: tuple[int, int]) -> pd.DataFrame:
+        from mspec.io.store import open_store
+        from mspec.io.zarrio import read_results
+
+        a, b = rng
+        cols: dict[str, np.ndarray] = {}
+        sub = open_store(self.store)[list(self.names)].isel(spectra=slice(a, b))
+        sub = sub.compute(scheduler="sync")
+        for v in self.names:
+            cols[v] = np.asarray(sub[v].values)
+        for path, names, m, done, partial in self.groups:
+            grp = read_results(path)[list(names)].isel(spectra=slice(min(a, m), min(b, m)))
+            grp = grp.compute(scheduler="sync")
+            for v in names:
+                arr = np.asarray(grp[v].values)
+                cols[v] = _null_fill_rows(arr, a, b, m, done) if partial else arr
+        return pd.DataFrame(cols, index=pd.RangeIndex(a, b))
 
 
 # --------------------------------------------------------------------------- the frame
@@ -667,6 +733,62 @@ def _recommended_partition(df: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
+def _run_config(run_dir: Path):
+    from mspec.config import ConfigError, load_config
+
+    conf = run_dir / "config.resolved.toml"
+    if not conf.is_file():
+        raise CatalogError(f"run: {run_dir} is not an mspec run directory (no {conf.name})")
+    try:
+        return load_config(conf)
+    except ConfigError as exc:
+        raise CatalogError(f"run: cannot read {conf}: {exc}") from exc
+
+
+def per_spectrum_table(run) -> tuple:
+    """Every per-spectrum variable of a run as one lazy table.
+
+    The store's per-spectrum metadata and each stage's per-spectrum outputs (the first stage
+    in pipeline order wins a name two give), one partition per store chunk, read by one
+    task each; rows of chunks a stage has not finished are null in its columns (as in
+    :func:`build_catalog`).
+
+    Parameters
+    ----------
+    run : path-like
+        Run directory (``config.resolved.toml`` names the store).
+
+    Returns
+    -------
+    frame : dask.dataframe.DataFrame
+        Index: the spectrum's position in the store (divisions known).
+    notes : list of str
+        What was null-filled or skipped, and why.
+
+    Raises
+    ------
+    CatalogError
+        ``run`` is not a run directory, or its store is gone or empty.
+    """
+    run_dir = Path(run)
+    notes: list[str] = []
+    _data, n, _origin, reader = _gather(run_dir, _run_config(run_dir), notes)
+    if n == 0:
+        raise CatalogError(f"run: the store of {run_dir} holds no spectra")
+    return _frame(reader), notes
+
+
+def _frame(reader: _RowReader):
+    """The per-spectrum table as a dask DataFrame, one partition per store chunk (known
+    divisions: row positions)."""
+    import dask.dataframe as dd
+
+    ranges = reader.ranges()
+    meta = reader((0, 0)).iloc[:0]
+    divisions = (*(a for a, _ in ranges), ranges[-1][1] - 1)
+    return dd.from_map(reader, ranges, meta=meta, divisions=divisions, enforce_metadata=False)
+
+
 def build_catalog(
     run,
     *,
@@ -701,18 +823,10 @@ def build_catalog(
     CatalogError
         ``run`` is not a run directory, or its store is gone.
     """
-    from mspec.config import ConfigError, load_config
-
     run_dir = Path(run)
-    conf = run_dir / "config.resolved.toml"
-    if not conf.is_file():
-        raise CatalogError(f"run: {run_dir} is not an mspec run directory (no {conf.name})")
-    try:
-        cfg = load_config(conf)
-    except ConfigError as exc:
-        raise CatalogError(f"run: cannot read {conf}: {exc}") from exc
+    cfg = _run_config(run_dir)
     notes: list[str] = []
-    data, n, origin = _gather(run_dir, cfg, notes)
+    data, n, origin, reader = _gather(run_dir, cfg, notes)
     prov_full = _provenance(run_dir, cfg)
     prov = {
         "prov_mspec_version": prov_full["mspec_version"],
@@ -751,8 +865,7 @@ def build_catalog(
     if n == 0:
         raise CatalogError(f"run: the store {cfg.store} holds no spectra")
 
-    frame = data.to_dask_dataframe()
-    frame = frame.drop(columns=[c for c in ("spectra",) if c in frame.columns])
+    frame = _frame(reader)
     truth = sorted(c for c in frame.columns if c.startswith("true_"))
     extra = [
         c
@@ -887,6 +1000,8 @@ def _summary_parts(cats: Mapping):
     """The small aggregates of :func:`catalog_summary`, as one dict of lazy objects."""
     v0, v1, v2 = cats["M_Catalog_V0"], cats["M_Catalog_V1"], cats["M_Catalog_V2"]
     v3, rec, nonm = cats["M_Catalog_V3"], cats["recommended"], cats["non_M_Catalog"]
+    # a handful of groups: one tree reduction (dask would shuffle with split_out > 1 at
+    # >= 15 partitions, costing the scheduler P2P state for a few integers)
     parts = {
         "n_v0": v0.shape[0],
         "n_v1": v1.shape[0],
@@ -895,17 +1010,17 @@ def _summary_parts(cats: Mapping):
         "n_rec": rec.shape[0],
         "v0_sub": v0["lamost_subclass"]
         .map_partitions(_lamost_lum, meta=("lamost", "object"))
-        .value_counts(),
-        "nonm_types": nonm.groupby(["catalog", "type"]).size(),
-        "v2_lum": v2.groupby("luminosity_class").size(),
+        .value_counts(split_out=1),
+        "nonm_types": nonm.groupby(["catalog", "type"]).size(split_out=1),
+        "v2_lum": v2.groupby("luminosity_class").size(split_out=1),
         "v2_switch": v2.assign(
             _lamost=v2["lamost_subclass"].map_partitions(_lamost_lum, meta=("x", "object"))
         )
         .groupby(["_lamost", "luminosity_class"])
-        .size(),
-        "rv_from": v3.groupby("rv_from").size(),
+        .size(split_out=1),
+        "rv_from": v3.groupby("rv_from").size(split_out=1),
         "rv_flag": v3["rv_flag"].sum(),
-        "pflag": rec.groupby(["luminosity_class", "parameter_flag"]).size(),
+        "pflag": rec.groupby(["luminosity_class", "parameter_flag"]).size(split_out=1),
     }
     if "rv_inspect" in v3.columns:
         parts["rv_inspect"] = (v3["rv_inspect"] != "").sum()

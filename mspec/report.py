@@ -59,6 +59,7 @@ __all__ = [
     "residual_stats",
     "confusion_matrix",
     "accuracy_metrics",
+    "accuracy_columns",
     "write_report",
 ]
 
@@ -328,6 +329,29 @@ def _check_args(cat, snr_edges, snr_min, rv_outlier_kms) -> list[float]:
 
 
 # --------------------------------------------------------------------------- metrics
+
+
+def accuracy_columns(names) -> list[str]:
+    """The columns of ``names`` that :func:`accuracy_metrics` and
+    :func:`mspec.plots.accuracy_figure` may read, in the order of ``names``.
+
+    Parameters
+    ----------
+    names : iterable of str
+        A catalog's column names.
+
+    Returns
+    -------
+    list of str
+        ``snr_i``, every ``true_*`` column, the classifier, RV (with ``*_err``) and CNN-TLMA
+        (with ``*_err``) columns that are present.
+    """
+    used = {"snr_i", *(c for _, c, _ in _CLASSIFIERS.values())}
+    for _, col in _RV.values():
+        used |= {col, f"{col}_err"}
+    for p in TLMA_PARAMS:
+        used |= {p, f"{p}_err"}
+    return [c for c in names if c in used or str(c).startswith("true_")]
 
 
 def accuracy_metrics(

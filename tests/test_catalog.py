@@ -556,3 +556,22 @@ def test_compare_bad_input():
     bad.loc[:10, "DEJ2000"] = np.nan
     res = compare_catalogs(cat, bad)
     assert len(res.matched) > 0
+
+
+def test_per_spectrum_table_is_one_task_per_chunk(run_dir, cats):
+    """The run's per-spectrum table is read by one task per store chunk (not one per
+    variable and chunk: the scheduler's memory at survey scale), in store order, and
+    build_catalog's catalogs come from it."""
+    from mspec.catalog import per_spectrum_table
+
+    frame, _notes = per_spectrum_table(run_dir[0])
+    assert frame.npartitions == -(-N // CHUNK) >= 2
+    assert len(frame.optimize().__dask_graph__()) == frame.npartitions
+    pdf = frame.compute(scheduler="sync")
+    assert list(pdf.index) == list(range(N))
+    from mspec.config import load_config
+
+    store = mspec.open_store(load_config(run_dir[0] / "config.resolved.toml").store)
+    np.testing.assert_array_equal(pdf["obsid"].to_numpy(), store["obsid"].values)
+    v0 = cats["M_Catalog_V0"].compute(scheduler="sync")
+    np.testing.assert_array_equal(v0["snr_i"].to_numpy(), pdf.loc[v0.index, "snr_i"].to_numpy())

@@ -476,3 +476,37 @@ def test_browser_renders_every_image(complete_run, complete_report, tmp_path):
     dec = re.search(r'data-images-decoded="(\d+)"', res.stdout)
     assert dec and int(dec.group(1)) == n_img - 1
     broken.unlink()
+
+
+def test_report_reads_only_the_columns_it_uses(full_run, full_report, tmp_path, monkeypatch):
+    """The catalog is read column by column on demand (the driver's memory at survey scale):
+    a report reads fewer columns than the catalog holds, each value equal to the file's."""
+    import pandas as pd
+
+    from mspec import run_report as rr
+
+    r = rr._load_run(full_run)
+    assert r.cat is not None and len(r.cat) == N
+    whole = pd.read_parquet(full_run / "catalog" / "catalog.parquet")
+    assert r.cat.columns == list(whole.columns)
+    assert not r.cat._cache  # nothing read yet
+    pd.testing.assert_series_equal(r.cat["snr_i"], whole["snr_i"], check_names=False)
+    sub = r.cat[["obsid", "rv_tm"]]
+    pd.testing.assert_frame_equal(sub, whole[["obsid", "rv_tm"]])
+    row = r.cat.row(3)
+    assert row["obsid"] == whole["obsid"].iat[3]
+    assert "nope" not in r.cat
+    with pytest.raises(KeyError):
+        r.cat["nope"]
+    # a whole report touches only part of the catalog
+    read: set[str] = set()
+    orig = rr._Catalog._column
+
+    def spy(self, col):
+        read.add(col)
+        return orig(self, col)
+
+    monkeypatch.setattr(rr._Catalog, "_column", spy)
+    rr.write_run_report(full_run, out_dir=tmp_path / "report")
+    assert {"snr_i", "rv_tm", "spt_class"} <= read
+    assert len(read) < len(whole.columns)

@@ -481,3 +481,26 @@ def test_cli_ingest_local_cluster(tmp_path):
     assert res.returncode == 0, res.stderr
     assert "scan batch 0" in res.stderr  # the progress bar
     assert open_store(tmp_path / "s.zarr").sizes["spectra"] == 5
+
+
+def test_scan_group_round_trip():
+    """A scan task's files travel as columns; every file gets back exactly its catalogue
+    values (keys the first row lacks included, nulls absent, types kept)."""
+    from mspec.io.store import _ScanGroup
+
+    items = [
+        ("/a.fits", {"obsid": 7, "snr_i": 3.5}),
+        ("/b.fits", {"obsid": 8, "snr_i": 1.0, "phot_g_mean_mag": 12.25, "lamost_class": "STAR"}),
+        ("/c.fits", {}),
+        ("/d.fits", {"gaia_source_id": 2**62 + 3, "true_active": True}),
+    ]
+    back = list(_ScanGroup(items))
+    assert back == items
+    assert [type(v) for v in back[1][1].values()] == [int, float, float, str]
+    assert list(_ScanGroup([("/x.fits", {}), ("/y.fits", {})])) == [
+        ("/x.fits", {}),
+        ("/y.fits", {}),
+    ]
+    mixed = [("/m.fits", {"x": "a"}), ("/n.fits", {"x": 1})]  # not one Arrow type: as is
+    assert list(_ScanGroup(mixed)) == mixed
+    assert len(_ScanGroup(items)) == 4

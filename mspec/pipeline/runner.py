@@ -464,27 +464,30 @@ def _catalog(run_dir: Path, ds_store: xr.Dataset, n: int) -> Path:
     decision: CNN-SPT says M and CNN-WDM not WD); elsewhere they are NaN. Units go to the Parquet metadata
     (key ``mspec_units``: column -> unit).
     """
+    from mspec.catalog import per_spectrum_table
+
     names = [s.name for s in PIPELINE if _stage_paths(run_dir, s.name)["group"].exists()]
+    # names and units only (lazy); the values come from per_spectrum_table: one task per
+    # chunk, not one per variable and chunk
     ds = _with_upstream(ds_store, run_dir, names, n)
     cols = [
         str(v)
         for v in ds.variables
         if ds[v].dims == ("spectra",) and v not in ("flux", "ivar", "andmask", "ormask")
     ]
-    table = ds[[c for c in cols if c != "obsid"]].reset_coords(drop=True)
-    table = table.assign(obsid=("spectra", ds["obsid"].data))
-    if "teff" in table and ("is_m" in table or "spt_class" in table):
-        if "is_m" in table:  # SCM's decision
-            is_m = table["is_m"]
+    table, _notes = per_spectrum_table(run_dir)
+    have = set(table.columns)
+    if "teff" in have and ("is_m" in have or "spt_class" in have):
+        if "is_m" in have:  # SCM's decision
+            is_m = table["is_m"].fillna(False).astype(bool)
         else:
             is_m = table["spt_class"] == "M"
-            if "wdm_class" in table:
+            if "wdm_class" in have:
                 is_m = is_m & (table["wdm_class"] != "WD")
-        table = table.assign({v: table[v].where(is_m) for v in _TLMA if v in table})
-    order = catalog_columns(cols)
+        table = table.assign(**{v: table[v].where(is_m) for v in _TLMA if v in have})
+    order = [c for c in catalog_columns(cols) if c in have]
     units = {c: str(ds[c].attrs.get("units", "")) for c in order if c in ds.variables}
-    df = table[order].drop_vars([c for c in table.coords]).to_dask_dataframe()
-    df = df[order]
+    df = table[order]
     out = run_dir / "catalog" / "catalog.parquet"
     shutil.rmtree(out, ignore_errors=True)
     df.to_parquet(
