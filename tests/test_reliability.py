@@ -133,7 +133,7 @@ def test_quarantined_file_retried_when_it_changed(tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger="mspec.io.store"):
         s3 = ingest(d, store, client="sync")
     assert s3["retried"] == 1 and s3["stored"] == 1 and s3["read"] == 1
-    assert "retrying 1 quarantined file" in caplog.text
+    assert "retried 1 quarantined file" in caplog.text
     assert store_state(store)["n_spectra"] == 4
     assert list(read_quarantine(store)["code"]) == ["not_fits"]
     # same size, new mtime (rewritten in place): retried too

@@ -316,6 +316,65 @@ def test_catalogue_rows_are_compact_views(tmp_path):
     assert len(pickle.dumps(rows[2])) < 300
 
 
+def test_sources_are_listed_lazily_in_catalogue_batches(tmp_path, monkeypatch):
+    """iter_sources reads catalogues a batch of rows at a time, gives the same files and
+    values as one read, drops repeats across sources, and checks every source before the
+    first file is listed (a bad last source fails at once, not after batches ingested)."""
+    import pandas as pd
+
+    import mspec.io.store as st
+
+    n = 11
+    cat = pd.DataFrame(
+        {
+            "file": [f"f{i:02d}.fits" for i in range(n)],
+            "ra": np.where(np.arange(n) % 4 == 1, np.nan, np.arange(n) + 0.5),
+            "subclass": [None if i % 3 == 0 else f"M{i % 9}" for i in range(n)],
+        }
+    )
+    cat.to_parquet(tmp_path / "cat.parquet")
+    cat.to_csv(tmp_path / "cat.csv", index=False)
+    whole = [(p, dict(r)) for p, r in resolve_sources(tmp_path / "cat.parquet")]
+    monkeypatch.setattr(st, "CATALOG_BATCH", 3)
+    for name in ("cat.parquet", "cat.csv"):
+        it = st.iter_sources([tmp_path / name, tmp_path / "cat.parquet"])
+        assert not isinstance(it, list)
+        got = [(p, dict(r)) for p, r in it]
+        assert got == whole  # the second catalogue lists the same files: dropped
+    assert whole[1][1] == {"lamost_subclass": "M1"} and whole[0][1] == {"ra": 0.5}
+    with pytest.raises(FileNotFoundError, match="nope"):
+        st.iter_sources([tmp_path / "cat.parquet", tmp_path / "nope"])
+    pd.DataFrame({"a": [1]}).to_csv(tmp_path / "bad.csv")
+    with pytest.raises(ValueError, match="no file column"):
+        st.iter_sources([tmp_path / "cat.parquet", tmp_path / "bad.csv"])
+
+
+def test_scan_tasks_read_their_files_from_a_scan_file(tmp_path):
+    """A batch's scan tasks carry (scan file, row group), the file holds the batch's paths
+    and catalogue values, and a committed batch leaves no scan file behind."""
+    import pyarrow.parquet as pq
+
+    import mspec.io.store as st
+
+    items = [(f"/x/{i}.fits", {"ra": float(i)} if i % 2 else {}) for i in range(7)]
+    store = tmp_path / "s.zarr"
+    calls = st._scan_calls(store, 0, items, 3)
+    assert [k for k, _ in calls] == [0, 3, 6]
+    assert all(isinstance(a[0], tuple) for _, a in calls)
+    back = [
+        it
+        for _, ((path, rg),) in calls
+        for it in st._ScanGroup.from_table(pq.ParquetFile(path).read_row_group(rg))
+    ]
+    assert back == items
+    mixed = [("/m.fits", {"x": "a"}), ("/n.fits", {"x": 1})]
+    (call,) = st._scan_calls(store, 1, mixed, 5)
+    assert call[1][0] == mixed  # in memory: no single Arrow type
+    _, d, _ = _fits_dir(tmp_path, n=3)
+    ingest(d, tmp_path / "t.zarr", chunk_size=2)
+    assert not list((tmp_path / "t.zarr" / "_mspec" / "scan").glob("*"))
+
+
 # --------------------------------------------------------------------------- real data
 
 

@@ -111,9 +111,9 @@ def _count_units(monkeypatch) -> list:
     written = []
     orig = st._write_unit
 
-    def counting(store, start, paths):
-        written.append((start, start + len(paths)))
-        return orig(store, start, paths)
+    def counting(store, batch, start, stop):
+        written.append((start, stop))
+        return orig(store, batch, start, stop)
 
     monkeypatch.setattr(st, "_write_unit", counting)
     return written

@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import glob as globmod
 import io
+import itertools
 import json
 import logging
 import os
@@ -64,6 +65,7 @@ __all__ = [
     "ingest",
     "open_store",
     "resolve_sources",
+    "iter_sources",
     "store_state",
     "StoreError",
     "StoreLockedError",
@@ -77,8 +79,10 @@ STORE_VERSION = 1
 SCAN_GROUP = 200
 #: Minimum chunks per batch (a batch is the unit of planning and commit). A new store uses
 #: max(BATCH_CHUNKS, 2 x the cluster's threads), recorded in its state so that resuming or
-#: appending on another cluster partitions files the same way.
-BATCH_CHUNKS = 16
+#: appending on another cluster partitions files the same way. The driver holds one batch's
+#: scan records and plan (~10 KB per file): 8 chunks of 1,000 keep it near 100 MB whatever
+#: the survey's size.
+BATCH_CHUNKS = 8
 SPECTRAL = ("flux", "ivar", "andmask", "ormask")
 #: Quarantine code of a file that was read when the batch was planned but not when its
 #: spectrum was written (moved, truncated or rewritten meanwhile); always retried by a rerun.
@@ -142,50 +146,83 @@ def _inside(path: str, root: str) -> bool:
     return real == base or real.startswith(base.rstrip(os.sep) + os.sep)
 
 
-def _read_catalog(path: str, allow_outside: bool = False) -> list[tuple[str, Mapping]]:
+#: Catalogue rows read at a time (a LAMOST catalogue of a whole release is millions of rows).
+CATALOG_BATCH = 65536
+
+
+def _catalog_frames(path: str):
+    """The catalogue's rows as pandas DataFrames of at most :data:`CATALOG_BATCH` rows."""
     import pandas as pd
 
-    df = pd.read_parquet(path) if path.lower().endswith((".parquet", ".pq")) else pd.read_csv(path)
-    df.columns = [str(c).strip().lower() for c in df.columns]
-    base = os.path.dirname(os.path.abspath(path))
-    pcol = next((c for c in _PATH_COLUMNS if c in df.columns), None)
-    if pcol is None:
-        need = {"lmjd", "planid", "spid", "fiberid"}
-        if not need <= set(df.columns):
-            raise ValueError(
-                f"sources: catalogue {path} has no file column ({', '.join(_PATH_COLUMNS)}) "
-                "and no lmjd/planid/spid/fiberid columns to build LAMOST file names"
-            )
-        names = [
-            f"spec-{int(r.lmjd)}-{str(r.planid).strip()}_sp{int(r.spid):02d}-{int(r.fiberid):03d}.fits"
-            for r in df.itertuples()
-        ]
+    if path.lower().endswith((".parquet", ".pq")):
+        import pyarrow.parquet as pq
+
+        for rb in pq.ParquetFile(path).iter_batches(batch_size=CATALOG_BATCH):
+            yield rb.to_pandas()
     else:
-        names = [str(v) for v in df[pcol]]
-    keep = {}
-    for c in df.columns:
-        name = _CATALOG_ALIASES.get(c, c)
-        if name in VARIABLES and VARIABLES[name].dims == ("spectra",) and name != "file":
-            keep[c] = name
-    # one shared set of columns; each file gets a row view (not a dict of its own)
-    cols = {
-        name: df[c].to_numpy() if isinstance(df[c].dtype, np.dtype) else df[c].to_numpy(object)
-        for c, name in keep.items()
-    }  # extension dtypes (nullable Int64, ...) as objects: 7 stays 7, NA stays missing
-    out = []
-    for i, name in enumerate(names):
-        p = name if os.path.isabs(name) else os.path.join(base, name)
-        if not os.path.exists(p) and os.path.exists(p + ".gz"):
-            p = p + ".gz"
-        rec = _CatalogRow(cols, i)
-        if not allow_outside and not _inside(p, base):
-            # a catalogue row must not make the ingest read files elsewhere (../../etc/...)
-            rec = {
-                _REFUSED: f"listed in {path} as {name!r}, which lies outside {base} "
-                "(pass allow_outside=True to read files outside the catalogue's folder)"
-            }
-        out.append((os.path.abspath(p), rec))
-    return out
+        yield from pd.read_csv(path, chunksize=CATALOG_BATCH)
+
+
+def _catalog_columns(path: str) -> list[str]:
+    """The catalogue's column names (lower case), read from its schema or header only."""
+    import pandas as pd
+
+    if path.lower().endswith((".parquet", ".pq")):
+        import pyarrow.parquet as pq
+
+        names = pq.read_schema(path).names
+    else:
+        names = list(pd.read_csv(path, nrows=0).columns)
+    return [str(c).strip().lower() for c in names]
+
+
+def _check_catalog(path: str) -> None:
+    cols = set(_catalog_columns(path))
+    if not any(c in cols for c in _PATH_COLUMNS) and not {"lmjd", "planid", "spid",
+                                                           "fiberid"} <= cols:  # fmt: skip
+        raise ValueError(
+            f"sources: catalogue {path} has no file column ({', '.join(_PATH_COLUMNS)}) "
+            "and no lmjd/planid/spid/fiberid columns to build LAMOST file names"
+        )
+
+
+def _read_catalog(path: str, allow_outside: bool = False):
+    """Yield ``(absolute path, catalogue values)`` for every row of a catalogue, reading it
+    :data:`CATALOG_BATCH` rows at a time."""
+    _check_catalog(path)
+    base = os.path.dirname(os.path.abspath(path))
+    for df in _catalog_frames(path):
+        df.columns = [str(c).strip().lower() for c in df.columns]
+        pcol = next((c for c in _PATH_COLUMNS if c in df.columns), None)
+        if pcol is None:
+            names = [
+                f"spec-{int(r.lmjd)}-{str(r.planid).strip()}_sp{int(r.spid):02d}-{int(r.fiberid):03d}.fits"
+                for r in df.itertuples()
+            ]
+        else:
+            names = [str(v) for v in df[pcol]]
+        keep = {}
+        for c in df.columns:
+            name = _CATALOG_ALIASES.get(c, c)
+            if name in VARIABLES and VARIABLES[name].dims == ("spectra",) and name != "file":
+                keep[c] = name
+        # one shared set of columns per batch; each file gets a row view (not a dict of its own)
+        cols = {
+            name: df[c].to_numpy() if isinstance(df[c].dtype, np.dtype) else df[c].to_numpy(object)
+            for c, name in keep.items()
+        }  # extension dtypes (nullable Int64, ...) as objects: 7 stays 7, NA stays missing
+        for i, name in enumerate(names):
+            p = name if os.path.isabs(name) else os.path.join(base, name)
+            if not os.path.exists(p) and os.path.exists(p + ".gz"):
+                p = p + ".gz"
+            rec = _CatalogRow(cols, i)
+            if not allow_outside and not _inside(p, base):
+                # a catalogue row must not make the ingest read files elsewhere (../../etc/...)
+                rec = {
+                    _REFUSED: f"listed in {path} as {name!r}, which lies outside {base} "
+                    "(pass allow_outside=True to read files outside the catalogue's folder)"
+                }
+            yield os.path.abspath(p), rec
 
 
 class _CatalogRow(Mapping):
@@ -269,6 +306,12 @@ def resolve_sources(sources, *, allow_outside: bool = False) -> list[tuple[str, 
     TypeError, ValueError
         ``sources`` of the wrong type, empty, or an unusable catalogue.
     """
+    return list(iter_sources(sources, allow_outside=allow_outside))
+
+
+def _checked_sources(sources, allow_outside) -> list[str]:
+    """The sources as strings, every one checked (types, existence, catalogue columns)
+    before any file is listed, so a bad source fails before an ingest starts."""
     if not isinstance(allow_outside, bool):
         raise TypeError(f"allow_outside must be True or False, got {allow_outside!r}")
     if isinstance(sources, str | os.PathLike):
@@ -278,33 +321,61 @@ def resolve_sources(sources, *, allow_outside: bool = False) -> list[tuple[str, 
     sources = list(sources)
     if not sources:
         raise ValueError("sources is empty")
-    out: list[tuple[str, Mapping]] = []
+    out = []
     for src in sources:
         if not isinstance(src, str | os.PathLike):
             raise TypeError(f"sources: entries must be paths, got {type(src).__name__}")
         s = os.path.expanduser(os.fspath(src))
+        if _is_catalog(s) and os.path.isfile(s):
+            _check_catalog(s)
+        elif not (os.path.exists(s) or globmod.has_magic(s) or s.lower().endswith(_FITS_SUFFIXES)):
+            raise FileNotFoundError(f"sources: {s!r} does not exist")
+        out.append(s)
+    return out
+
+
+def iter_sources(sources, *, allow_outside: bool = False):
+    """:func:`resolve_sources` one file at a time (same order, same values).
+
+    Every source is checked first (the same errors as :func:`resolve_sources`, raised by the
+    call itself); catalogues are then read :data:`CATALOG_BATCH` rows at a time, so listing
+    a survey holds one batch of catalogue rows and the set of paths seen (to drop repeats),
+    not the whole list.
+
+    Parameters
+    ----------
+    sources, allow_outside
+        As for :func:`resolve_sources`.
+
+    Returns
+    -------
+    iterator of (str, Mapping)
+    """
+    checked = _checked_sources(sources, allow_outside)
+    return _iter_checked(checked, allow_outside)
+
+
+def _iter_checked(sources: list[str], allow_outside: bool):
+    seen: set[str] = set()
+    for s in sources:
         if os.path.isdir(s):
-            out += [(os.path.abspath(p), {}) for p in _fits_files_in(Path(s))]
+            items = ((os.path.abspath(p), {}) for p in _fits_files_in(Path(s)))
         elif _is_catalog(s) and os.path.isfile(s):
-            out += _read_catalog(s, allow_outside)
+            items = _read_catalog(s, allow_outside)
         elif os.path.exists(s):
-            out.append((os.path.abspath(s), {}))
+            items = iter([(os.path.abspath(s), {})])
         elif globmod.has_magic(s):
-            out += [
+            items = (
                 (os.path.abspath(p), {})
                 for p in sorted(globmod.glob(s, recursive=True))
                 if os.path.isfile(p)
-            ]
-        elif s.lower().endswith(_FITS_SUFFIXES):
-            out.append((os.path.abspath(s), {}))  # a missing FITS file: quarantined, not fatal
-        else:
-            raise FileNotFoundError(f"sources: {s!r} does not exist")
-    seen, unique = set(), []
-    for p, d in out:
-        if p not in seen:
-            seen.add(p)
-            unique.append((p, d))
-    return unique
+            )
+        else:  # a missing FITS file: quarantined, not fatal
+            items = iter([(os.path.abspath(s), {})])
+        for p, d in items:
+            if p not in seen:
+                seen.add(p)
+                yield p, d
 
 
 # --------------------------------------------------------------------------- store state
@@ -669,6 +740,25 @@ class _ScanGroup:
             except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):
                 self.rows = rows  # a column of mixed types: sent as they are
 
+    @classmethod
+    def from_table(cls, table) -> _ScanGroup:
+        """The group of a :meth:`table` (or a slice of one)."""
+        g = cls([])
+        g.paths = table.column(_SCAN_PATH)
+        g.values = table.drop_columns([_SCAN_PATH]) if table.num_columns > 1 else None
+        return g
+
+    def table(self):
+        """Paths and values as one Arrow table, or None when a column mixes types."""
+        import pyarrow as pa
+
+        if self.rows is not None:
+            return None
+        t = pa.table({_SCAN_PATH: self.paths})
+        for name in self.values.column_names if self.values is not None else ():
+            t = t.append_column(name, self.values.column(name))
+        return t
+
     def __iter__(self):
         paths = self.paths.to_pylist()
         if self.values is None:
@@ -681,6 +771,45 @@ class _ScanGroup:
 
     def __len__(self) -> int:
         return len(self.paths)
+
+
+_SCAN_PATH = "__path__"
+
+
+def _scan_path(store: Path, batch: int) -> Path:
+    return _meta_dir(store) / "scan" / f"batch-{batch:06d}.parquet"
+
+
+def _scan_calls(store: Path, batch: int, part: list, group: int) -> list[tuple]:
+    """``(key, args)`` of the scan tasks of a batch.
+
+    The batch's files and catalogue values are written to ``_mspec/scan/batch-N.parquet``
+    in row groups of ``group`` files and each task reads one, so a task carries a path and
+    a number through the scheduler (whose message logs keep the last 1,000 messages per
+    connection); when a catalogue column mixes types, the files travel with the tasks."""
+    import pyarrow.parquet as pq
+
+    table = _ScanGroup(part).table()
+    if table is None:
+        return [(i, (part[i : i + group],)) for i in range(0, len(part), group)]
+    path = _scan_path(store, batch)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    buf = io.BytesIO()
+    pq.write_table(table, buf, row_group_size=group)
+    atomic_write(path, buf.getvalue())
+    n_groups = -(-len(part) // group)
+    return [(i * group, ((str(path), i),)) for i in range(n_groups)]
+
+
+def _scan_task(src) -> list[dict]:
+    """:func:`_scan_files` of ``src``: a list of ``(path, values)``, or ``(scan file, row
+    group)`` of :func:`_scan_calls`."""
+    if isinstance(src, tuple):
+        import pyarrow.parquet as pq
+
+        path, i = src
+        src = _ScanGroup.from_table(pq.ParquetFile(path).read_row_group(i))
+    return _scan_files(src)
 
 
 def _scan_files(items) -> list[dict]:
@@ -714,13 +843,33 @@ def _scan_files(items) -> list[dict]:
     return out
 
 
-def _write_unit(store: str, start: int, paths: list[str]) -> list:
-    """Pass 2: read the files of rows [start, start + len(paths)) and write their spectra.
+def _unit_paths(store: str, batch: int, start: int, stop: int) -> list[str]:
+    """Files of rows [start, stop) of a planned batch, read from the batch's log (the task
+    carries four numbers, not a thousand paths through the scheduler)."""
+    import pyarrow.parquet as pq
+
+    t = pq.read_table(_log_path(Path(store), batch), columns=["path", "row"])
+    rows = t.column("row").to_numpy()
+    sel = np.flatnonzero((rows >= start) & (rows < stop))
+    sel = sel[np.argsort(rows[sel], kind="stable")]
+    paths = t.column("path").take(sel).to_pylist()
+    if len(paths) != stop - start:
+        raise StoreError(
+            f"store: {store}: the log of batch {batch} plans {len(paths)} files for rows "
+            f"{start}-{stop}; run the ingest again"
+        )
+    return paths
+
+
+def _write_unit(store: str, batch: int, start: int, stop: int) -> list:
+    """Pass 2: read the files of rows [start, stop) of ``batch`` (its log says which) and
+    write their spectra.
 
     Returns ``[row, reason]`` of every file that could not be read again (the caller keeps
     them in the unit's done record, quarantines them and re-plans the batch)."""
     import zarr
 
+    paths = _unit_paths(store, batch, start, stop)
     n = len(paths)
     flux = np.full((n, NPIX), np.nan, np.float32)
     ivar = np.zeros((n, NPIX), np.float32)
@@ -835,12 +984,7 @@ def _write_batch(store: Path, state: dict, batch: int, df, compute: _Compute, pr
         with _quiet():
             _write_batch_meta(store, state, df, meta_cols, n_old, n_new, good)
         units = _units(n_old, n_new, chunk)
-        paths = good["path"].tolist()
-        calls = [
-            ((a, b), (str(store), a, paths[a - n_old : b - n_old]))
-            for a, b in units
-            if not records.is_done(a, b)
-        ]
+        calls = [((a, b), (str(store), batch, a, b)) for a, b in units if not records.is_done(a, b)]
         compute.run(
             _write_unit,
             calls,
@@ -967,6 +1111,7 @@ def _commit(store: Path, state: dict, batch: int, df) -> dict:
     _write_state(store, state)  # the commit
     _publish(store, batch + 1)
     _done_records(store, batch).clear()
+    _scan_path(store, batch).unlink(missing_ok=True)
     return state
 
 
@@ -1003,6 +1148,9 @@ def _cleanup(store: Path, batches: int) -> None:
         for p in done.glob("batch-*"):
             if int(p.name.split("-")[1]) < batches:
                 shutil.rmtree(p, ignore_errors=True)
+    for p in (_meta_dir(store) / "scan").glob("batch-*.parquet"):  # of committed batches
+        if int(p.name.split("-")[1].split(".")[0]) < batches:
+            p.unlink(missing_ok=True)
 
 
 def _read_log(store: Path, batch: int):
@@ -1071,6 +1219,26 @@ def _check_chunk_size(chunk_size, what: str = "chunk_size") -> int:
             "(about 1000 is typical)"
         )
     return int(chunk_size)
+
+
+def _todo_batches(items, seen: dict, per_batch: int, tally: dict):
+    """Batches of at most ``per_batch`` listed files still to read: new ones, and quarantined
+    ones worth another try (:func:`_to_retry`); ``tally`` counts sources, skipped, retried."""
+    part = []
+    for it in items:
+        tally["sources"] += 1
+        entry = seen.get(it[0])
+        if entry is not None:
+            if not _to_retry(entry, it[0]):
+                tally["skipped"] += 1
+                continue
+            tally["retried"] += 1
+        part.append(it)
+        if len(part) == per_batch:
+            yield part
+            part = []
+    if part:
+        yield part
 
 
 def ingest(
@@ -1150,8 +1318,10 @@ def ingest(
         raise TypeError(f"store must be a path, got {type(store).__name__}")
     if not isinstance(progress, bool):
         raise TypeError(f"progress must be True or False, got {progress!r}")
-    items = resolve_sources(sources, allow_outside=allow_outside)
-    if not items:
+    # listed lazily, a batch at a time: the driver never holds the survey's file list
+    items = iter_sources(sources, allow_outside=allow_outside)
+    first = next(items, None)
+    if first is None:
         raise ValueError(
             f"sources: {sources!r} matched no FITS file; nothing to ingest (no store created)"
         )
@@ -1166,6 +1336,7 @@ def ingest(
             )
     compute = _Compute(client)
     counts = {"stored": 0, "quarantined": 0, "duplicates": 0, "resampled": 0, "read": 0}
+    tally_src = {"sources": 0, "skipped": 0, "retried": 0}
     codes: dict[str, int] = {}
 
     def tally(df):
@@ -1199,24 +1370,14 @@ def ingest(
                 tally(df)
                 batch += 1
             seen = _seen(store)
-            todo = [it for it in items if it[0] not in seen or _to_retry(seen[it[0]], it[0])]
-            retried = sum(1 for it in todo if it[0] in seen)
-            skipped = len(items) - len(todo)
-            if retried:
-                log.info(
-                    "retrying %d quarantined file(s) that changed since (size or modification "
-                    "time) or changed during an earlier ingest",
-                    retried,
-                )
             obsids = _store_obsids(store, int(state["n_spectra"]))
             per_batch = chunk * int(state.get("batch_chunks", BATCH_CHUNKS))
-            for b0 in range(0, len(todo), per_batch):
-                part = todo[b0 : b0 + per_batch]
+            for part in _todo_batches(itertools.chain([first], items), seen, per_batch, tally_src):
                 group = max(1, min(SCAN_GROUP, chunk))
                 scanned: dict[int, list] = {}
                 compute.run(
-                    _scan_files,
-                    [(i, (_ScanGroup(part[i : i + group]),)) for i in range(0, len(part), group)],
+                    _scan_task,
+                    _scan_calls(store, batch, part, group),
                     scanned.__setitem__,
                     desc=f"scan batch {batch}",
                     progress=progress,
@@ -1243,12 +1404,16 @@ def ingest(
                 batch += 1
     finally:
         compute.close()
+    if tally_src["retried"]:
+        log.info(
+            "retried %d quarantined file(s) that changed since (size or modification time) "
+            "or changed during an earlier ingest",
+            tally_src["retried"],
+        )
     seconds = time.perf_counter() - t0
     summary = {
         "store": str(store),
-        "sources": len(items),
-        "skipped": skipped,
-        "retried": retried,
+        **tally_src,
         **counts,
         "n_spectra": int(state["n_spectra"]),
         "batches": int(state["batches"]),
