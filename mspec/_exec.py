@@ -17,12 +17,13 @@ the pieces are generic:
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import logging
 import os
 import socket
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 log = logging.getLogger("mspec.exec")
@@ -310,7 +311,7 @@ def chunk_ranges(n: int, chunk: int) -> list[tuple[int, int]]:
 
 
 def run_bounded(
-    jobs: Sequence[tuple[object, object]],
+    jobs: Iterable[tuple[object, object]],
     on_done: Callable[[object, object], None],
     *,
     client=None,
@@ -323,8 +324,10 @@ def run_bounded(
 
     Parameters
     ----------
-    jobs : sequence of (key, dask collection)
-        One per chunk, e.g. a delayed region write.
+    jobs : iterable of (key, dask collection)
+        One per chunk, e.g. a delayed region write. Taken one at a time as they are
+        submitted: a generator builds each job's graph only when it is about to run, so
+        the caller never holds a survey's worth of graphs.
     on_done : callable
         Called as ``on_done(key, result)`` in the calling process after the job finished
         (write the done record here; ``result`` is the computed value of the collection).
@@ -366,12 +369,14 @@ def run_bounded(
         if progress is not None:
             progress.update(1)
 
+    jobs = iter(jobs)
     if client is None:
-        jobs = list(jobs)
         scheduler = scheduler or "threads"
         with contextlib.ExitStack() as stack:
             kwargs = {}
-            if scheduler in ("processes", "multiprocessing") and len(jobs) > local_batch:
+            first = list(itertools.islice(jobs, local_batch + 1))
+            jobs = itertools.chain(first, jobs)
+            if scheduler in ("processes", "multiprocessing") and len(first) > local_batch:
                 # one process pool for every call (dask would start a new one per call)
                 from concurrent.futures import ProcessPoolExecutor
 
@@ -380,8 +385,7 @@ def run_bounded(
                 kwargs["pool"] = stack.enter_context(
                     ProcessPoolExecutor(os.cpu_count(), mp_context=get_context())
                 )
-            for i in range(0, len(jobs), local_batch):
-                part = jobs[i : i + local_batch]
+            while part := list(itertools.islice(jobs, local_batch)):
                 results = dask.compute(*(job for _, job in part), scheduler=scheduler, **kwargs)
                 for (key, _), result in zip(part, results):
                     finished(key, result)
@@ -389,22 +393,25 @@ def run_bounded(
 
     from distributed import as_completed
 
-    pending = list(jobs)[::-1]
     keys = {}
     ac = as_completed()
 
-    def submit():
-        key, job = pending.pop()
+    def submit() -> bool:
+        nxt = next(jobs, None)
+        if nxt is None:
+            return False
+        key, job = nxt
         fut = client.compute(job)
         keys[fut.key] = key
         ac.add(fut)
+        return True
 
-    for _ in range(min(max_in_flight, len(pending))):
-        submit()
+    for _ in range(max_in_flight):
+        if not submit():
+            break
     for fut in ac:
         result = fut.result()  # re-raise a task's error here
         fut.release()
         finished(keys.pop(fut.key), result)
-        if pending:
-            submit()
+        submit()
     return done

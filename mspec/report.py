@@ -282,9 +282,18 @@ def confusion_matrix(true, pred, classes: Sequence[str]) -> pd.DataFrame:
 
 
 def _labels(s: pd.Series) -> np.ndarray:
-    """String labels with missing -> '' and bytes decoded, whitespace stripped."""
-    s = s.map(lambda v: v.decode() if isinstance(v, bytes) else v)
-    return s.astype("string").fillna("").str.strip().to_numpy(dtype=object).astype(str)
+    """String labels with missing -> '' and bytes decoded, whitespace stripped.
+
+    An object array whose rows share one string per distinct label (8 bytes a row): a
+    fixed-width unicode array of a catalog's reason column took ~300 bytes a row.
+    """
+    codes, uniques = pd.factorize(s, use_na_sentinel=True)
+    lab = [u.decode() if isinstance(u, bytes) else u for u in uniques]
+    lab = pd.Series(lab, dtype="string").fillna("").str.strip().to_numpy(dtype=object)
+    table = np.empty(len(lab) + 1, dtype=object)
+    table[: len(lab)] = lab
+    table[-1] = ""  # code -1: missing
+    return table[codes]
 
 
 def _num(cat: pd.DataFrame, col: str) -> np.ndarray:

@@ -384,7 +384,9 @@ def _run_stage(stage, ctx, run_dir, ds_store, n, chunk, client, scheduler, progr
     for a, b in records.ranges():
         if (a, b) not in ranges:
             (paths["done"] / f"{a:012d}-{b:012d}.json").unlink(missing_ok=True)
-    jobs = [((a, b), _region_job(out, paths["group"], a, b)) for a, b in todo]
+    # built as they are submitted: holding every chunk's region-write graph at once grew
+    # the driver with the survey
+    jobs = (((a, b), _region_job(out, paths["group"], a, b)) for a, b in todo)
     cpu0 = _cpu_seconds(client) if todo else None
     t0 = time.perf_counter()
     bar = None
