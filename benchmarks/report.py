@@ -612,11 +612,22 @@ def survey_scale_section(directory=SURVEY_DIR) -> list[str]:
             f"{big['n_spectra']:,} spectra ({growth:+.0%}; goal flat within "
             f"±{goal['flat']:.0%}: {'met' if abs(growth) <= goal['flat'] else 'not met'})"
         )
+
+        def flat(a, b):
+            g = b / a - 1
+            return f"{g:+.0%}; goal flat within ±{goal['flat']:.0%}: " + (
+                "met" if abs(g) <= goal["flat"] else "not met"
+            )
+
+        T0, T1 = small["peak_rss_total_MB"], big["peak_rss_total_MB"]
+        checks.append(f"all processes together {T0:,} → {T1:,} MiB ({flat(T0, T1)})")
         d0, d1 = small["peak_rss_per_process_MB"], big["peak_rss_per_process_MB"]
         if "driver" in d0 and "driver" in d1:
+            per = (d1["driver"] - d0["driver"]) * 1024 / (big["n_spectra"] - small["n_spectra"])
             checks.append(
                 f"the driver (client, scheduler, ingest planning, catalogs, report) "
-                f"{d0['driver']:,} → {d1['driver']:,} MiB ({d1['driver'] / d0['driver'] - 1:+.0%})"
+                f"{d0['driver']:,} → {d1['driver']:,} MiB ({flat(d0['driver'], d1['driver'])}; "
+                f"{per:.1f} KiB per added spectrum)"
             )
         t0, t1 = small["tasks_per_chunk"], big["tasks_per_chunk"]
         diff = max((abs(t1[k] / t0[k] - 1) for k in t0 if k in t1 and t0[k]), default=float("inf"))

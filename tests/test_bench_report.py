@@ -203,7 +203,8 @@ def test_survey_scale_section_checks_the_goals(tmp_path):
     assert "32.0 core-ms per spectrum at 100,000 spectra (goal ≤ 50: met" in text
     assert "(+5%; goal flat within ±10%: met)" in text
     assert "the same at both sizes within 0%" in text
-    assert "700 → 700 MiB (+0%)" in text
+    assert "700 → 700 MiB (+0%; goal flat within ±10%: met; 0.0 KiB per added spectrum)" in text
+    assert "all processes together 2,700 → 2,800 MiB (+4%; goal flat within ±10%: met)" in text
     (d / "b.json").write_text(json.dumps(_survey(100_000, 1500, 0.060, {"rvmm": 80.0})))
     text = "\n".join(report.survey_scale_section(d))
     assert "goal ≤ 50: not met" in text and "(+50%; goal flat within ±10%: not met)" in text
