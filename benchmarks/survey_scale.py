@@ -227,7 +227,10 @@ def main(argv=None) -> dict:
     n = res.n_spectra
     # the runner measures each stage's CPU time over the driver and every worker process
     stages = {
-        name: {k: info.get(k) for k in ("seconds", "cpu_seconds", "core_seconds_per_spectrum")}
+        name: {
+            k: info.get(k)
+            for k in ("seconds", "cpu_seconds", "core_seconds_per_spectrum", "driver_peak_rss_MiB")
+        }
         for name, info in res.stages.items()
     }
     result = {

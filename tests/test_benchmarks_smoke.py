@@ -89,6 +89,9 @@ def test_survey_scale_script(tmp_path, capsys):
         assert st["core_seconds_per_spectrum"] == pytest.approx(st["cpu_seconds"] / 90, rel=0.01)
         assert res["tasks_per_chunk"][name] > 0
     assert res["pipeline_core_seconds_per_spectrum"] > 0
+    # the driver's high-water mark after each stage (run.json): never falls, below the peak
+    marks = [st["driver_peak_rss_MiB"] for st in res["stages"].values()]
+    assert all(m > 50 for m in marks) and marks == sorted(marks)
     procs = res["peak_rss_per_process_MB"]
     assert "driver" in procs and len(procs) == 2 and min(procs.values()) > 50
     assert res["peak_rss_total_MB"] >= max(procs.values())

@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import time
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
@@ -315,6 +316,17 @@ def _fault_delay() -> float:
         return 0.0
 
 
+def _driver_peak_rss() -> float | None:
+    """Peak RSS of this process so far (MiB; a high-water mark: recorded after each stage it
+    shows which phase raised the driver's memory), None where the OS does not say."""
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - not on POSIX
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(peak / (2**20 if sys.platform == "darwin" else 1024), 1)  # bytes / KiB
+
+
 def _process_cpu() -> tuple[int, float]:
     """(pid, CPU seconds used so far) of the calling process; run on every worker."""
     t = os.times()
@@ -430,6 +442,7 @@ def _run_stage(stage, ctx, run_dir, ds_store, n, chunk, client, scheduler, progr
         "seconds": round(secs, 2),
         **cost,
         "not_available": stage.unavailable(),
+        "driver_peak_rss_MiB": _driver_peak_rss(),
     }
     return info, _sha(stamp)
 
@@ -622,6 +635,7 @@ def run(
                 ),  # fmt: skip
                 "stored": summary.get("stored"),
                 "quarantined": summary.get("quarantined"),
+                "driver_peak_rss_MiB": _driver_peak_rss(),
             }
             log.info("ingest: %s", summary)
         elif not Path(cfg.store).exists():
@@ -694,6 +708,7 @@ def run(
             ),
             "catalogs": sorted(result.catalogs),
             "not_available": list(CATALOG_PLANNED),
+            "driver_peak_rss_MiB": _driver_peak_rss(),
         }
         for part in CATALOG_PLANNED:
             result.not_available.append(f"catalog: {part}")
