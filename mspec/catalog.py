@@ -382,10 +382,9 @@ def _provenance(run_dir: Path, cfg) -> dict:
 
 
 def _gather(run_dir: Path, cfg, notes: list[str]):
-    """The store's per-spectrum metadata and every stage's per-spectrum outputs (lazy), and
-    the :class:`_RowReader` that reads them a range of rows at a time."""
-    import xarray as xr
-
+    """Where the store's per-spectrum metadata and every stage's per-spectrum outputs are:
+    the :class:`_RowReader` that reads them a range of rows at a time, the number of
+    spectra and the stage each stage variable comes from."""
     from mspec.io.store import open_store
     from mspec.io.zarrio import read_results
 
@@ -399,7 +398,6 @@ def _gather(run_dir: Path, cfg, notes: list[str]):
         for v in ds.variables
         if ds[v].dims == ("spectra",) and str(v) not in _SKIP_VARS
     }
-    data = xr.Dataset({k: (("spectra",), v.data, {}) for k, v in cols.items()})
     reader = _RowReader(str(store), n, tuple(ds.chunks["spectra"]), tuple(cols))
     groups = sorted((run_dir / "stages").glob("*.zarr")) if (run_dir / "stages").is_dir() else []
     names = _group_order(g.name[: -len(".zarr")] for g in groups)
@@ -433,21 +431,16 @@ def _gather(run_dir: Path, cfg, notes: list[str]):
             var = grp[v]
             if var.dims != ("spectra",) or v in _SKIP_VARS or v == "obsid":
                 continue
-            if v in data.variables:
+            if v in cols or v in origin:
                 if v not in cols:  # two stages give it: the first (pipeline order) wins
                     notes.append(f"variable {v!r} in stages {origin[v]} and {name}: "
                                  f"{origin[v]}'s used")  # fmt: skip
                 continue
-            arr = var.data
-            if partial:
-                arr = _null_fill(var, n, done)
-            data[v] = (("spectra",), arr)
             origin[v] = name
             taken.append(str(v))
         if taken:
-            reader.groups.append((str(path), tuple(taken), m, done if partial else None,
-                                  partial))  # fmt: skip
-    return data, n, origin, reader
+            reader.groups.append((str(path), tuple(taken), m, done if partial else None))
+    return n, origin, reader
 
 
 def _misaligned(group: Path, store: Path, m: int, k: int = 64) -> str:
@@ -477,34 +470,10 @@ def _misaligned(group: Path, store: Path, m: int, k: int = 64) -> str:
     return ""
 
 
-def _null_fill(var, n: int, done):
-    """``var`` padded to ``n`` rows, with null where a chunk is not done (lazy)."""
-    import dask.array as da
-
-    arr = var.data
-    if not isinstance(arr, da.Array):
-        arr = da.from_array(np.asarray(arr), chunks=-1)
-    m = arr.shape[0]
-    kind = np.dtype(var.dtype).kind
-    if kind == "f":
-        fill, dtype = np.nan, var.dtype
-    elif kind in "iub":
-        fill, dtype = np.nan, np.float64  # nullable later, from the NaN
-        arr = arr.astype(np.float64)
-    else:
-        fill, dtype = "", var.dtype
-    if m < n:
-        pad = da.full((n - m,), fill, dtype=dtype, chunks=n - m)
-        arr = da.concatenate([arr.astype(dtype), pad])
-    if done is not None:
-        arr = da.where(da.from_array(done, chunks=arr.chunks), arr, fill)
-    return arr.astype(dtype)
-
-
 def _null_fill_rows(arr: np.ndarray, a: int, b: int, m: int, done) -> np.ndarray:
     """Rows ``a:b`` of a stage variable whose group holds ``m`` rows (``arr``: rows
-    ``a:min(b, m)``), null where the group ends or a chunk is not done: the eager twin of
-    :func:`_null_fill` (same fill values and dtypes)."""
+    ``a:min(b, m)``), null where the group ends or a chunk is not done (NaN for numbers,
+    integers and booleans then as float64; '' for strings)."""
     kind = arr.dtype.kind
     if kind == "f":
         fill, dtype = np.nan, arr.dtype
@@ -531,7 +500,7 @@ class _RowReader:
 
     def __init__(self, store: str, n: int, chunks: tuple, names: tuple):
         self.store, self.n, self.chunks, self.names = store, n, chunks, names
-        #: (group path, variables, rows it holds, done mask or None, null-fill?)
+        #: (group path, variables, rows it holds, done mask or None)
         self.groups: list[tuple] = []
 
     def ranges(self) -> list[tuple[int, int]]:
@@ -549,7 +518,8 @@ class _RowReader:
         sub = sub.compute(scheduler="sync")
         for v in self.names:
             cols[v] = np.asarray(sub[v].values)
-        for path, names, m, done, partial in self.groups:
+        for path, names, m, done in self.groups:
+            partial = m < self.n or done is not None  # then every chunk null-filled alike
             grp = read_results(path)[list(names)].isel(spectra=slice(min(a, m), min(b, m)))
             grp = grp.compute(scheduler="sync")
             for v in names:
@@ -772,7 +742,7 @@ def per_spectrum_table(run) -> tuple:
     """
     run_dir = Path(run)
     notes: list[str] = []
-    _data, n, _origin, reader = _gather(run_dir, _run_config(run_dir), notes)
+    n, _origin, reader = _gather(run_dir, _run_config(run_dir), notes)
     if n == 0:
         raise CatalogError(f"run: the store of {run_dir} holds no spectra")
     return _frame(reader), notes
@@ -826,7 +796,7 @@ def build_catalog(
     run_dir = Path(run)
     cfg = _run_config(run_dir)
     notes: list[str] = []
-    data, n, origin, reader = _gather(run_dir, cfg, notes)
+    n, origin, reader = _gather(run_dir, cfg, notes)
     prov_full = _provenance(run_dir, cfg)
     prov = {
         "prov_mspec_version": prov_full["mspec_version"],
@@ -834,7 +804,7 @@ def build_catalog(
         "prov_templates": _short(prov_full["templates_sha256"]),
         "prov_config": _short(prov_full["config_sha256"]),
     }
-    have = set(data.data_vars)
+    have = {*reader.names, *origin}
     for module, outs in _MODULE_OUTPUTS.items():
         missing = [c for c in outs if c not in have]
         if module in ("CMD", "SCM", "DGCM") and missing:
