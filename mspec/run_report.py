@@ -34,6 +34,7 @@ import json
 import logging
 import math
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +44,7 @@ import pandas as pd
 from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 
+from mspec._exec import release_memory
 from mspec.plots import OKABE_ITO, accuracy_figure, confusion_figure
 from mspec.report import (
     DMGM_CLASSES,
@@ -248,29 +250,66 @@ def _load_run(run_dir: Path) -> _Run:
     return r
 
 
-class _Catalog:
-    """The run catalog's columns, each read from Parquet the first time a figure or table
-    asks for it.
+class _LRU(OrderedDict):
+    """A dict that drops its least recently used entries past a size in bytes (the newest
+    entry always stays); ``size`` gives an entry's bytes."""
 
-    The report uses a few dozen of the catalog's ~130 columns; reading only those keeps the
-    driver's memory to what the report needs (a 100k-spectrum catalog read whole took 534 MiB
-    at its peak). Supports what the report does with a table: ``col in cat``, ``len(cat)``,
-    ``cat[col]`` (a pandas Series), ``cat[[cols]]`` (a DataFrame), :meth:`row` and
-    :meth:`frame`.
+    def __init__(self, max_bytes: int, size):
+        super().__init__()
+        self.max_bytes = int(max_bytes)
+        self._size = size
+        self._bytes: dict = {}
+
+    def get_or(self, key, make):
+        """The entry at ``key``, made by ``make()`` (and kept) when absent."""
+        if key in self:
+            self.move_to_end(key)
+            return self[key]
+        value = make()
+        self[key] = value
+        self._bytes[key] = int(self._size(value))
+        while len(self) > 1 and sum(self._bytes.values()) > self.max_bytes:
+            old, _ = self.popitem(last=False)
+            del self._bytes[old]
+        return value
+
+    def clear(self) -> None:
+        super().clear()
+        self._bytes.clear()
+
+
+def _series_bytes(s: pd.Series) -> int:
+    return int(s.memory_usage(index=False, deep=False))
+
+
+class _Catalog:
+    """The run catalog's columns, read from Parquet when a figure or table asks for them.
+
+    The report uses a few dozen of the catalog's ~130 columns, so only those are read, one
+    file at a time (a pyarrow Dataset would keep every file's footer, ~0.5 MB each, once
+    scanned), and at most :attr:`CACHE_BYTES` of them are kept (least recently used dropped
+    first, read again when asked for): the driver's memory does not grow with the survey.
+    Supports what the report does with a table: ``col in cat``, ``len(cat)``, ``cat[col]``
+    (a pandas Series), ``cat[[cols]]`` (a DataFrame), :meth:`row` and :meth:`frame`.
     """
+
+    #: Bytes of columns kept between reads.
+    CACHE_BYTES = 24 * 2**20
 
     def __init__(self, path: Path):
         import pyarrow.dataset as pads
         import pyarrow.parquet as pq
 
-        self._dset = pads.dataset(str(path), format="parquet")
-        self.columns = list(self._dset.schema.names)
+        dset = pads.dataset(str(path), format="parquet")  # file order and schema only
+        self.schema = dset.schema
+        self.columns = list(self.schema.names)
         self._names = set(self.columns)
+        self._files = list(dset.files)
+        del dset
         # rows per file from each footer in turn (Dataset.count_rows held ~0.5 MB per file)
-        self._files = list(self._dset.files)
         self._rows = np.array([pq.read_metadata(f).num_rows for f in self._files], dtype=np.int64)
         self._n = int(self._rows.sum())
-        self._cache: dict[str, pd.Series] = {}
+        self._cache = _LRU(self.CACHE_BYTES, _series_bytes)
 
     def __contains__(self, col) -> bool:
         return col in self._names
@@ -283,18 +322,22 @@ class _Catalog:
             return self._column(key)
         return self.frame(key)
 
+    def _read(self, col: str) -> pd.Series:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        # arrow's threaded read-ahead buffers stayed in its memory pool
+        parts = [pq.read_table(f, columns=[col], use_threads=False) for f in self._files]
+        if not parts:
+            return pd.Series([], name=col, dtype=self.schema.field(col).type.to_pandas_dtype())
+        column = pa.concat_tables(parts, promote_options="permissive").column(0)
+        del parts
+        return column.to_pandas().rename(col)
+
     def _column(self, col: str) -> pd.Series:
         if col not in self._names:
             raise KeyError(col)
-        if col not in self._cache:
-            # one file at a time: the threaded scan's read-ahead buffers stayed in arrow's
-            # memory pool (~5 MB per column of a 100k catalog)
-            t = self._dset.to_table(
-                columns=[col], use_threads=False, fragment_readahead=1, batch_readahead=1
-            )
-            s = t.column(0).to_pandas()
-            self._cache[col] = s.rename(col)
-        return self._cache[col]
+        return self._cache.get_or(col, lambda: self._read(col))
 
     def frame(self, cols) -> pd.DataFrame:
         """A pandas DataFrame of the named columns (those present), in catalog order."""
@@ -316,7 +359,7 @@ class _Catalog:
 def _read_catalog(path: Path) -> tuple[_Catalog, dict]:
     cat = _Catalog(path)
     units = {}
-    raw = (cat._dset.schema.metadata or {}).get(b"mspec_units")
+    raw = (cat.schema.metadata or {}).get(b"mspec_units")
     if raw:
         try:
             units = json.loads(raw.decode())
@@ -329,27 +372,23 @@ def _read_catalog(path: Path) -> tuple[_Catalog, dict]:
 
 
 # per-report memo of column conversions (string labels, floats): the figures and tables ask
-# for the same columns many times; the frame is kept in the value so its id is not reused
-_MEMO: dict = {}
+# for the same columns many times; the frame is kept in the value so its id is not reused.
+# Bounded like the catalog's column cache, so it does not grow with the survey.
+_MEMO: _LRU = _LRU(16 * 2**20, lambda v: v[1].nbytes)
+_STYLE: dict = {}  # per-report drawing settings
 
 
 def _ms() -> float:
     """Marker size of scatter plots: larger for small catalogs."""
-    return _MEMO.get("ms", 5.0)
+    return _STYLE.get("ms", 5.0)
 
 
 def _str(cat: pd.DataFrame, col: str) -> np.ndarray:
-    key = (id(cat), "s", col)
-    if key not in _MEMO:
-        _MEMO[key] = (cat, _labels(cat[col]))
-    return _MEMO[key][1]
+    return _MEMO.get_or((id(cat), "s", col), lambda: (cat, _labels(cat[col])))[1]
 
 
 def _n(cat: pd.DataFrame, col: str) -> np.ndarray:
-    key = (id(cat), "n", col)
-    if key not in _MEMO:
-        _MEMO[key] = (cat, _num(cat, col))
-    return _MEMO[key][1]
+    return _MEMO.get_or((id(cat), "n", col), lambda: (cat, _num(cat, col)))[1]
 
 
 def _m_selection(r: _Run) -> tuple[np.ndarray, str]:
@@ -956,15 +995,19 @@ def _fig_spectra(r: _Run, out: Path, opt: dict):
     rows = [i for i, _ in picks]
     whys = [w for _, w in picks]
     where = [int(j_all[i]) for i in rows]
-    sub = ds[["flux", "ivar", "ormask"]].isel(spectra=where).compute()
+    # one spectrum at a time: each read decompresses a whole store chunk per variable
+    sub = [
+        ds[["flux", "ivar", "ormask"]].isel(spectra=j).compute(scheduler="synchronous")
+        for j in where
+    ]
     wave = 10.0 ** np.asarray(ds["loglam"].values, dtype=np.float64)
     fig = Figure(figsize=(13, 3.2 * len(rows)), layout="constrained")
     axes = np.atleast_1d(fig.subplots(len(rows), 1))
     for ax, i, why, k in zip(axes, rows, whys, range(len(rows))):
-        flux = np.asarray(sub["flux"].values[k], dtype=np.float64)
+        flux = np.asarray(sub[k]["flux"].values, dtype=np.float64)
         bad = (
-            (np.asarray(sub["ormask"].values[k]) != 0)
-            | (np.asarray(sub["ivar"].values[k]) <= 0)
+            (np.asarray(sub[k]["ormask"].values) != 0)
+            | (np.asarray(sub[k]["ivar"].values) <= 0)
             | ~np.isfinite(flux)
         )
         good = ~bad
@@ -1679,12 +1722,14 @@ def write_run_report(
             raise ValueError(f"figures: unknown {unknown}; the figures are {list(FIGURE_NAMES)}")
         figures = set(figures)
     _MEMO.clear()
+    _STYLE.clear()
     try:
         return _write(
             run_dir, out_dir, n_examples, max_points, snr_min, tm_sigma, dsal_sigma, dpi, figures
         )
     finally:
         _MEMO.clear()
+        _STYLE.clear()
 
 
 def _write(run_dir, out_dir, n_examples, max_points, snr_min, tm_sigma, dsal_sigma, dpi, figures):
@@ -1695,7 +1740,7 @@ def _write(run_dir, out_dir, n_examples, max_points, snr_min, tm_sigma, dsal_sig
         old.unlink()
     r = _load_run(run_dir)
     if r.cat is not None:
-        _MEMO["ms"] = 4.0 if len(r.cat) > 20_000 else 8.0 if len(r.cat) > 2_000 else 16.0
+        _STYLE["ms"] = 4.0 if len(r.cat) > 20_000 else 8.0 if len(r.cat) > 2_000 else 16.0
     opt = {
         "n_examples": int(n_examples),
         "max_points": int(max_points),
@@ -1723,6 +1768,7 @@ def _write(run_dir, out_dir, n_examples, max_points, snr_min, tm_sigma, dsal_sig
             figs.append(_FigResult(name, title, reason="not requested (figures=...)"))
             continue
         figs += _draw(name, title, func, r, out, opt)
+        release_memory()  # a figure's transient arrays must not raise the next one's floor
     page = _render(r, figs, opt, time.perf_counter() - t0)
     path = out / "index.html"
     tmp = out / "index.html.tmp"

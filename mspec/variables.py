@@ -265,9 +265,7 @@ for _b in SDSS_BANDS:
         f"fraction of ormask != 0 pixels in the SDSS {_b} band, over the spectrum's "
         "finite-flux pixels; NaN if it has none there",
     )
-register(
-    "grid_coverage", S, "f", "", "fraction of wavelength_grid covered by the good-pixel range"
-)
+register("grid_coverage", S, "f", "", "fraction of wavelength_grid covered by the good-pixel range")
 register(
     "preprocess_status",
     S,

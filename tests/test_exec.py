@@ -6,6 +6,7 @@ import fcntl
 import json
 import logging
 import os
+import platform
 import signal
 import subprocess
 import sys
@@ -194,3 +195,37 @@ def test_run_bounded_distributed_keeps_at_most_max_in_flight():
         assert run_bounded(jobs, done, client=client, max_in_flight=3) == 9
         assert got == {i: i * i for i in range(9)}
         assert max(in_flight) <= 3
+
+
+@pytest.mark.skipif(
+    not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc",
+    reason="malloc_trim is glibc's",
+)
+def test_release_memory_returns_freed_heap_to_the_os():
+    """Freed blocks below the top of glibc's heap stay in the process (RSS) until trimmed:
+    release_memory hands them back and says how much."""
+    import ctypes
+    import ctypes.util
+
+    import psutil
+
+    from mspec._exec import release_memory
+
+    libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    libc.malloc.restype = ctypes.c_void_p
+    libc.malloc.argtypes = [ctypes.c_size_t]
+    libc.free.argtypes = [ctypes.c_void_p]
+    size = 64 * 1024  # below the mmap threshold: served from the heap
+    blocks = [libc.malloc(size) for _ in range(2000)]  # 125 MiB
+    try:
+        for b in blocks:
+            ctypes.memset(b, 1, size)
+        for b in blocks[:-1]:  # the last block pins the heap's top: no automatic trim
+            libc.free(b)
+        rss = psutil.Process().memory_info().rss
+        freed = release_memory()
+        assert freed is not None and freed > 64 * 2**20
+        assert psutil.Process().memory_info().rss < rss - 64 * 2**20
+        assert isinstance(release_memory(), int)  # nothing left to give: still fine
+    finally:
+        libc.free(blocks[-1])

@@ -510,3 +510,58 @@ def test_report_reads_only_the_columns_it_uses(full_run, full_report, tmp_path, 
     rr.write_run_report(full_run, out_dir=tmp_path / "report")
     assert {"snr_i", "rv_tm", "spt_class"} <= read
     assert len(read) < len(whole.columns)
+
+
+def test_report_with_bounded_caches_is_the_same(
+    complete_run, complete_report, tmp_path, monkeypatch
+):
+    """The report keeps at most a budget of catalog columns and conversions (its memory does
+    not grow with the survey): with budgets so small that nearly every column is read again
+    when asked for, the figures, counts and statistics are identical."""
+    from mspec import run_report as rr
+
+    reads: list[str] = []
+    sizes: list[int] = []
+    orig = rr._Catalog._read
+
+    def spy(self, col):
+        reads.append(col)
+        sizes.append(len(self._cache))
+        return orig(self, col)
+
+    monkeypatch.setattr(rr._Catalog, "_read", spy)
+    monkeypatch.setattr(rr._Catalog, "CACHE_BYTES", 1)
+    monkeypatch.setattr(rr._MEMO, "max_bytes", 1)
+    out = tmp_path / "small"
+    rr.write_run_report(complete_run, out_dir=out)
+    assert len(reads) > len(set(reads))  # columns were dropped and read again
+    assert max(sizes) <= 1  # the newest entry only
+    ref = json.loads((complete_run / "report" / "manifest.json").read_text())
+    got = json.loads((out / "manifest.json").read_text())
+    for key in ("figures", "not_drawn", "counts", "stats"):
+        assert got[key] == ref[key], key
+    for f in ref["figures"]:
+        assert (out / f["file"]).read_bytes() == (complete_run / "report" / f["file"]).read_bytes()
+
+
+def test_lru_keeps_the_newest_within_its_budget():
+    from mspec.run_report import _LRU
+
+    made = []
+
+    def make(k, n):
+        made.append(k)
+        return np.zeros(n, np.uint8)
+
+    c = _LRU(100, lambda v: v.nbytes)
+    c.get_or("a", lambda: make("a", 60))
+    c.get_or("b", lambda: make("b", 30))
+    assert list(c) == ["a", "b"]
+    c.get_or("a", lambda: make("a", 60))  # hit: now the most recent
+    assert made == ["a", "b"] and list(c) == ["b", "a"]
+    c.get_or("c", lambda: make("c", 30))  # 120 bytes: the least recent (b) goes
+    assert list(c) == ["a", "c"]
+    c.get_or("d", lambda: make("d", 500))  # larger than the budget: kept alone
+    assert list(c) == ["d"]
+    c.clear()
+    assert not c and not c._bytes

@@ -34,6 +34,7 @@ from mspec._exec import (
     atomic_write,
     chunk_ranges,
     clean_partials,
+    release_memory,
     run_bounded,
 )
 from mspec.pipeline.stages import CATALOG_PLANNED, PIPELINE, PipelineStage, RunContext
@@ -638,6 +639,7 @@ def run(
                 "driver_peak_rss_MiB": _driver_peak_rss(),
             }
             log.info("ingest: %s", summary)
+            release_memory()
         elif not Path(cfg.store).exists():
             raise RunError(f"store {cfg.store} does not exist and the config gives no sources")
         from mspec.io.store import open_store, store_state
@@ -681,6 +683,7 @@ def run(
                 )
             upstream[stage.name] = stamp_hash
             result.stages[stage.name] = info
+            release_memory()  # each phase starts from what the run holds, not the last peak
             for part in info["not_available"]:
                 result.not_available.append(f"{stage.module}: {part}")
             log.info(
@@ -714,7 +717,9 @@ def run(
             result.not_available.append(f"catalog: {part}")
         result.seconds = round(time.perf_counter() - t_start, 2)
         atomic_write(run_dir / "run.json", json.dumps(result.to_dict(), indent=1, default=str))
+        release_memory()
         result.report = _report(run_dir, cfg)
+        release_memory()
         for line in result.not_available:
             log.info("not available: %s", line)
     return result
