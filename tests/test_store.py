@@ -13,6 +13,7 @@ from pathlib import Path
 
 import dask
 import numpy as np
+import pandas as pd
 import pytest
 import xarray as xr
 from test_io_lamost import (  # noqa: E402  (tests/ is on sys.path under pytest)
@@ -347,6 +348,35 @@ def test_sources_are_listed_lazily_in_catalogue_batches(tmp_path, monkeypatch):
     pd.DataFrame({"a": [1]}).to_csv(tmp_path / "bad.csv")
     with pytest.raises(ValueError, match="no file column"):
         st.iter_sources([tmp_path / "cat.parquet", tmp_path / "bad.csv"])
+
+
+def test_scan_results_reach_the_driver_as_frames():
+    """A scan task returns its records as one DataFrame (a few buffers, not ~50 objects per
+    file, through the driver); the batch's plan from several tasks' frames equals the plan
+    from all records at once: the union of keys, 64-bit obsids, missing values."""
+    import mspec.io.store as st
+
+    recs = [
+        {"path": "/a/0.fits", "file": "0.fits", "status": "stored", "code": "", "reason": "",
+         "layout": "image", "obsid": 2**62 + 1, "ra": 1.5},
+        {"path": "/a/1.fits", "file": "1.fits", "status": "quarantined", "code": "read_error",
+         "reason": "bad", "layout": ""},
+        {"path": "/a/2.fits", "file": "2.fits", "status": "stored", "code": "", "reason": "",
+         "layout": "image", "obsid": 2**62 + 3, "snr_i": 12.0},
+        {"path": "/a/3.fits", "file": "3.fits", "status": "stored", "code": "", "reason": "",
+         "layout": "image", "obsid": 2**62 + 1},  # a duplicate of the first
+    ]  # fmt: skip
+    f = st._records_frame(recs[:2])
+    assert isinstance(f, pd.DataFrame) and str(f["obsid"].dtype) == "Int64"
+    assert f["obsid"].iloc[0] == 2**62 + 1 and pd.isna(f["obsid"].iloc[1])
+    split = st._plan([st._records_frame(recs[:2]), st._records_frame(recs[2:])], 5,
+                     np.zeros(0, np.int64), Path("/nonexistent"))  # fmt: skip
+    whole = st._plan([st._records_frame(recs)], 5, np.zeros(0, np.int64), Path("/nonexistent"))
+    pd.testing.assert_frame_equal(split, whole[list(split.columns)])
+    assert set(split.columns) == set(whole.columns)
+    assert split["obsid"].tolist()[::3] == [2**62 + 1, 2**62 + 1]
+    assert split["row"].tolist() == [5, -1, 6, -1]
+    assert split["code"].tolist()[3] == "duplicate_obsid"
 
 
 def test_scan_tasks_read_their_files_from_a_scan_file(tmp_path):
