@@ -18,6 +18,7 @@ from matplotlib.figure import Figure
 from mspec.report import (
     DMGM_CLASSES,
     TLMA_PARAMS,
+    _check_table,
     _labels,
     _num,
     residual_stats,
@@ -82,7 +83,8 @@ def accuracy_figure(cat: pd.DataFrame, path, *, snr_min: float = 20.0, dpi: int 
     Parameters
     ----------
     cat : pandas.DataFrame
-        The catalog (columns as in :mod:`mspec.report`).
+        The catalog (columns as in :mod:`mspec.report`), or a column table as
+        :func:`mspec.report.accuracy_metrics` takes.
     path : path-like
         Output file; a directory (or a path without suffix) gets ``accuracy.png`` inside.
     snr_min : float
@@ -102,8 +104,7 @@ def accuracy_figure(cat: pd.DataFrame, path, *, snr_min: float = 20.0, dpi: int 
     ValueError
         For a non-finite ``snr_min`` or non-positive ``dpi``.
     """
-    if not isinstance(cat, pd.DataFrame):
-        raise TypeError(f"cat must be a pandas DataFrame, got {type(cat).__name__}")
+    _check_table(cat)
     if not np.isfinite(snr_min):
         raise ValueError(f"snr_min must be finite, got {snr_min!r}")
     if not (isinstance(dpi, (int, np.integer)) and dpi > 0):

@@ -319,9 +319,18 @@ def _snr_bin_masks(snr: np.ndarray, edges: Sequence[float]) -> dict[str, np.ndar
     return masks
 
 
-def _check_args(cat, snr_edges, snr_min, rv_outlier_kms) -> list[float]:
-    if not isinstance(cat, pd.DataFrame):
+def _check_table(cat) -> None:
+    """A pandas DataFrame, or a column table that reads columns when asked for (``name in
+    cat``, ``len(cat)``, ``cat[name]`` -> Series, ``cat.columns``; the run report's reader of
+    a survey's catalog): the statistics read one column at a time either way."""
+    if isinstance(cat, pd.DataFrame):
+        return
+    if not all(hasattr(cat, a) for a in ("columns", "__contains__", "__getitem__", "__len__")):
         raise TypeError(f"cat must be a pandas DataFrame, got {type(cat).__name__}")
+
+
+def _check_args(cat, snr_edges, snr_min, rv_outlier_kms) -> list[float]:
+    _check_table(cat)
     try:
         edges = [float(e) for e in snr_edges]
     except (TypeError, ValueError) as exc:
@@ -376,7 +385,8 @@ def accuracy_metrics(
     ----------
     cat : pandas.DataFrame
         One row per spectrum with predictions and ``true_*`` columns (see the module
-        docstring); missing columns skip what needs them.
+        docstring); missing columns skip what needs them. A column table that reads its
+        columns on demand (``in``, ``len``, ``[name]`` -> Series, ``columns``) works too.
     snr_edges : sequence of float
         S/N_i bin edges: bins ``(e0, e1], (e1, e2], ..., > e_last``. Default: the paper's
         (0, 20], (20, 50], (50, 100], > 100. Spectra with S/N_i <= e0 fall in no bin.

@@ -53,7 +53,6 @@ from mspec.report import (
     _labels,
     _num,
     _summary_rows,
-    accuracy_columns,
     accuracy_metrics,
     confusion_matrix,
     robust_sigma,
@@ -1073,9 +1072,7 @@ def _fig_truth_tlma(r: _Run, out: Path, opt: dict):
             _stage_missing(r, "spmm", "SPMM") + "; " + _stage_missing(r, "rvmm", "RVMM")
         )
     p = out / "truth_tlma.png"
-    accuracy_figure(
-        r.cat.frame(accuracy_columns(r.cat.columns)), p, snr_min=opt["snr_min"], dpi=opt["dpi"]
-    )
+    accuracy_figure(r.cat, p, snr_min=opt["snr_min"], dpi=opt["dpi"])
     cap = (
         f"Predicted vs true Teff, log g, [M/H], [α/M] for true M dwarfs and giants at S/N_i > "
         f"{opt['snr_min']:g} (1:1 line, Theil–Sen fit), and TM / LAMOST RV residuals."
@@ -1757,9 +1754,7 @@ def _write(run_dir, out_dir, n_examples, max_points, snr_min, tm_sigma, dsal_sig
     }
     if r.cat is not None and r.simulated:
         try:
-            opt["metrics"] = accuracy_metrics(
-                r.cat.frame(accuracy_columns(r.cat.columns)), snr_min=float(snr_min)
-            )
+            opt["metrics"] = accuracy_metrics(r.cat, snr_min=float(snr_min))
         except Exception as exc:  # noqa: BLE001 - reported, not fatal
             r.notes.append(f"accuracy metrics failed: {type(exc).__name__}: {exc}")
     figs: list[_FigResult] = []

@@ -544,6 +544,21 @@ def test_report_with_bounded_caches_is_the_same(
         assert (out / f["file"]).read_bytes() == (complete_run / "report" / f["file"]).read_bytes()
 
 
+def test_accuracy_metrics_from_the_column_reader(complete_run):
+    """The report hands its on-demand column reader to accuracy_metrics (no whole-frame
+    copy of the survey): the metrics equal those of the DataFrame; other objects are
+    refused by name."""
+    from mspec import run_report as rr
+    from mspec.report import accuracy_columns, accuracy_metrics
+
+    r = rr._load_run(complete_run)
+    whole = pd.read_parquet(complete_run / "catalog" / "catalog.parquet")
+    ref = accuracy_metrics(whole[accuracy_columns(whole.columns)], snr_min=20.0)
+    assert accuracy_metrics(r.cat, snr_min=20.0) == ref
+    with pytest.raises(TypeError, match="cat must be a pandas DataFrame"):
+        accuracy_metrics({"snr_i": [1.0]}.items(), snr_min=20.0)
+
+
 def test_lru_keeps_the_newest_within_its_budget():
     from mspec.run_report import _LRU
 
