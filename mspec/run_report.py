@@ -994,11 +994,9 @@ def _fig_spectra(r: _Run, out: Path, opt: dict):
     rows = [i for i, _ in picks]
     whys = [w for _, w in picks]
     where = [int(j_all[i]) for i in rows]
-    # one spectrum at a time: each read decompresses a whole store chunk per variable
-    sub = [
-        ds[["flux", "ivar", "ormask"]].isel(spectra=j).compute(scheduler="synchronous")
-        for j in where
-    ]
+    # one spectrum at a time: each read decompresses a whole store chunk per variable (on
+    # the workers when a dask client is active, as in a run)
+    sub = [ds[["flux", "ivar", "ormask"]].isel(spectra=j).compute() for j in where]
     wave = 10.0 ** np.asarray(ds["loglam"].values, dtype=np.float64)
     fig = Figure(figsize=(13, 3.2 * len(rows)), layout="constrained")
     axes = np.atleast_1d(fig.subplots(len(rows), 1))

@@ -137,6 +137,24 @@ def test_shapes_and_parameter_counts(kind):
     assert count_parameters(t) == _expected_params(n_out, TINY["channels"], TINY["kernels"])
 
 
+@pytest.mark.parametrize("kind", ["spt", "wdm", "dmgm", "tlma"])
+@pytest.mark.parametrize(
+    "arch",
+    [{}, TINY, {"n_in": 4000, "pool": 3, "channels": (2, 3, 5, 7), "kernels": (3, 5, 7, 9)},
+     {"dropout": 0.2}],
+)  # fmt: skip
+def test_state_shapes_without_torch_match_the_network(kind, arch):
+    """The torch-free shapes that check a weights file in the driver are the network's."""
+    from mspec.ml.base import state_shapes
+
+    want = {k: tuple(v.shape) for k, v in build_model(kind, **arch).state_dict().items()}
+    assert state_shapes(kind, **arch) == want
+    with pytest.raises(ValueError, match="bogus"):
+        state_shapes(kind, bogus=1)
+    with pytest.raises(ValueError, match="n_in"):
+        state_shapes(kind, n_in=100)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "word"),
     [

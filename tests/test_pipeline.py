@@ -273,3 +273,48 @@ def test_relative_paths_resolve_from_the_working_directory(tmp_path, store, mode
     saved = load_config(store.parent / "relrun" / "config.resolved.toml")
     assert Path(saved.store) == store and Path(saved.run_dir) == store.parent / "relrun"
     assert res.catalogs and Path(res.run_dir).is_absolute()
+
+
+def test_building_the_cnn_graphs_does_not_import_torch(store, models):
+    """SCM/DGCM/SPMM's CNN tasks are built in the driver without torch (~180 MiB there);
+    the networks are built where the tasks run. A wrong weights file still fails at once."""
+    code = f"""
+import shutil, sys, tempfile
+from pathlib import Path
+import mspec
+from mspec.io.store import open_store
+from mspec.ml.infer import predict
+from mspec.ml.io import ModelFileError
+from mspec.testing import raise_if_computes
+ds = open_store({str(store)!r})
+models = Path({str(models)!r})
+with raise_if_computes():
+    pre = mspec.preprocess(ds, recipe="cnn")
+    for kind in ("spt", "wdm", "dmgm"):
+        out = predict(pre, models / kind)
+    rest = mspec.preprocess(ds, recipe="tlma", rv=ds["lamost_rv"].fillna(0.0), merge=False)
+    lum = out["dmgm_class"]
+    tl = predict(rest, models / "tlma", lumclass=lum)
+assert "teff" in tl and "spt_class" not in tl
+assert "torch" not in sys.modules, "graph building imported torch"
+bad = Path(tempfile.mkdtemp()) / "spt"
+shutil.copytree(models / "spt", bad)
+import hashlib, json
+meta = json.loads((bad / "model.json").read_text())
+f = meta["members"][0]["file"]
+blob = (models / "wdm" / f).read_bytes()  # 2 outputs, not 8: the shapes differ
+(bad / f).write_bytes(blob)
+meta["members"][0]["sha256"] = hashlib.sha256(blob).hexdigest()
+(bad / "model.json").write_text(json.dumps(meta))
+try:
+    predict(pre, bad)
+except ModelFileError as exc:
+    print("refused:", exc)
+else:
+    raise SystemExit("a swapped weights file was accepted")
+assert "torch" not in sys.modules
+"""
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=600)  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "refused:" in res.stdout and "does not fit" in res.stdout

@@ -1,5 +1,7 @@
 """CNNs of Li et al. 2025: CNN-SPT, CNN-WDM, CNN-dMgM classifiers and CNN-TLMA ensembles.
 
+- :mod:`mspec.ml.base`: the class lists, labels, default architecture and network input,
+  without torch (what building an inference graph needs: a run's driver never imports torch).
 - :mod:`mspec.ml.models`: the networks (4 conv + 4 max-pool + 1 fully connected layer).
 - :mod:`mspec.ml.train`: training from a lazy (Zarr/dask) Dataset, chunk by chunk.
 - :mod:`mspec.ml.infer`: lazy, batched inference over spectrum chunks (``map_blocks``).

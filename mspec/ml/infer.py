@@ -16,11 +16,12 @@ import threading
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 import xarray as xr
 
+from mspec.ml.base import CLASSES, TLMA_LABELS, network_input
 from mspec.ml.calibrate import CalibrationWarning, apply_calibration, noise_proxy
 from mspec.ml.io import (
     ModelFileError,
@@ -29,9 +30,11 @@ from mspec.ml.io import (
     read_metadata,
     sha256_bytes,
 )
-from mspec.ml.models import CLASSES, TLMA_LABELS, network_input
 from mspec.stage import stage
 from mspec.variables import annotate
+
+if TYPE_CHECKING:  # annotations only: torch is imported where networks run
+    import torch
 
 __all__ = ["ModelRef", "load_ref", "predict", "predict_array", "clear_cache"]
 
@@ -112,12 +115,16 @@ def load_ref(model_dir) -> ModelRef:
 
 def _device(device) -> str:
     if device is None or device == "auto":
+        import torch
+
         return "cuda" if torch.cuda.is_available() else "cpu"
     return str(device)
 
 
 def _members_forward(ref: ModelRef, x: np.ndarray, batch_size: int, device) -> np.ndarray:
     """Raw outputs of every member: (members, n, n_out) float32; all-NaN rows give NaN."""
+    import torch  # here, on the worker: graph building (the driver) never imports it
+
     dev = _device(device)
     models = ref.models(dev)
     x = np.asarray(x, dtype=np.float32)
@@ -280,6 +287,8 @@ def _check_device(device, gpu) -> None:
     """Fail now, naming ``device``, if it is not a torch device of this process."""
     if device is None or device == "auto":
         return
+    import torch
+
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError, ValueError) as e:

@@ -22,10 +22,12 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+from mspec.ml.base import CLASSES, KINDS, TLMA_LABELS, state_shapes
 
-from mspec.ml.models import CLASSES, KINDS, TLMA_LABELS, build_model
+if TYPE_CHECKING:  # annotations only: torch is imported where networks run
+    import torch
 
 __all__ = [
     "FORMAT",
@@ -231,10 +233,7 @@ def check_safetensors(blob: bytes, meta: dict | None = None, *, name: str = "wei
         shapes[key] = tuple(shape)
     if meta is not None and meta.get("kind") in KINDS and isinstance(meta.get("arch"), dict):
         try:
-            want = {
-                k: tuple(v.shape)
-                for k, v in build_model(meta["kind"], **meta["arch"]).state_dict().items()
-            }
+            want = state_shapes(meta["kind"], **meta["arch"])
         except (TypeError, ValueError, KeyError, RuntimeError):
             return  # the architecture itself is reported when the model is built
         if want != shapes:
@@ -257,6 +256,8 @@ def model_from_bytes(meta: dict, blob: bytes, *, name: str = "weights", device="
     """
     from safetensors import SafetensorError
     from safetensors.torch import load
+
+    from mspec.ml.models import build_model
 
     try:
         state = load(blob)

@@ -18,8 +18,16 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import xarray as xr
 from torch import nn
+
+from mspec.ml.base import (  # noqa: F401 - re-exported: part of this module's API
+    CLASSES,
+    DEFAULT_ARCH,
+    KINDS,
+    TLMA_LABELS,
+    n_outputs,
+    network_input,
+)
 
 __all__ = [
     "KINDS",
@@ -31,35 +39,6 @@ __all__ = [
     "n_outputs",
     "count_parameters",
 ]
-
-#: Class lists of the classifiers, in output order.
-CLASSES: dict[str, tuple[str, ...]] = {
-    "spt": ("OB", "A", "F", "G", "K", "M", "GALAXY", "QSO"),
-    "wdm": ("WD", "M"),
-    "dmgm": ("dM", "gM"),
-}
-#: Labels of the CNN-TLMA regressor, in output order (z-scored during training).
-TLMA_LABELS: tuple[str, ...] = ("teff", "logg", "m_h", "alpha_m")
-#: Every model kind.
-KINDS: tuple[str, ...] = (*CLASSES, "tlma")
-
-#: Default architecture (see module docstring).
-DEFAULT_ARCH: dict = {
-    "n_in": 5000,
-    "channels": (8, 16, 32, 32),
-    "kernels": (9, 7, 5, 3),
-    "pool": 4,
-    "dropout": 0.0,
-}
-
-
-def n_outputs(kind: str) -> int:
-    """Number of network outputs for a model ``kind`` (``"spt"``, ``"wdm"``, ``"dmgm"``, ``"tlma"``)."""
-    if kind in CLASSES:
-        return len(CLASSES[kind])
-    if kind == "tlma":
-        return len(TLMA_LABELS)
-    raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
 
 
 class SpectrumCNN(nn.Module):
@@ -166,24 +145,3 @@ def build_model(kind: str, **arch) -> SpectrumCNN:
 def count_parameters(model: nn.Module) -> int:
     """Number of trainable parameters of ``model``."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
-def network_input(ds) -> xr.DataArray:
-    """Return ``ds["flux_grid"]`` after checking it is a (spectra, grid) input for the CNNs.
-
-    Raises
-    ------
-    TypeError, ValueError
-        If ``ds`` is not a Dataset or lacks a ``flux_grid`` with dims (spectra, grid).
-    """
-    if not isinstance(ds, xr.Dataset):
-        raise TypeError(f"ds must be an xarray.Dataset, got {type(ds).__name__}")
-    if "flux_grid" not in ds:
-        raise ValueError(
-            "ds has no 'flux_grid': preprocess it first (mspec.preprocess(ds, recipe='cnn') for the "
-            "classifiers, mspec.preprocess(ds, recipe='tlma', rv=...) for CNN-TLMA)"
-        )
-    fg = ds["flux_grid"]
-    if fg.dims != ("spectra", "grid"):
-        raise ValueError(f"flux_grid must have dims ('spectra', 'grid'), got {fg.dims}")
-    return fg
