@@ -229,7 +229,13 @@ def main(argv=None) -> dict:
     stages = {
         name: {
             k: info.get(k)
-            for k in ("seconds", "cpu_seconds", "core_seconds_per_spectrum", "driver_peak_rss_MiB")
+            for k in (
+                "seconds",
+                "cpu_seconds",
+                "core_seconds_per_spectrum",
+                "driver_peak_rss_MiB",
+                "workers_peak_rss_MiB",
+            )
         }
         for name, info in res.stages.items()
     }

@@ -92,6 +92,12 @@ def test_survey_scale_script(tmp_path, capsys):
     # the driver's high-water mark after each stage (run.json): never falls, below the peak
     marks = [st["driver_peak_rss_MiB"] for st in res["stages"].values()]
     assert all(m > 50 for m in marks) and marks == sorted(marks)
+    # and every worker's (one worker here), so a worker's peak can be placed too
+    for name in ("preprocess", "scm", "rvmm", "dgcm", "reconcile", "spmm"):
+        (w,) = res["stages"][name]["workers_peak_rss_MiB"].values()
+        assert w > 50
+    w = [next(iter(st["workers_peak_rss_MiB"].values())) for st in res["stages"].values()]
+    assert w == sorted(w)  # high-water marks
     procs = res["peak_rss_per_process_MB"]
     assert "driver" in procs and len(procs) == 2 and min(procs.values()) > 50
     assert res["peak_rss_total_MB"] >= max(procs.values())

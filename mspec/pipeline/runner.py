@@ -328,6 +328,17 @@ def _driver_peak_rss() -> float | None:
     return round(peak / (2**20 if sys.platform == "darwin" else 1024), 1)  # bytes / KiB
 
 
+def _workers_peak_rss(client) -> dict[str, float] | None:
+    """Peak RSS so far of every worker process of ``client`` (MiB by worker address; high-
+    water marks, as :func:`_driver_peak_rss`), None without a client or an answer."""
+    if client is None:
+        return None
+    try:
+        return {str(k): v for k, v in sorted(client.run(_driver_peak_rss).items())}
+    except Exception:  # noqa: BLE001 - a memory figure must never fail a run
+        return None
+
+
 def _process_cpu() -> tuple[int, float]:
     """(pid, CPU seconds used so far) of the calling process; run on every worker."""
     t = os.times()
@@ -444,6 +455,7 @@ def _run_stage(stage, ctx, run_dir, ds_store, n, chunk, client, scheduler, progr
         **cost,
         "not_available": stage.unavailable(),
         "driver_peak_rss_MiB": _driver_peak_rss(),
+        "workers_peak_rss_MiB": _workers_peak_rss(client),
     }
     return info, _sha(stamp)
 
@@ -637,6 +649,7 @@ def run(
                 "stored": summary.get("stored"),
                 "quarantined": summary.get("quarantined"),
                 "driver_peak_rss_MiB": _driver_peak_rss(),
+                "workers_peak_rss_MiB": _workers_peak_rss(client),
             }
             log.info("ingest: %s", summary)
             release_memory()
@@ -712,6 +725,7 @@ def run(
             "catalogs": sorted(result.catalogs),
             "not_available": list(CATALOG_PLANNED),
             "driver_peak_rss_MiB": _driver_peak_rss(),
+            "workers_peak_rss_MiB": _workers_peak_rss(client),
         }
         for part in CATALOG_PLANNED:
             result.not_available.append(f"catalog: {part}")
