@@ -211,7 +211,10 @@ def main(argv=None) -> dict:
             "templates": {"set": args.templates},
         }
     )
+    from mspec._exec import lean_dask_config
+
     with (
+        lean_dask_config(),  # as mspec.run and the CLI start their clusters
         LocalCluster(
             n_workers=args.workers,
             threads_per_worker=1,

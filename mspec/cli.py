@@ -91,12 +91,13 @@ def _local_or_client(scheduler: str | None, stack):
     """``scheduler``: None (LocalCluster), a dask address, or threads/processes/sync."""
     import os
 
-    from mspec._exec import LOCAL_SCHEDULERS
+    from mspec._exec import LOCAL_SCHEDULERS, lean_dask_config
 
     if scheduler in LOCAL_SCHEDULERS:
         return scheduler
     from distributed import Client
 
+    stack.enter_context(lean_dask_config())
     if scheduler:
         return stack.enter_context(Client(scheduler))
     from distributed import LocalCluster

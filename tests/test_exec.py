@@ -229,3 +229,27 @@ def test_release_memory_returns_freed_heap_to_the_os():
         assert isinstance(release_memory(), int)  # nothing left to give: still fine
     finally:
         libc.free(blocks[-1])
+
+
+def test_lean_dask_config_shortens_the_debug_logs_unless_the_user_set_them():
+    """Clusters mspec starts keep 32 messages per connection in dask's developer logs (1,000
+    held task specs in the driver); a value the user chose is kept; the setting reaches the
+    workers through their nannies."""
+    from distributed import Client, LocalCluster
+
+    from mspec._exec import DASK_LOG_LENGTH, lean_dask_config
+
+    key = "distributed.admin.low-level-log-length"
+    assert dask.config.get(key) == 1000  # dask's default
+    with lean_dask_config():
+        assert dask.config.get(key) == DASK_LOG_LENGTH
+        with (
+            LocalCluster(n_workers=1, threads_per_worker=1, processes=True,
+                         dashboard_address="127.0.0.1:0") as cluster,
+            Client(cluster) as client,
+        ):  # fmt: skip
+            assert set(client.run(lambda: dask.config.get(key)).values()) == {DASK_LOG_LENGTH}
+            assert cluster.scheduler.transition_log.maxlen == DASK_LOG_LENGTH
+    assert dask.config.get(key) == 1000
+    with dask.config.set({key: 5000}), lean_dask_config():
+        assert dask.config.get(key) == 5000

@@ -318,3 +318,27 @@ assert "torch" not in sys.modules
                          timeout=600)  # fmt: skip
     assert res.returncode == 0, res.stderr[-3000:]
     assert "refused:" in res.stdout and "does not fit" in res.stdout
+
+
+def test_run_starts_its_cluster_with_lean_dask_logs(store, models, tmp_path, monkeypatch):
+    """mspec.run opens (or connects) its cluster inside lean_dask_config: the scheduler and
+    the workers keep short developer logs, not 1,000 task-laden messages per connection."""
+    import dask
+
+    from mspec._exec import DASK_LOG_LENGTH
+    from mspec.pipeline import runner
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def spy(cfg, client, stack):
+        seen["length"] = dask.config.get("distributed.admin.low-level-log-length")
+        raise Stop
+
+    monkeypatch.setattr(runner, "_open_cluster", spy)
+    with pytest.raises(Stop):
+        run(_config(store, tmp_path / "run", models))
+    assert seen["length"] == DASK_LOG_LENGTH
+    assert dask.config.get("distributed.admin.low-level-log-length") == 1000  # restored

@@ -34,6 +34,7 @@ from mspec._exec import (
     atomic_write,
     chunk_ranges,
     clean_partials,
+    lean_dask_config,
     release_memory,
     run_bounded,
 )
@@ -620,6 +621,7 @@ def run(
         if cfg.numba.cache_dir:
             os.environ["MSPEC_NUMBA_CACHE_DIR"] = cfg.numba.cache_dir
         result = RunResult(run_dir=str(run_dir))
+        stack.enter_context(lean_dask_config())  # before any cluster or client starts
         client, scheduler = _open_cluster(cfg, client, stack)
         if cfg.sources:
             from mspec.io.store import ingest
