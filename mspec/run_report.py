@@ -257,7 +257,8 @@ class _LRU(OrderedDict):
         super().__init__()
         self.max_bytes = int(max_bytes)
         self._size = size
-        self._bytes: dict = {}
+        self._bytes: dict = {}  # bytes per key
+        self._total = 0
 
     def get_or(self, key, make):
         """The entry at ``key``, made by ``make()`` (and kept) when absent."""
@@ -267,14 +268,16 @@ class _LRU(OrderedDict):
         value = make()
         self[key] = value
         self._bytes[key] = int(self._size(value))
-        while len(self) > 1 and sum(self._bytes.values()) > self.max_bytes:
+        self._total += self._bytes[key]
+        while len(self) > 1 and self._total > self.max_bytes:
             old, _ = self.popitem(last=False)
-            del self._bytes[old]
+            self._total -= self._bytes.pop(old)
         return value
 
     def clear(self) -> None:
         super().clear()
         self._bytes.clear()
+        self._total = 0
 
 
 def _series_bytes(s: pd.Series) -> int:

@@ -318,9 +318,10 @@ def _fault_delay() -> float:
         return 0.0
 
 
-def _driver_peak_rss() -> float | None:
-    """Peak RSS of this process so far (MiB; a high-water mark: recorded after each stage it
-    shows which phase raised the driver's memory), None where the OS does not say."""
+def _peak_rss() -> float | None:
+    """Peak RSS of the calling process so far (MiB; a high-water mark: recorded after each
+    stage for the driver and every worker, it shows which phase raised a process's memory),
+    None where the OS does not say."""
     try:
         import resource
     except ImportError:  # pragma: no cover - not on POSIX
@@ -331,13 +332,19 @@ def _driver_peak_rss() -> float | None:
 
 def _workers_peak_rss(client) -> dict[str, float] | None:
     """Peak RSS so far of every worker process of ``client`` (MiB by worker address; high-
-    water marks, as :func:`_driver_peak_rss`), None without a client or an answer."""
+    water marks, :func:`_peak_rss`), None without a client or an answer."""
     if client is None:
         return None
     try:
-        return {str(k): v for k, v in sorted(client.run(_driver_peak_rss).items())}
+        return {str(k): v for k, v in sorted(client.run(_peak_rss).items())}
     except Exception:  # noqa: BLE001 - a memory figure must never fail a run
         return None
+
+
+def _memory_marks(client) -> dict:
+    """The high-water marks recorded in run.json after a phase: the driver's and every
+    worker's peak RSS so far (MiB)."""
+    return {"driver_peak_rss_MiB": _peak_rss(), "workers_peak_rss_MiB": _workers_peak_rss(client)}
 
 
 def _process_cpu() -> tuple[int, float]:
@@ -455,8 +462,7 @@ def _run_stage(stage, ctx, run_dir, ds_store, n, chunk, client, scheduler, progr
         "seconds": round(secs, 2),
         **cost,
         "not_available": stage.unavailable(),
-        "driver_peak_rss_MiB": _driver_peak_rss(),
-        "workers_peak_rss_MiB": _workers_peak_rss(client),
+        **_memory_marks(client),
     }
     return info, _sha(stamp)
 
@@ -650,8 +656,7 @@ def run(
                 ),  # fmt: skip
                 "stored": summary.get("stored"),
                 "quarantined": summary.get("quarantined"),
-                "driver_peak_rss_MiB": _driver_peak_rss(),
-                "workers_peak_rss_MiB": _workers_peak_rss(client),
+                **_memory_marks(client),
             }
             log.info("ingest: %s", summary)
             release_memory()
@@ -726,8 +731,7 @@ def run(
             ),
             "catalogs": sorted(result.catalogs),
             "not_available": list(CATALOG_PLANNED),
-            "driver_peak_rss_MiB": _driver_peak_rss(),
-            "workers_peak_rss_MiB": _workers_peak_rss(client),
+            **_memory_marks(client),
         }
         for part in CATALOG_PLANNED:
             result.not_available.append(f"catalog: {part}")
