@@ -296,7 +296,7 @@ class _Catalog:
     """
 
     #: Bytes of columns kept between reads.
-    CACHE_BYTES = 24 * 2**20
+    CACHE_BYTES = 4 * 2**20
 
     def __init__(self, path: Path):
         import pyarrow.dataset as pads
@@ -376,7 +376,7 @@ def _read_catalog(path: Path) -> tuple[_Catalog, dict]:
 # per-report memo of column conversions (string labels, floats): the figures and tables ask
 # for the same columns many times; the frame is kept in the value so its id is not reused.
 # Bounded like the catalog's column cache, so it does not grow with the survey.
-_MEMO: _LRU = _LRU(16 * 2**20, lambda v: v[1].nbytes)
+_MEMO: _LRU = _LRU(4 * 2**20, lambda v: v[1].nbytes)
 _STYLE: dict = {}  # per-report drawing settings
 
 

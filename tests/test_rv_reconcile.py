@@ -372,6 +372,54 @@ def test_residual_sigmas_iterative_clipping():
     assert s2["tm"]["n"] == int((~bad).sum())
 
 
+def test_residual_sigmas_chunked_in_one_task(monkeypatch):
+    """Dask-backed input (several chunks): the same statistics, bit for bit; the chunks'
+    populations are selected a few chunks per graph and one final task gathers them (on a
+    worker under a client): the driver never holds the population or a graph of it all."""
+    import dask
+
+    from mspec.rv import reconcile as rc
+
+    monkeypatch.setattr(rc, "_GATHER_CHUNKS", 2)
+
+    rng = np.random.default_rng(5)
+    n = 3000
+    d = _base(n, rv=0.0)
+    truth = rng.normal(0, 30, n)
+    d["rv_tm"] = truth + rng.normal(0, 3, n)
+    d["lamost_rv"] = truth + rng.normal(0, 8, n)
+    d["rv_dsal1"] = truth + rng.normal(0, 6, n)
+    d["rv_dsal2"] = truth + rng.normal(0, 6, n)
+    d["rv_line"] = truth[:, None] + rng.normal(0, 6, (n, len(NAMES)))
+    d["snr_i"] = rng.uniform(5, 200, n)
+    ds = _dataset(d)
+    where = rng.random(n) < 0.7
+    want = rv_residual_sigmas(ds, where=where)
+    lazy = ds.chunk({"spectra": 700})
+    calls = []
+
+    def counting(dsk, keys, **kwargs):
+        calls.append(keys)
+        return dask.get(dsk, keys, **kwargs)
+
+    with dask.config.set(scheduler=counting):
+        got = rv_residual_sigmas(lazy, where=xr.DataArray(where, dims="spectra"))
+    # 5 chunks: 3 graphs of at most 2 chunk selections, then one key: the statistics
+    assert [len(k) for k in calls] == [2, 2, 1, 1]
+    assert all(str(k).startswith("_select_rows") for keys in calls[:3] for k in keys)
+    assert calls[-1][0].startswith("_sigmas_of_parts")
+    assert json.dumps(got, sort_keys=True) == json.dumps(want, sort_keys=True)
+    assert got["n_spectra"] == int(where.sum())
+    # a lazy population on in-memory data, and no population: the same as in memory
+    lazy_where = xr.DataArray(where, dims="spectra").chunk({"spectra": 500})
+    assert json.dumps(rv_residual_sigmas(ds, where=lazy_where), sort_keys=True) == json.dumps(
+        want, sort_keys=True
+    )
+    assert json.dumps(rv_residual_sigmas(lazy), sort_keys=True) == json.dumps(
+        rv_residual_sigmas(ds), sort_keys=True
+    )
+
+
 # TM quality -------------------------------------------------------------------------------
 def test_curve_quality_edge_and_ambiguous():
     v = np.arange(-600.0, 601.0, 60.0)

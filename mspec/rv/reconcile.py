@@ -57,6 +57,8 @@ _MIN_BIN = 20  # fewest spectra for a bin's own statistics (else the nearest bin
 _ROBUST = 1.482602218505602  # sigma / MAD for a Gaussian
 _STR_LEN = 96
 _LINE_VARS = ("rv_line", "rv_line_err", "line_status")
+_LINE_STATS = ("rv_line", "line_status")  # what the population statistics read
+_GATHER_CHUNKS = 16  # chunks whose population is selected per graph
 
 #: Inputs every reconciliation needs (the rvmm stage outputs and store metadata).
 INPUTS = (
@@ -182,7 +184,8 @@ def rv_residual_sigmas(
     """Population statistics of a run for :func:`reconcile_rv` (eager).
 
     Reads only 1-D per-spectrum variables (and the small ``rv_line``/``line_status``
-    tables), computing them if they are dask-backed.
+    tables). Dask-backed input is selected chunk by chunk and reduced in one task, so under
+    a distributed client the population is gathered on a worker, not in this process.
 
     Parameters
     ----------
@@ -190,7 +193,8 @@ def rv_residual_sigmas(
         The rvmm outputs with the store metadata: :data:`INPUTS` (``mjd`` and the DSEL
         variables are not used here) and, when present, :data:`OPTIONAL`.
     where : array_like of bool or xarray.DataArray, optional
-        The population (e.g. the M-star candidates); default every spectrum.
+        The population (e.g. the M-star candidates; a dask-backed DataArray stays lazy);
+        default every spectrum.
     tm_clip, dsal_clip : float
         Iterative clipping thresholds (σ) of the TM − LAMOST (3, the paper) and DSAL −
         LAMOST (2) residuals.
@@ -239,23 +243,87 @@ def rv_residual_sigmas(
     ]
     validate(ds, need)
     n = ds.sizes["spectra"]
-    sel = np.ones(n, bool)
+    mask = None
     if where is not None:
-        sel = np.asarray(getattr(where, "values", where), dtype=bool)
-        if sel.shape != (n,):
-            raise ValueError(f"where has shape {sel.shape}, expected ({n},)")
+        if isinstance(where, xr.DataArray):
+            mask = where.data  # lazy when dask-backed: not computed here
+        else:
+            mask = np.asarray(getattr(where, "values", where), dtype=bool)
+        if mask.shape != (n,):
+            raise ValueError(f"where has shape {mask.shape}, expected ({n},)")
     cols = [
         *need,
         *[v for v in (*OPTIONAL, "rv_tml7500", "rv_tml7500_err_stat", "tml7500_status",
                       "rv_dsel", "rv_dsel_err", "rv_dsel_n") if v in ds.variables],
+        *(_LINE_STATS if _has_lines(ds) else ()),
     ]  # fmt: skip
-    sub = ds[cols].isel(spectra=np.flatnonzero(sel)).compute()
-    a = {c: np.asarray(sub[c].values) for c in cols}
-    snr = a.get("snr_i", np.full(sel.sum(), np.nan))
+    columns = {c: ds[c].data for c in cols}
+    lines = (_small(ds["lines"]).astype(str), _line_kinds(ds)) if _has_lines(ds) else None
+    import dask
+
+    if not any(dask.is_dask_collection(v) for v in (*columns.values(), mask)):
+        rows = slice(None) if mask is None else np.asarray(mask, dtype=bool)
+        columns = {c: np.asarray(v)[rows] for c, v in columns.items()}
+        return _sigmas(columns, lines, float(tm_clip), float(dsal_clip))
+    # one task per chunk selects its population, one more gathers them and reduces them to
+    # the statistics: under a distributed client both run on workers, and the driver builds
+    # a graph of ~1 task per chunk and variable and receives the (small) result only
+    sub = ds[cols]
+    spectra_chunks = (
+        next(
+            (v.chunks[v.dims.index("spectra")] for v in sub.data_vars.values() if v.chunks),
+            None,
+        )
+        or mask.chunks[0]
+    )  # else only the mask is dask-backed
+    sub = sub.chunk({d: (spectra_chunks if d == "spectra" else -1) for d in sub.dims})
+    blocks = {c: sub[c].data.to_delayed().reshape(-1) for c in cols}
+    if mask is not None:
+        mask = xr.DataArray(mask, dims="spectra").chunk({"spectra": spectra_chunks})
+        masks = mask.data.astype(bool).to_delayed().reshape(-1)
+    else:
+        masks = [None] * len(spectra_chunks)
+    select = dask.delayed(_select_rows, pure=True)
+    parts = []
+    # a few chunks at a time, kept where they were computed (futures on the workers): a
+    # graph of every chunk's column reads at once would cost the driver ~6 kB per task
+    for a in range(0, len(masks), _GATHER_CHUNKS):
+        batch = [select({c: blocks[c][i] for c in cols}, masks[i])
+                 for i in range(a, min(a + _GATHER_CHUNKS, len(masks)))]  # fmt: skip
+        parts.extend(dask.persist(*batch))
+    task = dask.delayed(_sigmas_of_parts, pure=True)(parts, lines, float(tm_clip), float(dsal_clip))
+    return task.compute()
+
+
+def _select_rows(columns: dict, mask) -> dict:
+    """One chunk's rows of the population (``mask`` None: all)."""
+    if mask is None:
+        return {c: np.asarray(v) for c, v in columns.items()}
+    mask = np.asarray(mask, dtype=bool)
+    return {c: np.asarray(v)[mask] for c, v in columns.items()}
+
+
+def _sigmas_of_parts(parts: list, lines, tm_clip: float, dsal_clip: float) -> dict:
+    """:func:`_sigmas` of the population gathered from its chunks (:func:`_select_rows`)."""
+    columns = {c: np.concatenate([p[c] for p in parts]) for c in parts[0]}
+    del parts
+    return _sigmas(columns, lines, tm_clip, dsal_clip)
+
+
+def _has_lines(ds) -> bool:
+    return all(v in ds.variables for v in _LINE_STATS)
+
+
+def _sigmas(columns: dict, lines, tm_clip: float, dsal_clip: float) -> dict:
+    """:func:`rv_residual_sigmas` on numpy arrays: ``columns`` of the population (and
+    ``rv_line``/``line_status`` when ``lines`` = (line names, line kinds) is given)."""
+    a = {c: np.asarray(v) for c, v in columns.items()}
+    n_sel = a["lamost_rv"].shape[0]
+    snr = a.get("snr_i", np.full(n_sel, np.nan))
     lam = a["lamost_rv"].astype(np.float64)
     tm_ok = _tm_usable(a, "tm", check_quality=True)
     tm = np.where(tm_ok, a["rv_tm"], np.nan)
-    out: dict = {"n_spectra": int(sel.sum())}
+    out: dict = {"n_spectra": int(n_sel)}
     out["tm"] = _clipped(tm - lam, tm_clip)
     d1 = a["rv_dsal1"].astype(np.float64)
     d2 = np.where(a["rv_dsal2_n"] >= 2, a["rv_dsal2"], np.nan)
@@ -322,11 +390,9 @@ def rv_residual_sigmas(
     # per-line offsets against TM (absorption lines)
     out["line_offsets"] = {}
     out["line_scatter"] = {}
-    if "rv_line" in ds.variables and "line_status" in ds.variables:
-        lines = ds[["rv_line", "line_status"]].isel(spectra=np.flatnonzero(sel)).compute()
-        kinds = _line_kinds(ds)
-        names = np.asarray(ds["lines"].values).astype(str)
-        rl = np.where(lines["line_status"].values == 0, lines["rv_line"].values, np.nan)
+    if lines is not None:
+        names, kinds = lines
+        rl = np.where(a.pop("line_status") == 0, a.pop("rv_line"), np.nan)
         for j, nm in enumerate(names):
             if kinds[j] != "absorption":
                 continue
