@@ -237,6 +237,7 @@ def main(argv=None) -> dict:
                 "cpu_seconds",
                 "core_seconds_per_spectrum",
                 "driver_peak_rss_MiB",
+                "driver_rss_MiB",
                 "workers_peak_rss_MiB",
             )
         }

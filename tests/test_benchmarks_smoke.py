@@ -92,6 +92,9 @@ def test_survey_scale_script(tmp_path, capsys):
     # the driver's high-water mark after each stage (run.json): never falls, below the peak
     marks = [st["driver_peak_rss_MiB"] for st in res["stages"].values()]
     assert all(m > 50 for m in marks) and marks == sorted(marks)
+    # and the RSS each next phase starts from: at most the high-water mark
+    for st in res["stages"].values():
+        assert 50 < st["driver_rss_MiB"] <= st["driver_peak_rss_MiB"] + 1
     # and every worker's (one worker here), so a worker's peak can be placed too
     for name in ("preprocess", "scm", "rvmm", "dgcm", "reconcile", "spmm"):
         (w,) = res["stages"][name]["workers_peak_rss_MiB"].values()

@@ -342,9 +342,23 @@ def _workers_peak_rss(client) -> dict[str, float] | None:
 
 
 def _memory_marks(client) -> dict:
-    """The high-water marks recorded in run.json after a phase: the driver's and every
-    worker's peak RSS so far (MiB)."""
-    return {"driver_peak_rss_MiB": _peak_rss(), "workers_peak_rss_MiB": _workers_peak_rss(client)}
+    """The memory marks recorded in run.json after a phase: the driver's and every worker's
+    peak RSS so far, and the driver's RSS now, i.e. what the next phase starts from (MiB)."""
+    return {
+        "driver_peak_rss_MiB": _peak_rss(),
+        "driver_rss_MiB": _rss(),
+        "workers_peak_rss_MiB": _workers_peak_rss(client),
+    }
+
+
+def _rss() -> float | None:
+    """RSS of the calling process now (MiB), None where psutil cannot say."""
+    try:
+        import psutil
+
+        return round(psutil.Process().memory_info().rss / 2**20, 1)
+    except Exception:  # noqa: BLE001 - a diagnostic only
+        return None
 
 
 def _process_cpu() -> tuple[int, float]:
@@ -772,7 +786,8 @@ def _report(run_dir: Path, cfg) -> str:
     except Exception:  # noqa: BLE001 - the run's results are complete without the report
         log.warning("could not write the run report", exc_info=True)
         return ""
-    log.info("run report: %s (%.1f s)", path, time.perf_counter() - t0)
+    log.info("run report: %s (%.1f s; driver RSS %s MiB, peak %s MiB)", path,
+             time.perf_counter() - t0, _rss(), _peak_rss())  # fmt: skip
     return str(path)
 
 
