@@ -11,7 +11,8 @@ the pieces are generic:
   keep, e.g. the failures of the chunk), written only after the chunk's data are on disk, so
   a partly written chunk is never taken as done;
 * :func:`run_bounded` — compute many per-chunk dask graphs with at most a few in flight,
-  handing each result to the caller as it finishes;
+  handing each result to the caller as it finishes (in one dashboard span, whose finished
+  task groups :func:`forget_finished_groups` drops from the scheduler's history);
 * :func:`release_memory` — hand the driver's freed memory back to the OS between phases;
 * :func:`lean_dask_config` — shorter dask debug logs, which held task specs in the driver.
 """
@@ -38,6 +39,7 @@ __all__ = [
     "chunk_ranges",
     "clean_partials",
     "run_bounded",
+    "forget_finished_groups",
     "release_memory",
     "lean_dask_config",
     "DASK_LOG_LENGTH",
@@ -324,6 +326,7 @@ def run_bounded(
     max_in_flight: int = 4,
     local_batch: int = 1,
     progress: Iterable | None = None,
+    span: str = "mspec",
 ) -> int:
     """Compute ``(key, dask collection)`` jobs with at most a few in flight.
 
@@ -349,6 +352,12 @@ def run_bounded(
         task each need about 2 x the workers to keep them busy.
     progress : tqdm-like, optional
         ``update(1)`` is called per finished job.
+    span : str
+        Name of the one ``distributed.span`` every job of the call runs in (on the
+        dashboard; with a client only). The scheduler keeps a span and its task groups for
+        its whole life, so each job would otherwise leave its own span behind (~40 kB on
+        the scheduler per job); the finished jobs' groups are dropped from it as jobs
+        complete (:func:`forget_finished_groups`).
 
     Returns
     -------
@@ -397,9 +406,13 @@ def run_bounded(
         return done
 
     from distributed import as_completed
+    from distributed import span as dask_span
 
     keys = {}
     ac = as_completed()
+    stack = contextlib.ExitStack()
+    stack.enter_context(dask_span(span))
+    tidy = _GroupJanitor(client)
 
     def submit() -> bool:
         nxt = next(jobs, None)
@@ -411,15 +424,85 @@ def run_bounded(
         ac.add(fut)
         return True
 
-    for _ in range(max_in_flight):
-        if not submit():
-            break
-    for fut in ac:
-        result = fut.result()  # re-raise a task's error here
-        fut.release()
-        finished(keys.pop(fut.key), result)
-        submit()
+    with stack:
+        for _ in range(max_in_flight):
+            if not submit():
+                break
+        for fut in ac:
+            result = fut.result()  # re-raise a task's error here
+            fut.release()
+            finished(keys.pop(fut.key), result)
+            tidy.job_done()
+            submit()
+    tidy.now()
     return done
+
+
+#: Jobs between two calls of :func:`forget_finished_groups` in :func:`run_bounded`.
+FORGET_EVERY = 16
+
+
+class _GroupJanitor:
+    """Calls :func:`forget_finished_groups` on a client's scheduler every
+    :data:`FORGET_EVERY` jobs; stops asking (with a debug log) if the scheduler refuses."""
+
+    def __init__(self, client):
+        self.client = client
+        self.jobs = 0
+
+    def job_done(self) -> None:
+        self.jobs += 1
+        if self.jobs % FORGET_EVERY == 0:
+            self.now()
+
+    def now(self) -> None:
+        if self.client is None:
+            return
+        try:
+            self.client.run_on_scheduler(forget_finished_groups)
+        except Exception:  # noqa: BLE001 - housekeeping only; the run goes on without it
+            log.debug("could not tidy the scheduler's task groups", exc_info=True)
+            self.client = None
+
+
+def forget_finished_groups(dask_scheduler=None) -> int:
+    """Drop a dask scheduler's references to task groups whose tasks are all forgotten.
+
+    The scheduler forgets finished tasks, but its spans (and its last 100 computations)
+    keep every task group they ever held, for the scheduler's life (dask/distributed
+    #7977). A pipeline that submits one graph per chunk makes new groups per chunk, so
+    that history grows with the survey; dropping the finished groups keeps it flat. Only
+    the dashboard's history of finished work is lost. Run it on the scheduler:
+    ``client.run_on_scheduler(forget_finished_groups)``.
+
+    Parameters
+    ----------
+    dask_scheduler : distributed.Scheduler
+        Passed in by ``Client.run_on_scheduler``.
+
+    Returns
+    -------
+    int
+        Task-group references dropped (0 where the scheduler has no such state).
+    """
+    live = getattr(dask_scheduler, "task_groups", None)
+    if live is None:
+        return 0
+
+    def alive(groups: set) -> set:
+        return {tg for tg in groups if live.get(tg.name) is tg}
+
+    holders = list(getattr(dask_scheduler, "computations", ()))
+    spans = getattr(dask_scheduler, "extensions", {}).get("spans")
+    holders += list(getattr(spans, "spans", {}).values())
+    dropped = 0
+    for h in holders:
+        groups = getattr(h, "groups", None)
+        if isinstance(groups, set):
+            kept = alive(groups)
+            dropped += len(groups) - len(kept)
+            h.groups = kept
+    return dropped
 
 
 def release_memory() -> int | None:

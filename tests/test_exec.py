@@ -197,6 +197,60 @@ def test_run_bounded_distributed_keeps_at_most_max_in_flight():
         assert max(in_flight) <= 3
 
 
+def test_run_bounded_one_span_and_no_finished_groups_left(monkeypatch):
+    """Each call runs its jobs in one named span, and the scheduler keeps no task group of a
+    finished job (spans and computations would hold them for the scheduler's life)."""
+    import dask.array as da
+    from distributed import Client, LocalCluster
+
+    monkeypatch.setattr(ex, "FORGET_EVERY", 4)
+    with (
+        LocalCluster(n_workers=1, threads_per_worker=2, processes=False, dashboard_address=":0")
+        as cluster,
+        Client(cluster) as client,
+    ):  # fmt: skip
+        sched = cluster.scheduler
+        spans = sched.extensions["spans"]
+        for call in range(2):
+            jobs = (
+                (i, (da.random.RandomState(i).random((40, 5), chunks=(10, 5)) * 2).sum())
+                for i in range(10)
+            )
+            assert run_bounded(jobs, lambda k, r: None, client=client, span=f"t{call}") == 10
+        names = [sp.name for sp in spans.spans.values()]
+        assert names.count(("t0",)) == 1 and names.count(("t1",)) == 1
+        assert all("default" not in n for n in names)  # no span per job
+        held = [tg for sp in spans.spans.values() for tg in sp.groups]
+        held += [tg for c in sched.computations for tg in c.groups]
+        assert all(sched.task_groups.get(tg.name) is tg for tg in held)
+        assert client.run_on_scheduler(ex.forget_finished_groups) == 0  # nothing left over
+
+
+def test_forget_finished_groups_keeps_live_groups():
+    class Group:
+        def __init__(self, name):
+            self.name = name
+
+    class Holder:
+        def __init__(self, groups):
+            self.groups = set(groups)
+
+    live, dead, renamed = Group("a"), Group("b"), Group("c")
+    span, comp = Holder([live, dead]), Holder([dead, renamed])
+
+    class Spans:
+        spans = {"x": span}
+
+    class Scheduler:
+        task_groups = {"a": live, "c": Group("c")}  # "c" reused by a newer group
+        computations = [comp]
+        extensions = {"spans": Spans()}
+
+    assert ex.forget_finished_groups(Scheduler()) == 3
+    assert span.groups == {live} and comp.groups == set()
+    assert ex.forget_finished_groups(object()) == 0  # a scheduler without this state
+
+
 @pytest.mark.skipif(
     not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc",
     reason="malloc_trim is glibc's",

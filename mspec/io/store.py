@@ -710,6 +710,7 @@ class _Compute:
                 max_in_flight=width,
                 local_batch=batch,
                 progress=bar,
+                span="mspec-ingest",
             )
         finally:
             bar.close()

@@ -457,6 +457,7 @@ def _run_stage(stage, ctx, run_dir, ds_store, n, chunk, client, scheduler, progr
             scheduler=scheduler,
             max_in_flight=2 * workers,
             progress=bar,
+            span=f"mspec-{stage.name}",
         )
     finally:
         if bar is not None:
