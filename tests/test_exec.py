@@ -10,6 +10,7 @@ import platform
 import signal
 import subprocess
 import sys
+import time
 
 import dask
 import pytest
@@ -204,6 +205,14 @@ def test_run_bounded_one_span_and_no_finished_groups_left(monkeypatch):
     from distributed import Client, LocalCluster
 
     monkeypatch.setattr(ex, "FORGET_EVERY", 4)
+    forget = ex.forget_finished_groups
+
+    def counting(dask_scheduler=None):  # pickled by value: counts on the scheduler itself
+        n = forget(dask_scheduler)
+        dask_scheduler.mspec_test_drops = [*getattr(dask_scheduler, "mspec_test_drops", []), n]
+        return n
+
+    monkeypatch.setattr(ex, "forget_finished_groups", counting)
     with (
         LocalCluster(n_workers=1, threads_per_worker=2, processes=False, dashboard_address=":0")
         as cluster,
@@ -220,10 +229,18 @@ def test_run_bounded_one_span_and_no_finished_groups_left(monkeypatch):
         names = [sp.name for sp in spans.spans.values()]
         assert names.count(("t0",)) == 1 and names.count(("t1",)) == 1
         assert all("default" not in n for n in names)  # no span per job
+        # finished jobs' groups were dropped as the calls went (every 4 jobs and at the end)
+        dropped = sched.mspec_test_drops
+        assert len(dropped) == 2 * 3 and sum(dropped) > 0
+        # once the scheduler has forgotten the last jobs' tasks (released asynchronously),
+        # one more pass leaves only live groups: nothing of the 20 jobs stays
+        deadline = time.monotonic() + 10
+        while sched.tasks and time.monotonic() < deadline:
+            time.sleep(0.05)
+        forget(sched)
         held = [tg for sp in spans.spans.values() for tg in sp.groups]
         held += [tg for c in sched.computations for tg in c.groups]
-        assert all(sched.task_groups.get(tg.name) is tg for tg in held)
-        assert client.run_on_scheduler(ex.forget_finished_groups) == 0  # nothing left over
+        assert held == []
 
 
 def test_forget_finished_groups_keeps_live_groups():
