@@ -410,8 +410,6 @@ def run_bounded(
 
     keys = {}
     ac = as_completed()
-    stack = contextlib.ExitStack()
-    stack.enter_context(dask_span(span))
     tidy = _GroupJanitor(client)
 
     def submit() -> bool:
@@ -424,7 +422,7 @@ def run_bounded(
         ac.add(fut)
         return True
 
-    with stack:
+    with dask_span(span):
         for _ in range(max_in_flight):
             if not submit():
                 break
