@@ -410,7 +410,7 @@ def run_bounded(
 
     keys = {}
     ac = as_completed()
-    tidy = _GroupJanitor(client)
+    tidy = True  # until the scheduler refuses forget_finished_groups
 
     def submit() -> bool:
         nxt = next(jobs, None)
@@ -430,9 +430,11 @@ def run_bounded(
             result = fut.result()  # re-raise a task's error here
             fut.release()
             finished(keys.pop(fut.key), result)
-            tidy.job_done()
+            if tidy and done % FORGET_EVERY == 0:
+                tidy = _forget_groups(client)
             submit()
-    tidy.now()
+    if tidy:
+        _forget_groups(client)
     return done
 
 
@@ -440,27 +442,15 @@ def run_bounded(
 FORGET_EVERY = 16
 
 
-class _GroupJanitor:
-    """Calls :func:`forget_finished_groups` on a client's scheduler every
-    :data:`FORGET_EVERY` jobs; stops asking (with a debug log) if the scheduler refuses."""
-
-    def __init__(self, client):
-        self.client = client
-        self.jobs = 0
-
-    def job_done(self) -> None:
-        self.jobs += 1
-        if self.jobs % FORGET_EVERY == 0:
-            self.now()
-
-    def now(self) -> None:
-        if self.client is None:
-            return
-        try:
-            self.client.run_on_scheduler(forget_finished_groups)
-        except Exception:  # noqa: BLE001 - housekeeping only; the run goes on without it
-            log.debug("could not tidy the scheduler's task groups", exc_info=True)
-            self.client = None
+def _forget_groups(client) -> bool:
+    """:func:`forget_finished_groups` on ``client``'s scheduler; False (with a debug log)
+    when the scheduler refuses, so the caller stops asking."""
+    try:
+        client.run_on_scheduler(forget_finished_groups)
+    except Exception:  # noqa: BLE001 - housekeeping only; the run goes on without it
+        log.debug("could not tidy the scheduler's task groups", exc_info=True)
+        return False
+    return True
 
 
 def forget_finished_groups(dask_scheduler=None) -> int:

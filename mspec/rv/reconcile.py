@@ -262,9 +262,7 @@ def rv_residual_sigmas(
     import dask
 
     if not any(dask.is_dask_collection(v) for v in (*columns.values(), mask)):
-        rows = slice(None) if mask is None else np.asarray(mask, dtype=bool)
-        columns = {c: np.asarray(v)[rows] for c, v in columns.items()}
-        return _sigmas(columns, lines, float(tm_clip), float(dsal_clip))
+        return _sigmas(_select_rows(columns, mask), lines, float(tm_clip), float(dsal_clip))
     # one task per chunk selects its population, one more gathers them and reduces them to
     # the statistics: under a distributed client both run on workers, and the driver builds
     # a graph of ~1 task per chunk and variable and receives the (small) result only
@@ -296,17 +294,15 @@ def rv_residual_sigmas(
 
 
 def _select_rows(columns: dict, mask) -> dict:
-    """One chunk's rows of the population (``mask`` None: all)."""
-    if mask is None:
-        return {c: np.asarray(v) for c, v in columns.items()}
-    mask = np.asarray(mask, dtype=bool)
-    return {c: np.asarray(v)[mask] for c, v in columns.items()}
+    """The population's rows of ``columns`` (one chunk, or all in memory; ``mask`` None:
+    every row)."""
+    rows = slice(None) if mask is None else np.asarray(mask, dtype=bool)
+    return {c: np.asarray(v)[rows] for c, v in columns.items()}
 
 
 def _sigmas_of_parts(parts: list, lines, tm_clip: float, dsal_clip: float) -> dict:
     """:func:`_sigmas` of the population gathered from its chunks (:func:`_select_rows`)."""
     columns = {c: np.concatenate([p[c] for p in parts]) for c in parts[0]}
-    del parts
     return _sigmas(columns, lines, tm_clip, dsal_clip)
 
 
