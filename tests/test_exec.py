@@ -243,6 +243,59 @@ def test_run_bounded_one_span_and_no_finished_groups_left(monkeypatch):
         assert held == []
 
 
+@pytest.mark.parametrize("where", ["local", "distributed"])
+def test_run_bounded_empties_the_key_name_cache(where, monkeypatch):
+    """dask's key_split cache (100,000 entries, one per task key) would grow with every chunk
+    graph built and scheduled in the driver; run_bounded empties it as jobs finish."""
+    import dask
+    import dask.array as da
+    from dask.utils import key_split
+
+    monkeypatch.setattr(ex, "FORGET_EVERY", 4)
+    sizes = []
+    real = ex.forget_key_names
+
+    def recording():
+        sizes.append(key_split.cache_info().currsize)
+        return real()
+
+    monkeypatch.setattr(ex, "forget_key_names", recording)
+
+    def jobs(n=40):
+        for i in range(n):
+            x = da.random.RandomState(i).random((40, 5), chunks=(10, 5))
+            yield i, ((x * 2 + 1).mean(axis=1) - x.std(axis=1)).sum()
+
+    key_split.cache_clear()
+    if where == "local":
+        assert run_bounded(jobs(), lambda k, r: None, scheduler="sync") == 40
+    else:
+        from distributed import Client, LocalCluster
+
+        with (
+            LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=":0")
+            as cluster,
+            Client(cluster) as client,
+        ):  # fmt: skip
+            assert run_bounded(jobs(), lambda k, r: None, client=client) == 40
+    # emptied every 4 jobs and at the end; each time it held the names of a few jobs only
+    assert len(sizes) >= 3 and max(sizes) > 0
+    assert key_split.cache_info().currsize == 0
+    # without emptying, the cache would hold all 40 jobs' names
+    dask.compute(*(job for _, job in jobs()), scheduler="sync")
+    assert max(sizes) < key_split.cache_info().currsize
+
+
+def test_forget_key_names_returns_what_it_dropped():
+    from dask.utils import key_split
+
+    key_split.cache_clear()
+    key_split("x-0123456789abcdef0123456789abcdef")
+    key_split("y-0123456789abcdef0123456789abcdef")
+    assert ex.forget_key_names() == 2
+    assert key_split.cache_info().currsize == 0 and ex.forget_key_names() == 0
+
+
 def test_forget_finished_groups_keeps_live_groups():
     class Group:
         def __init__(self, name):

@@ -350,6 +350,67 @@ def test_sources_are_listed_lazily_in_catalogue_batches(tmp_path, monkeypatch):
         st.iter_sources([tmp_path / "cat.parquet", tmp_path / "bad.csv"])
 
 
+def test_directory_listed_a_folder_at_a_time_in_full_path_order(tmp_path):
+    """A directory source is walked one folder at a time, yet gives the order of sorting all
+    full paths (file names that sort beside a folder's name, nested folders, upper-case
+    suffixes); symlinked folders are not entered and other files are ignored."""
+    import mspec.io.store as st
+
+    names = [
+        "b.fits", "b-1.fits", "b/x.fits", "b/a/z.fits.gz", "b0.FITS", "a.fit", "c/d/e.fts",
+        "c.fits", "Z.fits", "ab/c.fits", "a b.fits", "notes.txt", "b/readme",
+    ]  # fmt: skip
+    for n in names:
+        (tmp_path / n).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / n).write_bytes(b"")
+    (tmp_path / "link").symlink_to(tmp_path / "c", target_is_directory=True)
+    (tmp_path / "link.fits").symlink_to(tmp_path / "c", target_is_directory=True)
+    got = st._fits_files_in(tmp_path)
+    assert not isinstance(got, list)
+    want = sorted(str(tmp_path / n) for n in names if n.lower().endswith(st._FITS_SUFFIXES))
+    assert list(got) == want
+    assert [p for p, _ in resolve_sources(tmp_path)] == want
+
+
+def test_path_set_is_exact_across_merges(monkeypatch):
+    """Paths kept as 16-byte digests: members found before and after the merges into the
+    sorted array, non-members not, digests ending in NUL bytes (which numpy strips) too."""
+    import hashlib
+
+    import mspec.io.store as st
+
+    monkeypatch.setattr(st._PathSet, "MERGE", 7)
+    real = st._PathSet._key
+
+    def key(path):  # every third path's digest ends in NUL bytes
+        d = real(path)
+        return d[:13] + b"\0\0\0" if hashlib.md5(path.encode()).digest()[0] % 3 == 0 else d
+
+    monkeypatch.setattr(st._PathSet, "_key", staticmethod(key))
+    s = st._PathSet()
+    members = [f"/survey/{i:05d}.fits" for i in range(0, 200, 2)]
+    for p in members:
+        s.add(p)
+        s.add(p)  # a repeat changes nothing
+    assert len(s) == len(members) and s._sorted.size > 0 and s._sorted.dtype == "S16"
+    assert all(p in s for p in members)
+    assert not any(f"/survey/{i:05d}.fits" in s for i in range(1, 200, 2))
+    assert "/survey/ünïcode.fits" not in s
+
+
+def test_store_log_keeps_each_paths_latest_entry():
+    import mspec.io.store as st
+
+    log = st._StoreLog()
+    log.add("/a.fits", ("quarantined", "not_fits", 10, 5))
+    log.add("/b.fits", ("stored", "", 20, 6))
+    log.add("/a.fits", ("stored", "", 11, 7))  # fixed and stored by a later ingest
+    log.add("/c.fits", ("quarantined", "truncated", 3, 1))
+    assert log.get("/a.fits")[0] == "stored" and log.get("/b.fits")[0] == "stored"
+    assert log.get("/c.fits") == ("quarantined", "truncated", 3, 1)
+    assert log.get("/d.fits") is None and len(log) == 3
+
+
 def test_scan_results_reach_the_driver_as_frames():
     """A scan task returns its records as one DataFrame (a few buffers, not ~50 objects per
     file, through the driver); the batch's plan from several tasks' frames equals the plan

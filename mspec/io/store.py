@@ -126,14 +126,85 @@ def _is_catalog(p: str) -> bool:
     return p.lower().endswith(_CATALOG_SUFFIXES)
 
 
-def _fits_files_in(directory: Path) -> list[str]:
-    out = []
-    for root, dirs, files in os.walk(directory):
-        dirs.sort()
-        for f in files:
-            if f.lower().endswith(_FITS_SUFFIXES):
-                out.append(os.path.join(root, f))
-    return sorted(out)
+def _fits_files_in(directory: Path):
+    """FITS files under ``directory`` (recursively), in the sorted order of their full paths.
+
+    Listed one folder at a time, so the survey's file list is never held: a folder's entries
+    are sorted with a sub-folder keyed as ``name/``, which orders them as sorting every full
+    path would. Symlinked folders are not entered (as ``os.walk``); unreadable ones are
+    skipped."""
+
+    def walk(folder: str):
+        try:
+            with os.scandir(folder) as it:
+                entries = list(it)
+        except OSError:
+            return
+        keyed = []
+        for e in entries:
+            try:
+                is_dir = e.is_dir()
+            except OSError:
+                is_dir = False
+            if is_dir:
+                if not e.is_symlink():
+                    keyed.append((e.name + os.sep, e.path, True))
+            elif e.name.lower().endswith(_FITS_SUFFIXES):
+                keyed.append((e.name, e.path, False))
+        del entries
+        keyed.sort()
+        for _, path, sub in keyed:
+            if sub:
+                yield from walk(path)
+            else:
+                yield path
+
+    yield from walk(os.fspath(directory))
+
+
+class _PathSet:
+    """A set of file paths at 16 bytes each (a survey's millions of paths as strings would
+    cost ~170 bytes each in the driver).
+
+    Paths are kept as 128-bit BLAKE2b digests (a false match is as likely as 1 in 10^25 for
+    a million paths): recent ones in a Python set, merged every :attr:`MERGE` additions into
+    one sorted numpy array searched by bisection.
+    """
+
+    MERGE = 65536
+
+    def __init__(self):
+        self._sorted = np.empty(0, "S16")
+        self._recent: set[bytes] = set()
+
+    @staticmethod
+    def _key(path: str) -> bytes:
+        import hashlib
+
+        return hashlib.blake2b(path.encode("utf-8", "surrogateescape"), digest_size=16).digest()
+
+    def add(self, path: str) -> None:
+        key = self._key(path)
+        if self._has(key):
+            return
+        self._recent.add(key)
+        if len(self._recent) >= self.MERGE:
+            new = np.array(sorted(self._recent), dtype="S16")
+            self._sorted = np.union1d(self._sorted, new)
+            self._recent.clear()
+
+    def _has(self, key: bytes) -> bool:
+        if key in self._recent:
+            return True
+        i = int(np.searchsorted(self._sorted, key))
+        # numpy drops an S16 value's trailing NUL bytes: compare the same way
+        return i < self._sorted.size and self._sorted[i] == key.rstrip(b"\0")
+
+    def __contains__(self, path: str) -> bool:
+        return self._has(self._key(path))
+
+    def __len__(self) -> int:
+        return self._sorted.size + len(self._recent)
 
 
 #: Key of the catalogue values marking a listed file refused before reading (its reason).
@@ -339,8 +410,8 @@ def iter_sources(sources, *, allow_outside: bool = False):
 
     Every source is checked first (the same errors as :func:`resolve_sources`, raised by the
     call itself); catalogues are then read :data:`CATALOG_BATCH` rows at a time, so listing
-    a survey holds one batch of catalogue rows and the set of paths seen (to drop repeats),
-    not the whole list.
+    a survey holds one batch of catalogue rows, one folder's listing and the set of paths
+    seen (to drop repeats; 16 bytes per path), not the whole list.
 
     Parameters
     ----------
@@ -356,7 +427,7 @@ def iter_sources(sources, *, allow_outside: bool = False):
 
 
 def _iter_checked(sources: list[str], allow_outside: bool):
-    seen: set[str] = set()
+    seen = _PathSet()
     for s in sources:
         if os.path.isdir(s):
             items = ((os.path.abspath(p), {}) for p in _fits_files_in(Path(s)))
@@ -583,20 +654,53 @@ def _log_path(store: Path, batch: int) -> Path:
     return _meta_dir(store) / "log" / f"batch-{batch:06d}.parquet"
 
 
-def _seen(store: Path) -> dict[str, tuple]:
-    """path -> (status, code, size, mtime_ns) of its latest entry in the store's logs."""
+class _StoreLog:
+    """What the store's logs say of each file ingested so far, at ~16 bytes per stored file.
+
+    :meth:`get` gives ``(status, code, size, mtime_ns)`` of a path's latest entry, or None
+    for a path never listed. Stored files (almost all) are kept in a :class:`_PathSet` (an
+    ingest only needs to know they are stored); the others (quarantined) with their entry.
+    """
+
+    _STORED = ("stored", "", None, None)
+
+    def __init__(self):
+        self.stored = _PathSet()
+        self.other: dict[str, tuple] = {}
+
+    def add(self, path: str, entry: tuple) -> None:
+        if entry[0] == "stored":
+            self.stored.add(path)
+            self.other.pop(path, None)
+        else:
+            self.other[path] = entry
+
+    def get(self, path: str) -> tuple | None:
+        entry = self.other.get(path)
+        if entry is not None:
+            return entry
+        return self._STORED if path in self.stored else None
+
+    def __len__(self) -> int:
+        return len(self.stored) + len(self.other)
+
+
+def _seen(store: Path) -> _StoreLog:
+    """Each listed path's latest entry in the store's logs (a file stored after being
+    quarantined is stored; a path is never stored twice, an ingest skips stored files)."""
     import pyarrow.parquet as pq
 
-    seen: dict[str, tuple] = {}
+    seen = _StoreLog()
     for p in sorted((_meta_dir(store) / "log").glob("batch-*.parquet")):
         names = pq.read_schema(p).names
         cols = [c for c in ("path", "status", "code", "size", "mtime_ns") if c in names]
         t = pq.read_table(p, columns=cols).to_pydict()
-        n = len(t["path"])
-        for i in range(n):
-            seen[t["path"][i]] = tuple(
-                t[c][i] if c in t else None for c in ("status", "code", "size", "mtime_ns")
+        for i in range(len(t["path"])):
+            seen.add(
+                t["path"][i],
+                tuple(t[c][i] if c in t else None for c in ("status", "code", "size", "mtime_ns")),
             )
+        del t
     return seen
 
 
@@ -1236,7 +1340,7 @@ def _check_chunk_size(chunk_size, what: str = "chunk_size") -> int:
     return int(chunk_size)
 
 
-def _todo_batches(items, seen: dict, per_batch: int, tally: dict):
+def _todo_batches(items, seen: _StoreLog, per_batch: int, tally: dict):
     """Batches of at most ``per_batch`` listed files still to read: new ones, and quarantined
     ones worth another try (:func:`_to_retry`); ``tally`` counts sources, skipped, retried."""
     part = []
