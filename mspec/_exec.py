@@ -42,6 +42,7 @@ __all__ = [
     "run_bounded",
     "forget_finished_groups",
     "forget_key_names",
+    "tidy_dask",
     "release_memory",
     "lean_dask_config",
     "DASK_LOG_LENGTH",
@@ -435,23 +436,37 @@ def run_bounded(
             result = fut.result()  # re-raise a task's error here
             fut.release()
             finished(keys.pop(fut.key), result)
-            if tidy and done % FORGET_EVERY == 0:
-                tidy = _forget_groups(client)
+            if done % FORGET_EVERY == 0:
+                tidy = _tidy(client, tidy)
             submit()
-    if tidy:
-        _forget_groups(client)
+    _tidy(client, tidy)
     return done
+
+
+def _tidy(client, scheduler_too: bool) -> bool:
+    """:func:`tidy_dask` (the scheduler's part only while it has not refused)."""
+    if scheduler_too:
+        return tidy_dask(client)
+    forget_key_names()
+    return False
 
 
 #: Jobs between two calls of :func:`forget_finished_groups` in :func:`run_bounded`.
 FORGET_EVERY = 16
 
 
-def _forget_groups(client) -> bool:
-    """:func:`forget_key_names` here and :func:`forget_finished_groups` on ``client``'s
-    scheduler; False (with a debug log) when the scheduler refuses, so the caller stops
-    asking."""
+def tidy_dask(client=None) -> bool:
+    """Drop the dask state finished work leaves behind: :func:`forget_key_names` in this
+    process and, with a ``client``, :func:`forget_finished_groups` on its scheduler.
+
+    Returns
+    -------
+    bool
+        False (with a debug log) when the scheduler refused, so a caller can stop asking.
+    """
     forget_key_names()
+    if client is None:
+        return True
     try:
         client.run_on_scheduler(forget_finished_groups)
     except Exception:  # noqa: BLE001 - housekeeping only; the run goes on without it

@@ -239,8 +239,11 @@ def test_scheduler_address_gives_identical_outputs(tmp_path, store, models, refe
             store, tmp_path / "run", models, cluster={"scheduler": cluster.scheduler_address}
         )
         res = run(cfg)
+        names = {sp.name for sp in cluster.scheduler.extensions["spans"].spans.values()}
     assert all(res.stages[s.name]["computed"] == N // CHUNK for s in PIPELINE)
     _same_outputs(reference[0], tmp_path / "run")
+    # the chunks of every stage and the catalogs ran in named spans
+    assert {("mspec-catalog",), ("mspec-preprocess",), ("mspec-rvmm",)} <= names, names
 
 
 def test_outputs_lazy_builders(store, models):
