@@ -451,7 +451,7 @@ def _tidy(client, scheduler_too: bool) -> bool:
     return False
 
 
-#: Jobs between two calls of :func:`forget_finished_groups` in :func:`run_bounded`.
+#: Jobs between two calls of :func:`tidy_dask` in :func:`run_bounded`.
 FORGET_EVERY = 16
 
 
