@@ -733,11 +733,10 @@ def run(
                 "CMD: no Gaia data (no Gaia columns in the store and no [gaia] table or hats catalogue): "
                 "SCM/DGCM use the CNNs only"
             )
-        from distributed import span as dask_span
-
         cpu0 = _cpu_seconds(client)
         t0 = time.perf_counter()
-        with _no_space_is_run_error("catalog", run_dir), dask_span("mspec-catalog"):
+        # not in a dask span: dask-expr DataFrames ignore annotations, with a warning
+        with _no_space_is_run_error("catalog", run_dir):
             result.catalog = str(_catalog(run_dir, ds, n))
             result.catalogs = _catalogs(run_dir)
         tidy_dask(client)  # the catalogs' dataframe graphs were not run through run_bounded
