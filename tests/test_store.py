@@ -390,8 +390,8 @@ def test_path_set_is_exact_across_merges(monkeypatch):
     s = st._PathSet()
     members = [f"/survey/{i:05d}.fits" for i in range(0, 200, 2)]
     for p in members:
-        s.add(p)
-        s.add(p)  # a repeat changes nothing
+        assert s.add(p) is True
+        assert s.add(p) is False  # a repeat changes nothing
     assert len(s) == len(members) and s._sorted.size > 0 and s._sorted.dtype == "S16"
     assert all(p in s for p in members)
     assert not any(f"/survey/{i:05d}.fits" in s for i in range(1, 200, 2))

@@ -183,15 +183,17 @@ class _PathSet:
 
         return hashlib.blake2b(path.encode("utf-8", "surrogateescape"), digest_size=16).digest()
 
-    def add(self, path: str) -> None:
+    def add(self, path: str) -> bool:
+        """Add ``path``; True when it was not in the set yet."""
         key = self._key(path)
         if self._has(key):
-            return
+            return False
         self._recent.add(key)
         if len(self._recent) >= self.MERGE:
             new = np.array(sorted(self._recent), dtype="S16")
             self._sorted = np.union1d(self._sorted, new)
             self._recent.clear()
+        return True
 
     def _has(self, key: bytes) -> bool:
         if key in self._recent:
@@ -444,8 +446,7 @@ def _iter_checked(sources: list[str], allow_outside: bool):
         else:  # a missing FITS file: quarantined, not fatal
             items = iter([(os.path.abspath(s), {})])
         for p, d in items:
-            if p not in seen:
-                seen.add(p)
+            if seen.add(p):
                 yield p, d
 
 
