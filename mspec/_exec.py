@@ -378,13 +378,16 @@ def run_bounded(
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"{name} must be an int >= 1, got {v!r}")
     done = 0
+    sched = client  # None once the scheduler refuses to be tidied
 
     def finished(key, result):
-        nonlocal done
+        nonlocal done, sched
         on_done(key, result)
         done += 1
         if progress is not None:
             progress.update(1)
+        if done % FORGET_EVERY == 0 and not tidy_dask(sched):
+            sched = None
 
     jobs = iter(jobs)
     if client is None:
@@ -406,9 +409,7 @@ def run_bounded(
                 results = dask.compute(*(job for _, job in part), scheduler=scheduler, **kwargs)
                 for (key, _), result in zip(part, results):
                     finished(key, result)
-                    if done % FORGET_EVERY == 0:
-                        forget_key_names()
-        forget_key_names()
+        tidy_dask()
         return done
 
     from distributed import as_completed
@@ -416,7 +417,6 @@ def run_bounded(
 
     keys = {}
     ac = as_completed()
-    tidy = True  # until the scheduler refuses forget_finished_groups
 
     def submit() -> bool:
         nxt = next(jobs, None)
@@ -436,19 +436,9 @@ def run_bounded(
             result = fut.result()  # re-raise a task's error here
             fut.release()
             finished(keys.pop(fut.key), result)
-            if done % FORGET_EVERY == 0:
-                tidy = _tidy(client, tidy)
             submit()
-    _tidy(client, tidy)
+    tidy_dask(sched)
     return done
-
-
-def _tidy(client, scheduler_too: bool) -> bool:
-    """:func:`tidy_dask` (the scheduler's part only while it has not refused)."""
-    if scheduler_too:
-        return tidy_dask(client)
-    forget_key_names()
-    return False
 
 
 #: Jobs between two calls of :func:`tidy_dask` in :func:`run_bounded`.

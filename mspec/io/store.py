@@ -190,7 +190,7 @@ class _PathSet:
             return False
         self._recent.add(key)
         if len(self._recent) >= self.MERGE:
-            new = np.array(sorted(self._recent), dtype="S16")
+            new = np.array(list(self._recent), dtype="S16")
             self._sorted = np.union1d(self._sorted, new)
             self._recent.clear()
         return True
@@ -701,7 +701,6 @@ def _seen(store: Path) -> _StoreLog:
                 t["path"][i],
                 tuple(t[c][i] if c in t else None for c in ("status", "code", "size", "mtime_ns")),
             )
-        del t
     return seen
 
 
