@@ -17,6 +17,7 @@ from mspec.io.lamost import (
     ON_GRID_TOL,
     BadFileError,
     derived_obsid,
+    input_catalog_magnitudes,
     read_lamost,
     read_spectrum,
     write_lamost_fits,
@@ -318,6 +319,31 @@ def test_missing_header_values_are_nan_or_empty(tmp_path):
     assert str(s.release.values) == ""  # VERSPIPE v2.9.7 maps to no release
     assert float(s.dec) == float(ds.dec[0])
     assert set(META_VARIABLES) <= set(s.variables)
+
+
+def test_input_catalog_magnitudes():
+    hdr = {"MAGTYPE": "ugrizFuvUv", "MAG1": 16.04, "MAG2": 13.38, "MAG3": 11.85, "MAG4": 99.0,
+           "MAG5": 0.0, "MAG6": "nan", "MAG7": 18.21}  # fmt: skip
+    assert input_catalog_magnitudes(hdr) == {"u": 16.04, "g": 13.38, "r": 11.85, "Uv": 18.21}
+    hdr = {"MAGTYPE": "gribvjh", **{f"MAG{k}": 10.0 + k for k in range(1, 8)}}
+    assert list(input_catalog_magnitudes(hdr)) == ["g", "r", "i", "b", "v", "j", "h"]
+    assert input_catalog_magnitudes({"MAGTYPE": "Kp", "MAG1": 12.74, "MAG2": 99.0}) == {"Kp": 12.74}
+    assert input_catalog_magnitudes({"MAG1": 12.0}) == {}
+    assert input_catalog_magnitudes({"MAGTYPE": "gri", "MAG1": 12.0}) == {"g": 12.0}
+
+
+@needs_data
+def test_input_catalog_magnitudes_real():
+    seen = set()
+    for path in REAL:
+        hdr = fits.getheader(path)
+        mags = input_catalog_magnitudes(hdr)
+        assert all(2.0 <= m <= 19.9 for m in mags.values())
+        seen |= set(mags)
+        if hdr.get("DESIG", "").strip() == "LAMOST J020228.24+103453.4":  # LiuChao, "gribvjh"
+            assert mags == {"g": 13.07, "r": 11.66, "i": 10.5, "b": 13.79, "v": 12.2, "j": 8.4,
+                            "h": 7.85}  # fmt: skip
+    assert {"g", "r", "i"} <= seen
 
 
 # --------------------------------------------------------------------------- off-grid files

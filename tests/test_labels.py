@@ -314,6 +314,70 @@ def test_label_noise_ceiling():
     assert label_noise_ceiling(lit, 1000.0)["slope"] is None
 
 
+def test_three_cornered_hat_recovers_known_noise():
+    from mspec.ml.evaluate import three_cornered_hat
+
+    rng = np.random.default_rng(1)
+    n = 6000
+    true = rng.normal(3600.0, 250.0, n)
+    lab = true + rng.normal(0.0, 120.0, n)
+    pred = 100.0 + 0.8 * true + rng.normal(0.0, 60.0, n)
+    colour = 5.0 - 0.0012 * true + rng.normal(0.0, 0.05, n)
+    h = three_cornered_hat(lab, pred, colour, n_boot=200)
+    assert h["n"] == n
+    assert h["true_std"] == pytest.approx(250.0, rel=0.03)
+    assert h["label_sigma"] == pytest.approx(120.0, rel=0.05)
+    assert h["slope"] == pytest.approx(0.8, abs=0.02)
+    # std(P - T): the scale error (0.2 x 250 K) and the noise (60 K) together, 78 K
+    assert h["pred_error_std"] == pytest.approx(np.hypot(0.2 * 250.0, 60.0), rel=0.06)
+    assert h["pred_sigma_own"] == pytest.approx(60.0 / 0.8, rel=0.06)
+    assert h["tracer_sigma"] == pytest.approx(0.05 / 0.0012, rel=0.1)
+    assert h["ceiling_slope"] == pytest.approx(250.0**2 / (250.0**2 + 120.0**2), abs=0.02)
+    lo, hi = h["ci"]["label_sigma"][0], h["ci"]["label_sigma"][4]
+    assert lo < 120.0 < hi and hi - lo < 15.0
+    # the tracer's unit and sign do not matter; the labels' own scale does
+    h2 = three_cornered_hat(lab, pred, -3.0 * colour, n_boot=0)
+    assert h2["label_sigma"] == pytest.approx(h["label_sigma"]) and h2["ci"] == {}
+    # a small sample gives wide, but honest, intervals
+    s = three_cornered_hat(lab[:30], pred[:30], colour[:30], n_boot=1000)
+    assert s["ci"]["slope"][0] < 0.8 < s["ci"]["slope"][4]
+    with pytest.raises(ValueError, match="same length"):
+        three_cornered_hat(lab, pred[:-1], colour)
+    with pytest.raises(ValueError, match="at least 5"):
+        three_cornered_hat(lab[:4], pred[:4], colour[:4])
+
+
+def test_three_cornered_hat_noiseless_labels_and_correlated_tracer():
+    from mspec.ml.evaluate import three_cornered_hat
+
+    rng = np.random.default_rng(2)
+    true = rng.normal(3500.0, 200.0, 5000)
+    pred = true + rng.normal(0.0, 80.0, true.size)
+    colour = -0.001 * true + rng.normal(0.0, 0.05, true.size)
+    h = three_cornered_hat(true, pred, colour, n_boot=0)
+    assert h["label_sigma"] < 15.0 and h["slope"] == pytest.approx(1.0, abs=0.03)
+    assert h["pred_error_std"] == pytest.approx(80.0, rel=0.05)
+    # a tracer whose errors share the prediction's (read from the same data) inflates the
+    # label noise: the documented failure of the method, which photometry avoids
+    shared = rng.normal(0.0, 80.0, true.size)
+    h = three_cornered_hat(true, true + shared, -0.001 * (true + shared), n_boot=0)
+    assert h["label_sigma"] > 50.0
+
+
+@pytest.mark.realdata
+def test_photometric_tracer_real():
+    from mspec.ml.evaluate import M_DWARF_R_I, _real_files, photometric_tracer
+
+    files = [f for f in _real_files() if f.parent.name == "lamost_dr7_mdwarfs"]
+    ri = photometric_tracer(files)
+    ok = np.isfinite(ri)
+    assert ok.sum() >= 25 and np.all((ri[ok] >= M_DWARF_R_I[0]) & (ri[ok] <= M_DWARF_R_I[1]))
+    lab = pd.read_csv(files[0].parent / "labels.csv").set_index("file_name")
+    teff = lab.loc[[f.name for f in files], "teff_lit"].to_numpy()
+    # redder M dwarfs are cooler
+    assert np.corrcoef(ri[ok], teff[ok])[0, 1] < -0.5
+
+
 @pytest.mark.realdata
 def test_finetune_cross_validation_is_out_of_fold(real_store, tmp_path):
     """finetune_cross_validation: every star predicted once per seed by a model whose
@@ -373,6 +437,11 @@ def test_finetune_cross_validation_is_out_of_fold(real_store, tmp_path):
     assert r["default"]["all"]["teff"]["n"] == 36 and r["default"]["all"]["m_h"]["n"] == 14
     assert {"robust_sigma", "median", "slope_theil_sen", "corr"} <= set(ft["teff"]["over_seeds"])
     assert r["noise_ceiling"]["all"]["label_sigma"] == 153.0
+    # the photometric third tracer: the same stars' r - i, both predictions assessed
+    assert np.isfinite(stars["r_i"]).sum() >= 25
+    for which in ("default", "finetuned"):
+        h = r["three_cornered_hat"]["all"][which]
+        assert h["n"] == int(np.isfinite(stars["r_i"]).sum()) and "slope" in h["ci"]
     assert 0 < r["noise_ceiling"]["all"]["slope"] < 1
     assert "called_m" not in r["finetuned"]  # no CNN-SPT next to a bare ensemble
     assert set(r["per_lr"]) == {"0.0001", "0.001"}

@@ -66,6 +66,7 @@ __all__ = [
     "write_lamost_fits",
     "derived_obsid",
     "detect_layout",
+    "input_catalog_magnitudes",
 ]
 
 #: File layouts understood by :func:`read_lamost` and written by :func:`write_lamost_fits`.
@@ -705,6 +706,46 @@ def _int(v) -> int | None:
             return None
         x = int(f)
     return x if -(1 << 63) <= x < (1 << 63) else None
+
+
+#: Magnitudes outside this range (mag) are the input catalogues' "no value" fillers (99, 0,
+#: and the odd 20 or 1 next to real values) rather than measurements.
+_MAG_RANGE = (2.0, 19.9)
+
+
+def input_catalog_magnitudes(header: Mapping) -> dict[str, float]:
+    """The input-catalogue magnitudes of a LAMOST target, by band.
+
+    LAMOST headers carry up to seven magnitudes ``MAG1``..``MAG7`` of the target from the
+    catalogue it was selected from, with ``MAGTYPE`` naming their bands in order, one token
+    per magnitude: a lower-case letter or a capitalised word (``"gribvjh"`` is g, r, i, b,
+    v, j, h; ``"ugrizFuvUv"`` is u, g, r, i, z, Fuv, Uv; ``"Kp"`` is Kepler). Which survey
+    each band comes from depends on the catalogue (``TSOURCE``); the values are given as they
+    are, without colour terms.
+
+    Parameters
+    ----------
+    header : Mapping
+        A LAMOST primary header (e.g. :func:`astropy.io.fits.getheader`).
+
+    Returns
+    -------
+    dict of str to float
+        Magnitude (mag) per band token; bands whose value is missing, unparsable or outside
+        2-19.9 mag (the catalogues' 99, 0, ... fillers) are left out. Empty when there is no
+        ``MAGTYPE``.
+    """
+    import re
+
+    mtype = _card(header, "MAGTYPE")
+    if not isinstance(mtype, str):
+        return {}
+    out: dict[str, float] = {}
+    for k, band in enumerate(re.findall(r"[A-Z][a-z]*|[a-z]", mtype)[:7], start=1):
+        m = _float(_card(header, f"MAG{k}"))
+        if _MAG_RANGE[0] <= m <= _MAG_RANGE[1]:
+            out.setdefault(band, m)
+    return out
 
 
 def derived_obsid(header: Mapping, path: str | os.PathLike, content: bytes | None = None) -> int:

@@ -46,6 +46,9 @@ __all__ = [
     "LIT_TEFF_SIGMA",
     "stratified_folds",
     "label_noise_ceiling",
+    "three_cornered_hat",
+    "photometric_tracer",
+    "M_DWARF_R_I",
     "finetune_cross_validation",
 ]
 
@@ -148,7 +151,9 @@ def evaluate_real(models) -> dict:
     ``dr7_tlma_m_h`` and ``dr7_tlma_m_h_measured`` (without the placeholder [Fe/H] = -0.05
     rows), each with ``n``, ``bias``, ``median``, ``rms``, ``std``, ``robust_sigma``
     (1.4826 MAD), ``corr``, ``slope_theil_sen``, ``slope_ols`` (prediction on literature)
-    and ``pred_range`` (K or dex).
+    and ``pred_range`` (K or dex); ``dr7_three_cornered_hat`` (``all``, ``called_m``):
+    :func:`three_cornered_hat` of the literature Teff, the CNN-TLMA Teff and the
+    input-catalogue r - i (:func:`photometric_tracer`) of the stars that have all three.
     """
     import pandas as pd
 
@@ -207,7 +212,17 @@ def evaluate_real(models) -> dict:
         # 22 of the 36 literature [Fe/H] are the placeholder -0.05 (labels README)
         real = dr7["feh_lit"] != -0.05
         res["dr7_tlma_m_h_measured"] = _versus_literature(dr7["m_h_dM"][real], dr7["feh_lit"][real])
-        cols = ["file", "snr_r", "teff_lit", "teff_dM", "feh_lit", "m_h_dM", "spt", "dmgm"]
+        # an independent Teff tracer (input-catalogue r - i) measures the labels' noise and
+        # the CNN's slope on the true scale, free of the labels' regression dilution
+        dr7["r_i"] = photometric_tracer([n for n in names if n.parent.name == "lamost_dr7_mdwarfs"])
+        res["dr7_three_cornered_hat"] = {
+            "all": three_cornered_hat(dr7["teff_lit"], dr7["teff_dM"], dr7["r_i"]),
+            "called_m": three_cornered_hat(
+                dr7["teff_lit"][dr7["spt"] == "M"], dr7["teff_dM"][dr7["spt"] == "M"],
+                dr7["r_i"][dr7["spt"] == "M"],
+            ),
+        }  # fmt: skip
+        cols = ["file", "snr_r", "teff_lit", "teff_dM", "feh_lit", "m_h_dM", "r_i", "spt", "dmgm"]
         res["dr7_table"] = dr7[cols].to_dict(orient="records")
     return res
 
@@ -752,6 +767,131 @@ def label_noise_ceiling(lit, sigma: float, *, n_mc: int = 4000, seed: int = 0) -
     return out
 
 
+def _hat_point(lab: np.ndarray, pred: np.ndarray, tracer: np.ndarray) -> dict:
+    """One three-cornered-hat estimate from the sample covariances (see three_cornered_hat)."""
+    c = np.cov(np.vstack([lab, pred, tracer]))
+    if c[0, 2] == 0 or c[1, 2] == 0:
+        return {}
+    var_t = c[0, 1] * c[0, 2] / c[1, 2]
+    slope = c[1, 2] / c[0, 2]
+    t_slope = c[1, 2] / c[0, 1] if c[0, 1] != 0 else np.nan
+    var_lab = c[0, 0] - var_t
+    var_pred_own = c[1, 1] - slope**2 * var_t
+    var_err = float(np.var(pred - lab, ddof=1)) - var_lab
+    return {
+        "true_std": float(np.sqrt(var_t)) if var_t > 0 else np.nan,
+        "label_var": float(var_lab),
+        "label_sigma": float(np.sqrt(max(var_lab, 0.0))),
+        "slope": float(slope),
+        "pred_sigma_own": float(np.sqrt(max(var_pred_own, 0.0)) / abs(slope)) if slope else np.nan,
+        "pred_error_std": float(np.sqrt(max(var_err, 0.0))),
+        "tracer_sigma": float(np.sqrt(max(c[2, 2] - t_slope**2 * var_t, 0.0)) / abs(t_slope))
+        if np.isfinite(t_slope) and t_slope
+        else np.nan,
+        "ceiling_slope": float(var_t / c[0, 0]),
+    }
+
+
+def three_cornered_hat(lab, pred, tracer, *, n_boot: int = 4000, seed: int = 0) -> dict:
+    """Label noise, a predictor's true scale and its own error, from a third independent tracer.
+
+    With three measurements of the same true quantity T for each star, the labels
+    ``L = T + e_L``, the prediction ``P = a_P + b_P T + e_P`` and a tracer
+    ``C = a_C + b_C T + e_C`` on any linear scale (e.g. a colour), whose errors are
+    independent of each other and of T, the sample covariances give
+
+    - var(T) = cov(L, P) cov(L, C) / cov(P, C), hence the label noise
+      sigma_L**2 = var(L) - var(T), which :func:`label_noise_ceiling` needs and the labels
+      alone cannot give;
+    - the prediction's slope on the true values, b_P = cov(P, C) / cov(L, C) (the tracer as an
+      instrumental variable: free of the regression dilution that compresses the slope of P
+      on noisy labels to b_P var(T) / var(L));
+    - the prediction's error against the true values beyond a constant offset,
+      std(P - T)**2 = var(P - L) - sigma_L**2, and its scatter about its own linear scale.
+
+    Percentile intervals come from resampling the stars (bootstrap). Estimates of a variance
+    can come out negative in small samples; the sigmas are then 0 and ``label_var`` keeps the
+    sign. The estimates are only as good as the assumptions: errors that correlate (e.g. a
+    tracer and a prediction read from the same spectrum) bias them.
+
+    Parameters
+    ----------
+    lab : array-like of float
+        Labels (e.g. literature Teff, K); they define the scale.
+    pred : array-like of float
+        Predictions (same unit as ``lab``).
+    tracer : array-like of float
+        A third tracer of the same quantity with independent errors, any unit (e.g. r - i, mag).
+    n_boot : int
+        Bootstrap resamples (0: none).
+    seed : int
+        Bootstrap seed.
+
+    Returns
+    -------
+    dict
+        ``n``; ``true_std`` (std of T), ``label_sigma`` (sigma_L) and ``label_var``,
+        ``slope`` (b_P), ``pred_error_std`` (std of P - T), ``pred_sigma_own`` (scatter of P
+        about a_P + b_P T, in units of T), ``tracer_sigma`` (the tracer's scatter in units of
+        T), ``ceiling_slope`` (var(T) / var(L): the slope of a perfect predictor on these
+        labels), ``offset`` (median of P - L); and ``ci``: per quantity the bootstrap
+        2.5th, 16th, 50th, 84th and 97.5th percentiles.
+    """
+    a = [np.asarray(v, dtype=np.float64) for v in (lab, pred, tracer)]
+    if not a[0].shape == a[1].shape == a[2].shape or a[0].ndim != 1:
+        raise ValueError("lab, pred and tracer must be 1-d arrays of the same length")
+    ok = np.isfinite(a[0]) & np.isfinite(a[1]) & np.isfinite(a[2])
+    lab_, pred_, tr = (v[ok] for v in a)
+    if ok.sum() < 5:
+        raise ValueError(f"three_cornered_hat needs at least 5 stars with all three values, got {ok.sum()}")
+    out: dict = {"n": int(ok.sum()), "offset": float(np.median(pred_ - lab_))}
+    out.update(_hat_point(lab_, pred_, tr))
+    rng = np.random.default_rng(seed)
+    boot: dict[str, list] = {}
+    for _ in range(int(n_boot)):
+        k = rng.integers(0, lab_.size, lab_.size)
+        for key, v in _hat_point(lab_[k], pred_[k], tr[k]).items():
+            boot.setdefault(key, []).append(v)
+    out["ci"] = {
+        key: [float(x) for x in np.nanpercentile(v, [2.5, 16, 50, 84, 97.5])]
+        for key, v in boot.items()
+    }
+    return out
+
+
+#: An M dwarf's r - i (mag) lies within this range (K7 ~ 0.6, M5 ~ 1.9); input-catalogue
+#: colours outside it are photometry problems (saturation, blends, mixed catalogues).
+M_DWARF_R_I = (0.4, 2.5)
+
+
+def photometric_tracer(files) -> np.ndarray:
+    """The r - i colour (mag) of each LAMOST file's target from its input-catalogue magnitudes.
+
+    A Teff tracer independent of the spectrum and of the literature labels, for
+    :func:`three_cornered_hat`. NaN where the header has no r or i, or where r - i falls
+    outside :data:`M_DWARF_R_I`.
+
+    Parameters
+    ----------
+    files : sequence of path-like
+        LAMOST spectrum files.
+
+    Returns
+    -------
+    numpy.ndarray of float
+    """
+    from astropy.io import fits
+
+    from mspec.io.lamost import input_catalog_magnitudes
+
+    out = np.full(len(files), np.nan)
+    for j, f in enumerate(files):
+        m = input_catalog_magnitudes(fits.getheader(f))
+        if "r" in m and "i" in m and M_DWARF_R_I[0] <= m["r"] - m["i"] <= M_DWARF_R_I[1]:
+            out[j] = m["r"] - m["i"]
+    return out
+
+
 def _summarise_seeds(per_seed: dict) -> dict:
     """Mean, min and max over seeds of every number of :func:`_versus_literature`."""
     out = {}
@@ -854,7 +994,10 @@ def finetune_cross_validation(
         (``teff`` against ``teff_lit``, ``m_h`` against the measured ``feh_lit``) the
         :func:`_versus_literature` numbers per seed and their mean/min/max over seeds;
         ``default``: the same for the default models; ``noise_ceiling``:
-        :func:`label_noise_ceiling` of Teff for each sample; ``per_lr``: per learning rate
+        :func:`label_noise_ceiling` of Teff for each sample; ``three_cornered_hat``: per
+        sample, :func:`three_cornered_hat` of the literature Teff, the prediction
+        (``default``; ``finetuned``: the mean over seeds of the out-of-fold ones) and the
+        input-catalogue r - i (``stars`` column ``r_i``, mag); ``per_lr``: per learning rate
         the ``finetuned`` summary over seeds had that rate been fixed; ``seconds``.
 
     Raises
@@ -936,6 +1079,7 @@ def finetune_cross_validation(
         }  # fmt: skip
         if spt is not None:
             rows["spt"] = spt
+        rows["r_i"] = photometric_tracer([src / n for n in names[stars]])
         fold_log = []
         for s in seeds:
             fold = stratified_folds(teff_lit[stars], k, s)
@@ -990,7 +1134,7 @@ def finetune_cross_validation(
         samples = {"all": np.ones(len(st), bool)}
         if spt is not None:
             samples["called_m"] = st["spt"].to_numpy() == "M"
-        fin, dflt, ceil = {}, {}, {}
+        fin, dflt, ceil, hat = {}, {}, {}, {}
         per_lr: dict = {f"{rate:g}": {} for rate in lrs}
         for name, sel in samples.items():
             sub = st[sel]
@@ -1006,6 +1150,12 @@ def finetune_cross_validation(
                            for s in seeds}  # fmt: skip
                     per_lr[f"{rate:g}"][name][lab] = _summarise_seeds(per)
             ceil[name] = label_noise_ceiling(sub["teff_lit"], label_sigma)
+            if np.isfinite(sub["r_i"]).sum() >= 5:
+                oof = np.mean([sub[f"teff_cv_{s}"] for s in seeds], axis=0)
+                hat[name] = {
+                    "default": three_cornered_hat(sub["teff_lit"], sub["teff_base"], sub["r_i"]),
+                    "finetuned": three_cornered_hat(sub["teff_lit"], oof, sub["r_i"]),
+                }
         sha = hashlib.sha256((base / "model.json").read_bytes()).hexdigest()
         return {
             "protocol": {
@@ -1033,6 +1183,7 @@ def finetune_cross_validation(
             "finetuned": fin,
             "default": dflt,
             "noise_ceiling": ceil,
+            "three_cornered_hat": hat,
             "per_lr": per_lr,
             "seconds": round(time.perf_counter() - t_start, 1),
         }
