@@ -10,6 +10,7 @@ from mspec.ml.recipe import (
     BALANCED_MIX,
     BATCH_SIZE,
     MODEL_RECIPE_VERSION,
+    TLMA_AUGMENT,
     TLMA_MIX,
 )
 from mspec.pipeline.models import build_default_models, default_models_dir, list_models
@@ -74,7 +75,13 @@ def test_tlma_pair_trains_dwarfs_and_giants(built):
     dm = json.loads((built / "tlma" / "dM" / "model.json").read_text())
     gm = json.loads((built / "tlma" / "gM" / "model.json").read_text())
     assert dm["recipe_training"]["batch_size"] == BATCH_SIZE
-    assert "augment" not in dm["recipe_training"]  # off for CNN-TLMA (accuracy.md)
+    # recipe 3: RV shifts and flux-calibration trends, no masks (accuracy.md)
+    for meta in (dm, gm):
+        aug = meta["recipe_training"]["augment"]
+        assert aug["rv_sigma"] == TLMA_AUGMENT["rv_sigma"] > 0
+        assert aug["tilt"] == TLMA_AUGMENT["tilt"] > 0 and aug["mask_frac"] == 0
+    info = json.loads((built / "models.json").read_text())
+    assert info["recipe"]["tlma"]["augment"] == TLMA_AUGMENT
     n_dm = dm["metrics"]["n"] + dm["metrics"]["n_calibration"]
     n_gm = gm["metrics"]["n"] + gm["metrics"]["n_calibration"]
     assert n_dm + n_gm == 300
