@@ -843,7 +843,9 @@ def three_cornered_hat(lab, pred, tracer, *, n_boot: int = 4000, seed: int = 0) 
     ok = np.isfinite(a[0]) & np.isfinite(a[1]) & np.isfinite(a[2])
     lab_, pred_, tr = (v[ok] for v in a)
     if ok.sum() < 5:
-        raise ValueError(f"three_cornered_hat needs at least 5 stars with all three values, got {ok.sum()}")
+        raise ValueError(
+            f"three_cornered_hat needs at least 5 stars with all three values, got {ok.sum()}"
+        )
     out: dict = {"n": int(ok.sum()), "offset": float(np.median(pred_ - lab_))}
     out.update(_hat_point(lab_, pred_, tr))
     rng = np.random.default_rng(seed)
