@@ -5,7 +5,7 @@ Reproduces the CNN figures of ``docs/accuracy.md``::
     python -m mspec.ml.evaluate train --n 12000 --out models --epochs 40 --folds 10
     python -m mspec.ml.evaluate test  --models models --n 3000 --seed 99
     python -m mspec.ml.evaluate real  --models models
-    python -m mspec.ml.evaluate finetune-cv --models ~/.cache/mspec/models/sim-2-r2
+    python -m mspec.ml.evaluate finetune-cv --models ~/.cache/mspec/models/sim-2-r3
 
 ``train`` simulates a class-balanced survey (every CNN-SPT class, WDs, dM and gM equally
 represented, S/N_i drawn log-uniformly in 5-150) and calls
