@@ -338,6 +338,19 @@ def test_three_cornered_hat_recovers_known_noise():
     # the tracer's unit and sign do not matter; the labels' own scale does
     h2 = three_cornered_hat(lab, pred, -3.0 * colour, n_boot=0)
     assert h2["label_sigma"] == pytest.approx(h["label_sigma"]) and h2["ci"] == {}
+    # one grossly wrong label: leave-one-out finds it, and without it the noise is the rest's
+    lab_bad = lab[:200].copy()
+    lab_bad[17] += 3000.0
+    hb = three_cornered_hat(lab_bad, pred[:200], colour[:200], n_boot=0)
+    assert hb["loo_most_influential"]["index"] == 17
+    assert hb["label_sigma"] > 200.0
+    assert hb["loo_most_influential"]["label_sigma_without"] == pytest.approx(120.0, rel=0.2)
+    lo, hi = hb["loo"]["label_sigma"]
+    assert lo == hb["loo_most_influential"]["label_sigma_without"] and hi > 200.0
+    # positions refer to the input arrays, NaN rows included
+    lab_nan = np.concatenate([[np.nan], lab_bad])
+    hn = three_cornered_hat(lab_nan, np.r_[0.0, pred[:200]], np.r_[1.0, colour[:200]], n_boot=0)
+    assert hn["loo_most_influential"]["index"] == 18 and hn["n"] == 200
     # a small sample gives wide, but honest, intervals
     s = three_cornered_hat(lab[:30], pred[:30], colour[:30], n_boot=1000)
     assert s["ci"]["slope"][0] < 0.8 < s["ci"]["slope"][4]

@@ -834,8 +834,11 @@ def three_cornered_hat(lab, pred, tracer, *, n_boot: int = 4000, seed: int = 0) 
         ``slope`` (b_P), ``pred_error_std`` (std of P - T), ``pred_sigma_own`` (scatter of P
         about a_P + b_P T, in units of T), ``tracer_sigma`` (the tracer's scatter in units of
         T), ``ceiling_slope`` (var(T) / var(L): the slope of a perfect predictor on these
-        labels), ``offset`` (median of P - L); and ``ci``: per quantity the bootstrap
-        2.5th, 16th, 50th, 84th and 97.5th percentiles.
+        labels), ``offset`` (median of P - L); ``ci``: per quantity the bootstrap
+        2.5th, 16th, 50th, 84th and 97.5th percentiles; ``loo``: per quantity the smallest
+        and largest leave-one-star-out estimate; ``loo_most_influential``: the position (in
+        the input arrays) of the star whose removal moves ``label_sigma`` most, and
+        ``label_sigma`` without it.
     """
     a = [np.asarray(v, dtype=np.float64) for v in (lab, pred, tracer)]
     if not a[0].shape == a[1].shape == a[2].shape or a[0].ndim != 1:
@@ -858,6 +861,20 @@ def three_cornered_hat(lab, pred, tracer, *, n_boot: int = 4000, seed: int = 0) 
         key: [float(x) for x in np.nanpercentile(v, [2.5, 16, 50, 84, 97.5])]
         for key, v in boot.items()
     }
+    # leave-one-out: how much one star moves each estimate (a single bad label can dominate)
+    idx = np.flatnonzero(ok)
+    keep = np.ones(idx.size, bool)
+    loo: dict[str, list] = {}
+    for j in range(idx.size):
+        keep[j] = False
+        for key, v in _hat_point(lab_[keep], pred_[keep], tr[keep]).items():
+            loo.setdefault(key, []).append(v)
+        keep[j] = True
+    if loo:
+        out["loo"] = {key: [float(np.nanmin(v)), float(np.nanmax(v))] for key, v in loo.items()}
+        ls = np.asarray(loo["label_sigma"], dtype=np.float64)
+        j = int(np.nanargmax(np.abs(ls - out["label_sigma"])))
+        out["loo_most_influential"] = {"index": int(idx[j]), "label_sigma_without": float(ls[j])}
     return out
 
 
