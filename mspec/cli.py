@@ -161,10 +161,15 @@ def _cmd_train(args: argparse.Namespace) -> int:
         extra["lr"] = args.lr
     if args.batch_size is not None:
         extra["batch_size"] = args.batch_size
+    if args.zero_point and (args.kind != "tlma" or not args.finetune):
+        raise CLIError("--zero-point recalibrates a trained CNN-TLMA model: it needs 'tlma' "
+                       "and --finetune MODEL_DIR")  # fmt: skip
     if args.kind == "tlma":
         extra["calibration"] = args.calibration
         if args.part:
             extra["part"] = args.part
+        if args.zero_point:
+            extra["zero_point"] = True
     elif args.augment:
         extra["augment"] = True
     metrics = train_from_store(
@@ -186,9 +191,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
         **extra,
     )
 
-    def _short(m):  # per-epoch histories stay in model.json; print the summary
+    def _short(m):  # per-epoch histories and obsid lists stay in model.json; print the summary
         return {
-            k: (_short(v) if isinstance(v, dict) else v) for k, v in m.items() if k != "history"
+            k: (_short(v) if isinstance(v, dict) else v)
+            for k, v in m.items()
+            if k not in ("history", "obsids")
         }
 
     print(json.dumps(_short(metrics), indent=1, default=str))
@@ -551,6 +558,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="tlma: train or fine-tune only this member of the dM/gM pair (the other is "
         "copied from a --finetune pair); labelled spectra without a class count as this one",
+    )
+    q.add_argument(
+        "--zero-point",
+        action="store_true",
+        help="tlma with --finetune: do not train; shift the model's outputs by the median "
+        "offset to the labels (corrects a zero point without compressing the scale; the "
+        "lightest label transfer, for a few dozen labelled stars)",
     )
     q.add_argument("--epochs", type=int, default=30, help="maximum epochs")
     q.add_argument("--folds", type=int, default=10, help="k-fold ensemble size (tlma)")

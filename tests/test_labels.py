@@ -284,6 +284,51 @@ def test_finetune_changes_the_model_and_keeps_the_format(real_store, tmp_path):
                          finetune=tmp_path / "nothing")  # fmt: skip
 
 
+@pytest.mark.realdata
+def test_cli_zero_point_on_real_store(real_store, tmp_path, capsys):
+    """mspec train tlma --finetune BASE --zero-point: the real labels' median offset moves the
+    outputs; nothing is trained; the other labels keep the base zero point."""
+    import mspec
+    from mspec.cli import main
+    from mspec.ml.infer import predict_array
+    from mspec.ml.io import read_metadata
+    from mspec.ml.models import TLMA_LABELS
+    from mspec.ml.train import train_regressor
+    from mspec.preprocessing.steps import preprocess
+
+    store, labels = real_store
+    sim = mspec.simulate_survey(120, seed=5, mix={"dM": 1.0}, snr=(20.0, 100.0))
+    tl = preprocess(sim, recipe="tlma", rv="true_rv")
+    lab = {k: sim[f"true_{k}"].values for k in TLMA_LABELS}
+    train_regressor(tl, lab, tmp_path / "base", folds=2, epochs=1, arch=TINY, plots=False)
+    rc = main(["train", "tlma", "--store", str(store), "--labels", str(labels), "--finetune",
+               str(tmp_path / "base"), "--zero-point", "--out", str(tmp_path / "zp"),
+               "--threads", "1"])  # fmt: skip
+    assert rc == 0
+    printed = _json_tail(capsys.readouterr().out)
+    assert printed["n"] == 34 and printed["zero_point"]["teff"]["n"] == 34
+    assert printed["n_no_data"] == 2  # two files have no LAMOST RV
+    ds = mspec.open_store(store)
+    x = preprocess(ds, recipe="tlma", rv="lamost_rv")["flux_grid"].values
+    ok = np.isfinite(x).any(axis=1)
+    pb, pz = predict_array(x[ok], tmp_path / "base"), predict_array(x[ok], tmp_path / "zp")
+    t = pd.read_csv(labels).set_index("file_name")
+    teff = t.loc[ds["file"].values[ok], "teff_lit"].to_numpy()
+    assert np.median(teff - pz[:, 0]) == pytest.approx(0.0, abs=1e-6)
+    np.testing.assert_allclose(pz[:, 0] - pb[:, 0], np.median(teff - pb[:, 0]), atol=1e-6)
+    logg = t.loc[ds["file"].values[ok], "logg_lit"].to_numpy()
+    assert np.median(logg - pz[:, 1]) == pytest.approx(0.0, abs=1e-6)  # logg_lit as well
+    np.testing.assert_allclose(pz[:, 3], pb[:, 3], atol=1e-9)  # no [alpha/M] labels: unchanged
+    np.testing.assert_allclose(pz[:, 4:], pb[:, 4:], atol=1e-9)  # errors unchanged
+    assert printed["zero_point"]["alpha_m"]["n"] == 0
+    meta = read_metadata(tmp_path / "zp")
+    assert meta["provenance"]["join"]["column"] == "file_name"
+    assert meta["zero_point"]["labels"]["teff"]["applied"]
+    assert main(["train", "spt", "--store", str(store), "--labels", str(labels), "--out",
+                 str(tmp_path / "s"), "--zero-point"]) == 2  # fmt: skip
+    assert "--zero-point" in capsys.readouterr().err
+
+
 def test_stratified_folds_span_the_range():
     from mspec.ml.evaluate import stratified_folds
 

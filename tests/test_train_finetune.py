@@ -219,3 +219,81 @@ def test_lumclass_from_logg():
     assert DWARF_LOGG_MIN == 3.0
     got = lumclass_from_logg([5.0, 4.35, 3.0, 2.99, 1.55, -0.05, np.nan, None, "x"])
     assert got.tolist() == ["dM", "dM", "dM", "gM", "gM", "gM", "", "", ""]
+
+
+def test_zero_point_recalibration_shifts_outputs_only(sim, tmp_path):
+    """recalibrate_zero_point: the outputs move by the median offset to the labels, exactly;
+    weights and errors stay the base model's; what was done is recorded."""
+    from mspec.ml.infer import predict_array
+    from mspec.ml.io import read_metadata
+    from mspec.ml.train import recalibrate_zero_point, train_regressor
+
+    s, tl, cnn, lab = sim
+    x = tl["flux_grid"].values
+    base = tmp_path / "base"
+    train_regressor(tl, lab, base, folds=2, epochs=1, arch=TINY, plots=False, threads=1)
+    p0 = predict_array(x, base)
+    n = x.shape[0]
+    rng = np.random.default_rng(0)
+    # labels = base prediction + an offset + scatter; [M/H] for 2 stars only, no logg
+    teff = p0[:, 0] + 120.0 + rng.normal(0.0, 30.0, n)
+    m_h = np.full(n, np.nan)
+    m_h[:2] = p0[:2, 2] - 0.1
+    alpha = np.full(n, np.nan)
+    alpha[:10] = p0[:10, 3] + 0.05
+    res = recalibrate_zero_point(tl, {"teff": teff, "m_h": m_h, "alpha_m": alpha}, base,
+                                 tmp_path / "zp", threads=1)  # fmt: skip
+    zp = res["zero_point"]
+    assert zp["teff"]["n"] == n and zp["teff"]["applied"]
+    assert zp["teff"]["offset"] == pytest.approx(np.median(teff - p0[:, 0]))
+    assert 0 < zp["teff"]["offset_err"] < 30.0
+    assert zp["alpha_m"]["offset"] == pytest.approx(0.05, abs=1e-6)
+    assert not zp["m_h"]["applied"] and zp["m_h"]["offset"] == 0.0  # 2 < min_stars
+    assert zp["logg"]["n"] == 0 and not zp["logg"]["applied"]
+    p1 = predict_array(x, tmp_path / "zp")
+    shift = np.array([zp[k]["offset"] for k in ("teff", "logg", "m_h", "alpha_m")])
+    np.testing.assert_allclose(p1[:, :4], p0[:, :4] + shift, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(p1[:, 4:], p0[:, 4:], rtol=0, atol=1e-9)  # errors unchanged
+    for f in sorted(base.glob("member_*.safetensors")):
+        assert (tmp_path / "zp" / f.name).read_bytes() == f.read_bytes()
+    meta = read_metadata(tmp_path / "zp")
+    assert meta["zero_point"]["labels"]["teff"]["offset"] == zp["teff"]["offset"]
+    assert len(meta["zero_point"]["obsids"]) == n == res["n"]
+    assert meta["recalibrated_from"]["path"] == str(base.resolve())
+    assert read_metadata(base)["label_mean"] != meta["label_mean"]  # the base is untouched
+    with pytest.raises(ValueError, match="no labelled spectra with data"):
+        recalibrate_zero_point(tl, {"teff": np.full(n, np.nan)}, base, tmp_path / "x")
+    with pytest.raises(ValueError, match="min_stars"):
+        recalibrate_zero_point(tl, {"teff": teff}, base, tmp_path / "x", min_stars=0)
+
+
+def test_zero_point_of_a_pair_member(sim, tmp_path):
+    """In a dM/gM pair, zero_point=True recalibrates the labelled member and copies the
+    other; a pair given to recalibrate_zero_point directly, or no base, is refused."""
+    from mspec.ml.infer import predict_array
+    from mspec.ml.io import read_metadata
+    from mspec.ml.train import recalibrate_zero_point, train_tlma_pair
+
+    s, tl, cnn, lab = sim
+    lum = s["true_lumclass"].values
+    x = tl["flux_grid"].values
+    train_tlma_pair(tl, lab, lum, tmp_path / "base", folds=2, epochs=1, arch=TINY, plots=False)
+    dwarfs = np.where(lum == "dM", lum, "")
+    p0 = predict_array(x[lum == "dM"], tmp_path / "base" / "dM")
+    teff = np.full(lum.size, np.nan)
+    teff[lum == "dM"] = p0[:, 0] - 75.0
+    res = train_tlma_pair(tl, {"teff": teff}, dwarfs, tmp_path / "zp", zero_point=True,
+                          finetune=tmp_path / "base", epochs=5, seed=1, plots=False)  # fmt: skip
+    assert set(res) == {"dM"}
+    assert res["dM"]["zero_point"]["teff"]["offset"] == pytest.approx(-75.0, abs=1e-6)
+    meta = read_metadata(tmp_path / "zp")
+    assert meta["finetuned_from"]["mode"] == "zero_point"
+    assert set(meta["finetuned_from"]["parts_copied"]) == {"gM"}
+    for f in sorted((tmp_path / "base" / "gM").iterdir()):
+        assert (tmp_path / "zp" / "gM" / f.name).read_bytes() == f.read_bytes()
+    p1 = predict_array(x[lum == "dM"], tmp_path / "zp" / "dM")
+    np.testing.assert_allclose(p1[:, 0], p0[:, 0] - 75.0, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="not one CNN-TLMA"):
+        recalibrate_zero_point(tl, {"teff": teff}, tmp_path / "base", tmp_path / "x")
+    with pytest.raises(ValueError, match="give finetune"):
+        train_tlma_pair(tl, {"teff": teff}, dwarfs, tmp_path / "x", zero_point=True)

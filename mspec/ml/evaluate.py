@@ -938,6 +938,7 @@ def finetune_cross_validation(
     threads: int | None = 1,
     label_sigma: float = LIT_TEFF_SIGMA,
     progress: bool = False,
+    zero_point: bool = False,
 ) -> dict:
     """Out-of-fold accuracy of fine-tuning the dM CNN-TLMA ensemble on the real DR7 M dwarfs.
 
@@ -963,6 +964,12 @@ def finetune_cross_validation(
     held-out fold is predicted by every learning rate's ensemble too (``per_lr``, a
     diagnostic, not a choice). The rest frame is the LAMOST RV, 0 km/s where LAMOST has none
     (as :func:`evaluate_real`), given to the trainer as the table's ``rv``.
+
+    With ``zero_point=True`` the same protocol measures the lighter transfer instead: each
+    fold's training stars only set the ensemble's zero point
+    (:func:`mspec.ml.train.recalibrate_zero_point`, the CLI's ``--zero-point``); nothing is
+    trained and ``lr``, ``epochs``, ``batch_size`` and ``patience`` do not apply (results
+    are listed under the learning rate 0).
 
     Parameters
     ----------
@@ -997,6 +1004,8 @@ def finetune_cross_validation(
         :data:`LIT_TEFF_SIGMA`, an upper bound).
     progress : bool
         Print one line per fold.
+    zero_point : bool
+        Recalibrate the zero point per fold instead of fine-tuning (above).
 
     Returns
     -------
@@ -1046,8 +1055,8 @@ def finetune_cross_validation(
         if c not in table.columns:
             raise ValueError(f"labels table {str(labels)!r} has no column {c!r}")
     seeds = [int(s) for s in seeds]
-    lrs = [float(v) for v in np.atleast_1d(lr)]
-    if not lrs or min(lrs) <= 0 or len(set(lrs)) != len(lrs):
+    lrs = [0.0] if zero_point else [float(v) for v in np.atleast_1d(lr)]
+    if not zero_point and (not lrs or min(lrs) <= 0 or len(set(lrs)) != len(lrs)):
         raise ValueError(f"lr must be distinct positive learning rates, got {lr!r}")
     if not seeds or len(set(seeds)) != len(seeds):
         raise ValueError(f"seeds must be distinct integers, got {seeds}")
@@ -1111,12 +1120,38 @@ def finetune_cross_validation(
                 inner, fitted_all = [], set()
                 for j, rate in enumerate(lrs):
                     out_dir = work / f"seed{s}" / f"fold{f}" / f"lr{rate:g}"
-                    m = train_from_store(kind="tlma", store=store, labels=tab, out_dir=out_dir,
-                                         epochs=epochs, seed=s, on="file", columns=columns,
-                                         finetune=base, lr=rate, batch_size=batch_size,
-                                         patience=patience, threads=threads, plots=False,
-                                         calibration="oof")  # fmt: skip
-                    fitted = pd.read_csv(out_dir / "oof_predictions.csv")["obsid"]
+                    if zero_point:
+                        m = train_from_store(
+                            kind="tlma",
+                            store=store,
+                            labels=tab,
+                            out_dir=out_dir,
+                            on="file",
+                            columns=columns,
+                            finetune=base,
+                            zero_point=True,
+                            threads=threads,
+                        )
+                        fitted = m["obsids"]
+                    else:
+                        m = train_from_store(
+                            kind="tlma",
+                            store=store,
+                            labels=tab,
+                            out_dir=out_dir,
+                            epochs=epochs,
+                            seed=s,
+                            on="file",
+                            columns=columns,
+                            finetune=base,
+                            lr=rate,
+                            batch_size=batch_size,
+                            patience=patience,
+                            threads=threads,
+                            plots=False,
+                            calibration="oof",
+                        )
+                        fitted = pd.read_csv(out_dir / "oof_predictions.csv")["obsid"]
                     fitted_all |= {int(o) for o in fitted}
                     leak = (fitted_all & {int(o) for o in obsid[stars][test]}) | (
                         set(tab["file_name"]) & set(names[stars][test])
@@ -1124,6 +1159,11 @@ def finetune_cross_validation(
                     if leak:
                         raise RuntimeError(f"seed {s} fold {f}: held-out stars trained on: {leak}")
                     pred[j, test] = predict_array(x[stars][test], out_dir)[:, [0, 2]]
+                    if zero_point:
+                        zp = m["zero_point"]
+                        inner.append({"lr": rate, "inner_oof_rms_teff": 0.0,
+                                      "zero_point": {q: zp[q]["offset"] for q in zp}})  # fmt: skip
+                        continue
                     inner.append({"lr": rate, "inner_oof_rms_teff": m["rms"]["teff"],
                                   "inner_oof_rms_m_h": m["rms"]["m_h"],
                                   "epochs_run": [mm["epochs_run"] for mm in m["members"]]})  # fmt: skip
@@ -1137,11 +1177,17 @@ def finetune_cross_validation(
                     "seconds": round(time.perf_counter() - t0, 1),
                 })  # fmt: skip
                 if progress:
+                    what = (
+                        f"Teff zero point {inner[0]['zero_point']['teff']:+.0f} K"
+                        if zero_point
+                        else "inner oof Teff rms "
+                        + ", ".join(
+                            f"{r['inner_oof_rms_teff']:.0f} K (lr {r['lr']:g})" for r in inner
+                        )
+                    )
                     print(f"seed {s} fold {f + 1}/{k}: {int(test.sum())} held out, "
-                          f"{len(fitted_all)} trained, inner oof Teff rms "
-                          + ", ".join(f"{r['inner_oof_rms_teff']:.0f} K (lr {r['lr']:g})"
-                                      for r in inner)
-                          + f", {time.perf_counter() - t0:.0f} s", flush=True)  # fmt: skip
+                          f"{len(fitted_all)} trained, {what}, "
+                          f"{time.perf_counter() - t0:.0f} s", flush=True)  # fmt: skip
             rows[f"fold_{s}"] = fold
             rows[f"lr_{s}"] = np.array(lrs)[chosen]
             rows[f"teff_cv_{s}"] = pred[chosen, np.arange(stars.size), 0]
@@ -1184,6 +1230,7 @@ def finetune_cross_validation(
                 "epochs": int(epochs),
                 "lr": lrs,
                 "lr_choice": "lowest inner out-of-fold Teff rms" if len(lrs) > 1 else "fixed",
+                "mode": "zero_point" if zero_point else "finetune",
                 "batch_size": int(batch_size),
                 "patience": int(patience),
                 "layers": "all",
@@ -1251,6 +1298,12 @@ def main(argv=None) -> int:  # pragma: no cover - exercised by the documented ru
         help="learning rate(s); several: inner-validated",
     )
     q.add_argument("--batch-size", type=int, default=8)
+    q.add_argument(
+        "--zero-point",
+        action="store_true",
+        help="set only the zero point from each fold's training stars (the CLI's "
+        "--zero-point) instead of fine-tuning",
+    )
     q.add_argument("--work-dir", default=None, help="keep the store and fold models here")
     q.add_argument("--out", default=None, help="also write the JSON result here")
     a = p.parse_args(argv)
@@ -1291,7 +1344,7 @@ def main(argv=None) -> int:  # pragma: no cover - exercised by the documented ru
         res = finetune_cross_validation(
             a.models, k=a.k, seeds=[int(v) for v in a.seeds.split(",") if v.strip()],
             epochs=a.epochs, lr=[float(v) for v in a.lr.split(",")], batch_size=a.batch_size, work_dir=a.work_dir,
-            progress=True,
+            progress=True, zero_point=a.zero_point,
         )  # fmt: skip
         text = json.dumps(res, indent=1, default=str)
         if a.out:

@@ -45,6 +45,7 @@ __all__ = [
     "train_classifier",
     "train_regressor",
     "train_tlma_pair",
+    "recalibrate_zero_point",
     "train_from_store",
     "train_all_demo",
     "augment_batch",
@@ -1120,6 +1121,120 @@ def train_regressor(
     return metrics
 
 
+def recalibrate_zero_point(
+    ds,
+    labels,
+    base,
+    out_dir,
+    *,
+    min_stars: int = 3,
+    name: str = "CNN-TLMA",
+    provenance: dict | None = None,
+    batch_size: int = 256,
+    device=None,
+    threads: int | None = None,
+    **_ignored,
+) -> dict:
+    """Shift a CNN-TLMA ensemble's outputs onto real labels' zero point (no retraining).
+
+    The lightest label transfer: the base ensemble predicts the labelled spectra, and each
+    label's offset is the median of (label - prediction) over the spectra that have it. The
+    new model is the base one with its outputs shifted by those offsets (its ``label_mean``
+    moved; weights, error calibration and scale unchanged), so unlike fine-tuning it cannot
+    compress the base model's scale towards a few noisy labels; it corrects a zero point,
+    e.g. the offset of a simulator-trained ensemble on real spectra (docs/accuracy.md).
+
+    Parameters
+    ----------
+    ds : xarray.Dataset
+        Holds ``flux_grid`` preprocessed with the rest-frame ``"tlma"`` recipe (lazy is
+        fine; only the labelled rows are read).
+    labels : table
+        ``teff`` (K), ``logg``, ``m_h``, ``alpha_m`` (dex) along ``spectra``, NaN = not
+        known, as in :func:`train_regressor`.
+    base : path-like
+        The CNN-TLMA ensemble to recalibrate (one ensemble, not a pair).
+    out_dir : path-like
+        Model directory to write (the base's files, ``model.json`` updated).
+    min_stars : int
+        A label with fewer values keeps the base zero point (offset 0).
+    name : str
+        Name used in logs.
+    provenance : dict, optional
+        Extra JSON fields recorded in the metadata.
+    batch_size, device, threads
+        Inference settings (:func:`mspec.ml.infer.predict_array`).
+
+    Returns
+    -------
+    dict
+        ``zero_point`` (per label: ``offset`` (K or dex, added to the outputs), ``offset_err``
+        (1.2533 x robust sigma / sqrt(n)), ``n``, ``robust_sigma`` of label - prediction
+        before the shift, ``applied``), ``n`` (labelled spectra with data), ``n_no_data``
+        (labelled spectra without any finite pixel, e.g. no rest frame: not used),
+        ``obsids`` (those used; also in ``model.json``).
+    """
+    import json
+    import shutil
+
+    from mspec.ml.infer import predict_array
+    from mspec.ml.io import META_NAME, read_metadata, sha256_bytes
+
+    base = Path(base)
+    meta = read_metadata(base)
+    if meta["kind"] != "tlma":
+        raise ValueError(f"base {str(base)!r} is a {meta['kind']!r} model, not one CNN-TLMA "
+                         "ensemble (a dM/gM pair: use train_tlma_pair(..., zero_point=True))")  # fmt: skip
+    if int(min_stars) < 1:
+        raise ValueError(f"min_stars must be >= 1, got {min_stars!r}")
+    fg = _flux_grid(ds)
+    n = fg.sizes["spectra"]
+    y = _label_table(labels, n)
+    rows = np.flatnonzero(np.isfinite(y).any(axis=1))
+    x = np.asarray(fg.isel(spectra=rows).values, dtype=np.float32)
+    has = np.isfinite(x).any(axis=1)  # no data (e.g. no rest frame): nothing to compare
+    n_no_data = int((~has).sum())
+    rows, x = rows[has], x[has]
+    if rows.size == 0:
+        raise ValueError(f"{name}: no labelled spectra with data to take a zero point from")
+    with _deterministic(0, threads):
+        pred = predict_array(x, base, batch_size=int(batch_size), device=device)
+    k = len(TLMA_LABELS)
+    d = y[rows] - pred[:, :k]
+    record, offsets = {}, np.zeros(k)
+    for i, lab in enumerate(TLMA_LABELS):
+        v = d[:, i][np.isfinite(d[:, i])]
+        rs = float(1.4826 * np.median(np.abs(v - np.median(v)))) if v.size else float("nan")
+        applied = v.size >= int(min_stars)
+        offsets[i] = float(np.median(v)) if applied else 0.0
+        record[lab] = {
+            "offset": float(offsets[i]), "n": int(v.size), "robust_sigma": rs,
+            "offset_err": float(1.2533 * rs / np.sqrt(v.size)) if v.size else float("nan"),
+            "applied": bool(applied),
+        }  # fmt: skip
+    out = Path(out_dir)
+    if out.resolve() != base.resolve():
+        out.mkdir(parents=True, exist_ok=True)
+        for f in base.iterdir():
+            if f.is_file():
+                shutil.copy2(f, out / f.name)
+    obsids = _obsids(ds, n)[rows].tolist()
+    new = dict(meta)
+    new["label_mean"] = (np.asarray(meta["label_mean"], dtype=np.float64) + offsets).tolist()
+    new["zero_point"] = {"labels": record, "obsids": obsids, "min_stars": int(min_stars)}
+    new["recalibrated_from"] = {
+        "path": str(base.resolve()),
+        "model_json_sha256": sha256_bytes((base / META_NAME).read_bytes()),
+    }
+    if provenance:
+        new["provenance"] = {**(meta.get("provenance") or {}), **provenance}
+    new["mspec_version"] = _mspec_version()
+    (out / META_NAME).write_text(json.dumps(new, indent=2, sort_keys=True) + "\n")
+    log.info("%s: zero point from %d labelled spectra: %s", name, rows.size,
+             {k_: round(r["offset"], 3) for k_, r in record.items() if r["applied"]})  # fmt: skip
+    return {"zero_point": record, "n": int(rows.size), "n_no_data": n_no_data, "obsids": obsids}
+
+
 def train_tlma_pair(ds, labels, lumclass, out_dir, *, part: str | None = None, **kwargs) -> dict:
     """Train the dM and gM CNN-TLMA ensembles into ``out_dir/dM`` and ``out_dir/gM``.
 
@@ -1157,6 +1272,9 @@ def train_tlma_pair(ds, labels, lumclass, out_dir, *, part: str | None = None, *
     lum = _str_labels(lumclass, n)
     y = _label_table(labels, n)
     finetune = kwargs.pop("finetune", None)
+    zero_point = bool(kwargs.pop("zero_point", False))
+    if zero_point and finetune is None:
+        raise ValueError("zero_point=True recalibrates a trained model: give finetune=<base>")
     base_parts = None
     if finetune is not None:
         bm = read_metadata(finetune)
@@ -1176,13 +1294,16 @@ def train_tlma_pair(ds, labels, lumclass, out_dir, *, part: str | None = None, *
             if base is None:
                 raise ValueError(f"finetune pair {str(finetune)!r} has no {cls} ensemble")
         yp = np.where(sel[:, None], y, np.nan)
+        fit = recalibrate_zero_point if zero_point else train_regressor
+        extra = {} if zero_point else {"finetune": base}
         try:
-            out[cls] = train_regressor(
+            out[cls] = fit(
                 ds,
                 {k: yp[:, i] for i, k in enumerate(TLMA_LABELS)},
+                *((base,) if zero_point else ()),
                 Path(out_dir) / cls,
                 name=f"CNN-TLMA-{cls}",
-                finetune=base,
+                **extra,
                 **kwargs,
             )
         except ValueError as exc:  # say which member (part= trains one member only)
@@ -1214,6 +1335,7 @@ def train_tlma_pair(ds, labels, lumclass, out_dir, *, part: str | None = None, *
             "model_json_sha256": sha256_bytes((Path(finetune) / META_NAME).read_bytes()),
             "parts_finetuned": sorted(out),
             "parts_copied": copied,
+            "mode": "zero_point" if zero_point else "finetune",
         }
     write_pair(out_dir, parts, meta)
     return out
@@ -1318,6 +1440,7 @@ def train_from_store(
     consistent: bool = True,
     finetune=None,
     part: str | None = None,
+    zero_point: bool = False,
     **kwargs,
 ) -> dict:
     """Train (or fine-tune) one model on a store's spectra and a user's label table.
@@ -1376,6 +1499,10 @@ def train_from_store(
         a pair directory; fine-tuning a pair, the other member is copied from it). Spectra
         known to be of the other class are left out; spectra with no class are taken to be
         ``part``.
+    zero_point : bool
+        CNN-TLMA only, with ``finetune``: do not train; shift the base model's outputs by
+        the median offset to the labels (:func:`recalibrate_zero_point`), which corrects a
+        zero point without compressing the scale towards a few noisy labels.
     **kwargs
         Passed on to the training function (``lr``, ``batch_size``, ``arch``, ``threads``,
         ``calibration``, ...).
@@ -1403,6 +1530,9 @@ def train_from_store(
     if part is not None and (kind != "tlma" or part not in ("dM", "gM")):
         raise ValueError(f"part must be 'dM' or 'gM' and needs kind 'tlma' (got {part!r} "
                          f"for {kind!r})")  # fmt: skip
+    if zero_point and (kind != "tlma" or finetune is None):
+        raise ValueError("zero_point recalibrates a trained CNN-TLMA model: it needs kind "
+                         f"'tlma' and finetune=<model> (got kind {kind!r}, finetune={finetune!r})")  # fmt: skip
     finetune = _resolve_finetune(finetune, kind)
     pair_base = finetune is not None and read_metadata(finetune)["kind"] == "tlma_pair"
     table = read_label_table(labels)
@@ -1468,7 +1598,10 @@ def train_from_store(
     common = dict(epochs=epochs, seed=seed, finetune=finetune, provenance=prov, **kwargs)
     if lum is not None:
         m = train_tlma_pair(prep, y, np.where(keep, lum, ""), out_dir, folds=folds, part=part,
-                            **common)  # fmt: skip
+                            zero_point=zero_point, **common)  # fmt: skip
+    elif zero_point:
+        m = recalibrate_zero_point(prep, y, finetune, out_dir, provenance=prov,
+                                   threads=kwargs.get("threads"))  # fmt: skip
     else:
         m = train_regressor(prep, y, out_dir, folds=folds, **common)
     m["labels"] = prov
