@@ -495,6 +495,21 @@ def test_finetune_cross_validation_is_out_of_fold(real_store, tmp_path):
     assert r["default"]["all"]["teff"]["n"] == 36 and r["default"]["all"]["m_h"]["n"] == 14
     assert {"robust_sigma", "median", "slope_theil_sen", "corr"} <= set(ft["teff"]["over_seeds"])
     assert r["noise_ceiling"]["all"]["label_sigma"] == 153.0
+    # zero point only, same protocol: each held-out star = base prediction + the offset its
+    # fold's training stars give; nothing trained, nothing leaked
+    z = finetune_cross_validation(tmp_path / "base", k=k, seeds=(4,), zero_point=True,
+                                  store=store, work_dir=tmp_path / "zp", threads=1)  # fmt: skip
+    assert z["protocol"]["mode"] == "zero_point" and z["protocol"]["lr"] == [0.0]
+    zs = pd.DataFrame(z["stars"])
+    assert (zs["fold_4"] == stars["fold_4"]).all()  # same folds as fine-tuning with seed 4
+    for f in z["folds"]:
+        off = f["inner"][0]["zero_point"]["teff"]
+        held = zs["file"].isin(f["test_files"])
+        np.testing.assert_allclose(zs.loc[held, "teff_cv_4"], zs.loc[held, "teff_base"] + off,
+                                   atol=1e-6)  # fmt: skip
+        assert not set(f["train_obsids"]) & set(f["test_obsids"])
+        # every training star but the one LAMOST types G5 (the class-consistency filter)
+        assert 36 - len(f["test_files"]) - 1 <= len(f["train_obsids"]) <= 36 - len(f["test_files"])
     # the photometric third tracer: the same stars' r - i, both predictions assessed
     assert np.isfinite(stars["r_i"]).sum() >= 25
     for which in ("default", "finetuned"):

@@ -871,7 +871,11 @@ def three_cornered_hat(lab, pred, tracer, *, n_boot: int = 4000, seed: int = 0) 
             loo.setdefault(key, []).append(v)
         keep[j] = True
     if loo:
-        out["loo"] = {key: [float(np.nanmin(v)), float(np.nanmax(v))] for key, v in loo.items()}
+        out["loo"] = {
+            key: [float(np.nanmin(v)), float(np.nanmax(v))]
+            for key, v in loo.items()
+            if np.isfinite(v).any()
+        }
         ls = np.asarray(loo["label_sigma"], dtype=np.float64)
         j = int(np.nanargmax(np.abs(ls - out["label_sigma"])))
         out["loo_most_influential"] = {"index": int(idx[j]), "label_sigma_without": float(ls[j])}
@@ -1120,38 +1124,20 @@ def finetune_cross_validation(
                 inner, fitted_all = [], set()
                 for j, rate in enumerate(lrs):
                     out_dir = work / f"seed{s}" / f"fold{f}" / f"lr{rate:g}"
-                    if zero_point:
-                        m = train_from_store(
-                            kind="tlma",
-                            store=store,
-                            labels=tab,
-                            out_dir=out_dir,
-                            on="file",
-                            columns=columns,
-                            finetune=base,
-                            zero_point=True,
-                            threads=threads,
-                        )
-                        fitted = m["obsids"]
-                    else:
-                        m = train_from_store(
-                            kind="tlma",
-                            store=store,
-                            labels=tab,
-                            out_dir=out_dir,
-                            epochs=epochs,
-                            seed=s,
-                            on="file",
-                            columns=columns,
-                            finetune=base,
-                            lr=rate,
-                            batch_size=batch_size,
-                            patience=patience,
-                            threads=threads,
-                            plots=False,
-                            calibration="oof",
-                        )
-                        fitted = pd.read_csv(out_dir / "oof_predictions.csv")["obsid"]
+                    how = (
+                        {"zero_point": True}
+                        if zero_point
+                        else {"epochs": epochs, "seed": s, "lr": rate, "batch_size": batch_size,
+                              "patience": patience, "plots": False, "calibration": "oof"}
+                    )  # fmt: skip
+                    m = train_from_store(kind="tlma", store=store, labels=tab, out_dir=out_dir,
+                                         on="file", columns=columns, finetune=base,
+                                         threads=threads, **how)  # fmt: skip
+                    fitted = (
+                        m["obsids"]
+                        if zero_point
+                        else pd.read_csv(out_dir / "oof_predictions.csv")["obsid"]
+                    )
                     fitted_all |= {int(o) for o in fitted}
                     leak = (fitted_all & {int(o) for o in obsid[stars][test]}) | (
                         set(tab["file_name"]) & set(names[stars][test])
