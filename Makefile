@@ -18,6 +18,7 @@ $(STAMP): pyproject.toml setup.cfg
 
 lint: $(STAMP)
 	$(BIN)/ruff check mspec tests benchmarks examples
+	$(BIN)/ruff format --check mspec tests benchmarks examples
 
 test: $(STAMP) lint
 	$(BIN)/python -m pytest
