@@ -1017,11 +1017,12 @@ def _write_unit(store: str, batch: int, start: int, stop: int) -> list:
 def _plan(frames: list, n_old: int, store_obsid: np.ndarray, store: Path):
     """Assign rows, mark duplicates; return the log DataFrame of the batch.
 
-    ``frames``: the :func:`_records_frame` of each scan task, in file order."""
+    ``frames``: the :func:`_records_frame` of each scan task, in file order (a batch has at
+    least one file: :func:`_todo_batches` yields no empty batch)."""
     import pandas as pd
     import zarr
 
-    df = pd.concat(frames, ignore_index=True, sort=False) if frames else pd.DataFrame()
+    df = pd.concat(frames, ignore_index=True, sort=False)
     stored = (df["status"] == "stored").to_numpy()
     obs = df["obsid"].to_numpy(dtype=np.int64, na_value=0)
     # duplicates against the store
