@@ -216,12 +216,9 @@ def evaluate_real(models) -> dict:
         # the CNN's slope on the true scale, free of the labels' regression dilution
         dr7["r_i"] = photometric_tracer([n for n in names if n.parent.name == "lamost_dr7_mdwarfs"])
         res["dr7_three_cornered_hat"] = {
-            "all": three_cornered_hat(dr7["teff_lit"], dr7["teff_dM"], dr7["r_i"]),
-            "called_m": three_cornered_hat(
-                dr7["teff_lit"][dr7["spt"] == "M"], dr7["teff_dM"][dr7["spt"] == "M"],
-                dr7["r_i"][dr7["spt"] == "M"],
-            ),
-        }  # fmt: skip
+            name: three_cornered_hat(d["teff_lit"], d["teff_dM"], d["r_i"])
+            for name, d in (("all", dr7), ("called_m", dr7[dr7["spt"] == "M"]))
+        }
         cols = ["file", "snr_r", "teff_lit", "teff_dM", "feh_lit", "m_h_dM", "r_i", "spt", "dmgm"]
         res["dr7_table"] = dr7[cols].to_dict(orient="records")
     return res

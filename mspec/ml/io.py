@@ -36,6 +36,7 @@ __all__ = [
     "sha256_bytes",
     "write_model",
     "write_pair",
+    "write_metadata",
     "read_metadata",
     "read_member_bytes",
     "model_from_bytes",
@@ -92,6 +93,16 @@ def write_model(out_dir, meta: dict, states: list[dict[str, torch.Tensor]]) -> P
         (out / name).write_bytes(blob)
         members[i] = {**m, "file": name, "sha256": sha256_bytes(blob)}
     meta.update(format=FORMAT, format_version=FORMAT_VERSION, members=members)
+    return write_metadata(out, meta)
+
+
+def write_metadata(out_dir, meta: dict) -> Path:
+    """Write ``meta`` as the ``model.json`` of the model directory ``out_dir`` (which exists).
+
+    The one place that serialises model metadata (sorted keys, 2-space indent), for new
+    models, pairs and models whose metadata changes (e.g. a recalibrated zero point).
+    """
+    out = Path(out_dir)
     (out / META_NAME).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
     return out
 
@@ -102,8 +113,7 @@ def write_pair(out_dir, parts: dict[str, str], meta: dict | None = None) -> Path
     out.mkdir(parents=True, exist_ok=True)
     m = {**(meta or {}), "format": FORMAT, "format_version": FORMAT_VERSION}
     m.update(kind="tlma_pair", parts=dict(parts))
-    (out / META_NAME).write_text(json.dumps(m, indent=2, sort_keys=True) + "\n")
-    return out
+    return write_metadata(out, m)
 
 
 def read_metadata(model_dir) -> dict:

@@ -1133,7 +1133,6 @@ def recalibrate_zero_point(
     batch_size: int = 256,
     device=None,
     threads: int | None = None,
-    **_ignored,
 ) -> dict:
     """Shift a CNN-TLMA ensemble's outputs onto real labels' zero point (no retraining).
 
@@ -1174,11 +1173,11 @@ def recalibrate_zero_point(
         (labelled spectra without any finite pixel, e.g. no rest frame: not used),
         ``obsids`` (those used; also in ``model.json``).
     """
-    import json
     import shutil
 
     from mspec.ml.infer import predict_array
-    from mspec.ml.io import META_NAME, read_metadata, sha256_bytes
+    from mspec.ml.io import META_NAME, read_metadata, sha256_bytes, write_metadata
+    from mspec.report import robust_sigma
 
     base = Path(base)
     meta = read_metadata(base)
@@ -1204,7 +1203,7 @@ def recalibrate_zero_point(
     record, offsets = {}, np.zeros(k)
     for i, lab in enumerate(TLMA_LABELS):
         v = d[:, i][np.isfinite(d[:, i])]
-        rs = float(1.4826 * np.median(np.abs(v - np.median(v)))) if v.size else float("nan")
+        rs = robust_sigma(v)
         applied = v.size >= int(min_stars)
         offsets[i] = float(np.median(v)) if applied else 0.0
         record[lab] = {
@@ -1214,10 +1213,7 @@ def recalibrate_zero_point(
         }  # fmt: skip
     out = Path(out_dir)
     if out.resolve() != base.resolve():
-        out.mkdir(parents=True, exist_ok=True)
-        for f in base.iterdir():
-            if f.is_file():
-                shutil.copy2(f, out / f.name)
+        shutil.copytree(base, out, dirs_exist_ok=True)
     obsids = _obsids(ds, n)[rows].tolist()
     new = dict(meta)
     new["label_mean"] = (np.asarray(meta["label_mean"], dtype=np.float64) + offsets).tolist()
@@ -1229,7 +1225,7 @@ def recalibrate_zero_point(
     if provenance:
         new["provenance"] = {**(meta.get("provenance") or {}), **provenance}
     new["mspec_version"] = _mspec_version()
-    (out / META_NAME).write_text(json.dumps(new, indent=2, sort_keys=True) + "\n")
+    write_metadata(out, new)
     log.info("%s: zero point from %d labelled spectra: %s", name, rows.size,
              {k_: round(r["offset"], 3) for k_, r in record.items() if r["applied"]})  # fmt: skip
     return {"zero_point": record, "n": int(rows.size), "n_no_data": n_no_data, "obsids": obsids}
@@ -1294,18 +1290,14 @@ def train_tlma_pair(ds, labels, lumclass, out_dir, *, part: str | None = None, *
             if base is None:
                 raise ValueError(f"finetune pair {str(finetune)!r} has no {cls} ensemble")
         yp = np.where(sel[:, None], y, np.nan)
-        fit = recalibrate_zero_point if zero_point else train_regressor
-        extra = {} if zero_point else {"finetune": base}
+        lab = {k: yp[:, i] for i, k in enumerate(TLMA_LABELS)}
+        dest, name = Path(out_dir) / cls, f"CNN-TLMA-{cls}"
         try:
-            out[cls] = fit(
-                ds,
-                {k: yp[:, i] for i, k in enumerate(TLMA_LABELS)},
-                *((base,) if zero_point else ()),
-                Path(out_dir) / cls,
-                name=f"CNN-TLMA-{cls}",
-                **extra,
-                **kwargs,
-            )
+            if zero_point:  # inference only: the training settings do not apply
+                zkw = {k: kwargs[k] for k in ("provenance", "threads", "device") if k in kwargs}
+                out[cls] = recalibrate_zero_point(ds, lab, base, dest, name=name, **zkw)
+            else:
+                out[cls] = train_regressor(ds, lab, dest, name=name, finetune=base, **kwargs)
         except ValueError as exc:  # say which member (part= trains one member only)
             msg = f"CNN-TLMA {cls} member: {exc}"
             try:
